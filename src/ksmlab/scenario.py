@@ -1,0 +1,266 @@
+"""Scenario files: parse, validate, defaults, built-ins.
+
+A scenario is a TOML file read with ``tomllib`` and validated by pydantic
+(unknown fields are errors).  The live lab and the model read the same file;
+knob names are the kernel's own (``/sys/kernel/mm/ksm/*``,
+``/sys/kernel/mm/transparent_hugepage/*``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PAGE_SIZE = 4096
+HPAGE_PMD_NR = 512  # subpages of a PMD-mapped THP on x86-64
+HPAGE_PMD_SIZE = PAGE_SIZE * HPAGE_PMD_NR
+MiB = 1 << 20
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be read or is not valid; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ContentMix(_Strict):
+    """Contents of each 2 MiB chunk: fractions of its 512 pages.
+
+    ``zero`` pages are all-zero (content id 0); ``duplicate`` pages take ids from
+    a pool shared by every region of the scenario, so they repeat across chunks,
+    regions and processes; the rest are unique.  ``weight`` picks a mix per chunk
+    when a region lists several (for example a bimodal fill).
+    """
+
+    zero: float = Field(0.0, ge=0.0, le=1.0)
+    duplicate: float = Field(0.0, ge=0.0, le=1.0)
+    weight: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _sums(self) -> ContentMix:
+        if self.zero + self.duplicate > 1.0 + 1e-9:
+            raise ValueError("zero + duplicate must not exceed 1")
+        return self
+
+    @property
+    def unique(self) -> float:
+        return max(0.0, 1.0 - self.zero - self.duplicate)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(zero, duplicate, unique) page counts in one 2 MiB chunk."""
+        nz = round(self.zero * HPAGE_PMD_NR)
+        nd = min(round(self.duplicate * HPAGE_PMD_NR), HPAGE_PMD_NR - nz)
+        return nz, nd, HPAGE_PMD_NR - nz - nd
+
+
+class Region(_Strict):
+    """One anonymous mapping, 2 MiB aligned, filled page by page from content ids."""
+
+    size_mib: int = Field(gt=0, description="size in MiB, a multiple of 2")
+    # MADV_HUGEPAGE, MADV_NOHUGEPAGE, or no advice (THP per transparent_hugepage/enabled)
+    thp: Literal["hugepage", "nohugepage", "default"] = "hugepage"
+    # MADV_MERGEABLE on this region (ignored when the process uses prctl or none)
+    mergeable: bool = True
+    content: list[ContentMix] = Field(default_factory=lambda: [ContentMix(zero=1.0)], min_length=1)
+    seed: int = Field(0, ge=0)
+    # the workload rewrites this many random pages per second with fresh unique ids
+    volatile_pages_per_s: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_mix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("content"), dict):
+            data = {**data, "content": [data["content"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Region:
+        if self.size_mib % 2:
+            raise ValueError("size_mib must be a multiple of 2 (whole THPs)")
+        return self
+
+    @property
+    def pages(self) -> int:
+        return self.size_mib * MiB // PAGE_SIZE
+
+    @property
+    def chunks(self) -> int:
+        return self.pages // HPAGE_PMD_NR
+
+
+class Process(_Strict):
+    """A workload process (a guest, say); ``count`` identical copies of it."""
+
+    name: str = "workload"
+    count: int = Field(1, ge=1)
+    # how merging is enabled: madvise(MADV_MERGEABLE) per region, or
+    # prctl(PR_SET_MEMORY_MERGE) for the whole process before it maps anything
+    merge: Literal["madvise", "prctl", "none"] = "madvise"
+    region: list[Region] = Field(min_length=1)
+
+
+class KsmKnobs(_Strict):
+    """/sys/kernel/mm/ksm knobs a scenario sets; defaults are the kernel's."""
+
+    pages_to_scan: int = Field(100, ge=1, le=1_000_000)
+    sleep_millisecs: int = Field(20, ge=0, le=60_000)
+    use_zero_pages: Literal[0, 1] = 0
+    smart_scan: Literal[0, 1] = 1
+    max_page_sharing: int = Field(256, ge=2, le=1_000_000)
+    merge_across_nodes: Literal[0, 1] = 1
+    stable_node_chains_prune_millisecs: int = Field(2000, ge=1)
+
+
+class KhugepagedKnobs(_Strict):
+    max_ptes_none: int = Field(511, ge=0, le=511)
+    pages_to_scan: int = Field(4096, ge=1)
+    scan_sleep_millisecs: int = Field(10000, ge=0)
+    alloc_sleep_millisecs: int = Field(60000, ge=0)
+    defrag: Literal[0, 1] = 1
+
+
+class ThpKnobs(_Strict):
+    """/sys/kernel/mm/transparent_hugepage knobs; defaults as these machines boot."""
+
+    enabled: Literal["always", "madvise", "never"] = "madvise"
+    defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] = "madvise"
+    use_zero_page: Literal[0, 1] = 1
+    shrink_underused: Literal[0, 1] = 1
+    khugepaged: KhugepagedKnobs = KhugepagedKnobs()
+
+
+class _Event(_Strict):
+    at: float = Field(ge=0.0, description="seconds after the workload is ready")
+
+
+class KsmStart(_Event):
+    action: Literal["ksm_start"]
+
+
+class KsmStop(_Event):
+    action: Literal["ksm_stop"]
+
+
+class KsmUnmerge(_Event):
+    """run=2: unmerge everything and free all rmap items (full_scans -> 0)."""
+
+    action: Literal["ksm_unmerge"]
+
+
+class Write(_Event):
+    """Rewrite a fraction of one region's pages with new content."""
+
+    action: Literal["write"]
+    process: int = Field(0, ge=0)
+    region: int = Field(0, ge=0)
+    fraction: float = Field(gt=0.0, le=1.0)
+    content: Literal["zero", "unique"] = "unique"
+    seed: int = Field(0, ge=0)
+
+
+class Pressure(_Event):
+    """Memory pressure: ``echo 2 > /proc/sys/vm/drop_caches`` runs the shrinkers."""
+
+    action: Literal["pressure"]
+
+
+Event = Annotated[KsmStart | KsmStop | KsmUnmerge | Write | Pressure, Field(discriminator="action")]
+
+
+class Scenario(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    duration: float = Field(gt=0.0, le=3600.0, description="seconds after the workload is ready")
+    sample_interval: float = Field(0.1, ge=0.01, le=1.0)
+    # KSM's run=1 at this time (None: only by a ksm_start event)
+    ksm_start_at: float | None = Field(0.0, ge=0.0)
+    # None: every region is filled before time 0; else mapped (and made
+    # mergeable) before time 0 and filled at this time
+    fill_at: float | None = Field(None, ge=0.0)
+    # duplicate pages take ids 1..duplicate_pool (cyclically within a chunk)
+    duplicate_pool: int = Field(512, ge=1, le=1 << 20)
+    ksm: KsmKnobs = KsmKnobs()
+    thp: ThpKnobs = ThpKnobs()
+    process: list[Process] = Field(min_length=1)
+    event: list[Event] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _events_fit(self) -> Scenario:
+        for e in self.event:
+            if e.at > self.duration:
+                raise ValueError(f"event {e.action} at {e.at} s is after duration {self.duration} s")
+            if isinstance(e, Write):
+                if e.process >= len(self.process):
+                    raise ValueError(f"write event names process {e.process}, which does not exist")
+                if e.region >= len(self.process[e.process].region):
+                    raise ValueError(f"write event names region {e.region}, which does not exist")
+        return self
+
+    @property
+    def total_pages(self) -> int:
+        return sum(p.count * sum(r.pages for r in p.region) for p in self.process)
+
+    @property
+    def total_mib(self) -> int:
+        return sum(p.count * sum(r.size_mib for r in p.region) for p in self.process)
+
+    def instances(self) -> list[tuple[int, int, Process]]:
+        """(process index, replica, process) for every workload process to start."""
+        return [(i, k, p) for i, p in enumerate(self.process) for k in range(p.count)]
+
+    def with_duration(self, duration: float | None) -> Scenario:
+        if duration is None:
+            return self
+        try:
+            return Scenario.model_validate({**self.model_dump(), "duration": duration})
+        except ValidationError as e:
+            raise ScenarioError(_one_line(e, "--duration")) from None
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def builtin_names() -> list[str]:
+    root = resources.files("ksmlab") / "scenarios"
+    return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def parse(text: str, source: str = "<scenario>") -> Scenario:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{source}: not valid TOML: {e}") from None
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as e:
+        raise ScenarioError(_one_line(e, source)) from None
+
+
+def load(name_or_path: str) -> Scenario:
+    """A built-in by name, or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ScenarioError(f"{name_or_path}: cannot read: {e.strerror}") from None
+        return parse(text, str(path))
+    if name_or_path in builtin_names():
+        text = (resources.files("ksmlab") / "scenarios" / f"{name_or_path}.toml").read_text()
+        return parse(text, name_or_path)
+    raise ScenarioError(
+        f"{name_or_path}: no such built-in scenario or file (see `ksmlab scenarios`)"
+    )

@@ -1,0 +1,170 @@
+"""One trace format for live and model runs.
+
+A trace is a table of samples over time, one column per counter, named after
+the kernel's own counters, plus metadata (where it came from, the scenario,
+the kernel release or model policy, the knob values) and the events applied.
+Counters that the kernel never resets (``pages_scanned``, the ``thp_*`` events
+of /proc/vmstat) are stored raw; ``meta["baseline"]`` holds their values just
+before the workload started, and :meth:`Trace.since_start` gives the increase.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FORMAT = "ksmlab-trace/1"
+
+# /sys/kernel/mm/ksm (read-only counters)
+KSM_COUNTERS = (
+    "pages_scanned",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_skipped",
+    "ksm_zero_pages",
+    "full_scans",
+    "stable_node_chains",
+    "stable_node_dups",
+    "general_profit",
+)
+# /proc/vmstat (THP events and the THP gauge)
+VMSTAT_COUNTERS = (
+    "thp_fault_alloc",
+    "thp_fault_fallback",
+    "thp_collapse_alloc",
+    "thp_split_page",
+    "thp_split_page_failed",
+    "thp_deferred_split_page",
+    "thp_underused_split_page",
+    "thp_split_pmd",
+    "thp_zero_page_alloc",
+    "thp_swpout_fallback",
+    "nr_anon_transparent_hugepages",
+)
+# /sys/kernel/mm/transparent_hugepage/khugepaged (prefixed: full_scans exists twice)
+KHUGEPAGED_COUNTERS = ("khugepaged_full_scans", "khugepaged_pages_collapsed")
+# the workload processes, summed: /proc/PID/status and smaps_rollup (kB), ksm_stat
+PROC_COUNTERS = (
+    "Rss",
+    "RssAnon",
+    "AnonHugePages",
+    "ksm_rmap_items",
+    "ksm_merging_pages",
+    "ksm_process_profit",
+    "proc_ksm_zero_pages",  # ksm_stat's ksm_zero_pages (global one is in KSM_COUNTERS)
+)
+# ksmd's CPU time, nanoseconds (first field of /proc/PID/schedstat)
+KSMD_COUNTERS = ("ksmd_cpu_ns",)
+
+COLUMNS = ("t", *KSM_COUNTERS, *VMSTAT_COUNTERS, *KHUGEPAGED_COUNTERS, *PROC_COUNTERS,
+           *KSMD_COUNTERS)
+# Never reset by the kernel: compare as increases since the start of a run.
+MONOTONIC = frozenset(
+    {"pages_scanned", "pages_skipped", "ksmd_cpu_ns", *KHUGEPAGED_COUNTERS}
+    | {c for c in VMSTAT_COUNTERS if c != "nr_anon_transparent_hugepages"}
+)
+
+
+class TraceError(ValueError):
+    pass
+
+
+@dataclass
+class Trace:
+    meta: dict[str, Any]
+    columns: dict[str, npt.NDArray[np.float64]]
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if "t" not in self.columns:
+            raise TraceError("a trace needs a 't' column")
+        n = len(self.columns["t"])
+        for k, v in self.columns.items():
+            if len(v) != n:
+                raise TraceError(f"column {k} has {len(v)} samples, t has {n}")
+
+    def __len__(self) -> int:
+        return len(self.columns["t"])
+
+    def __getitem__(self, name: str) -> npt.NDArray[np.float64]:
+        try:
+            return self.columns[name]
+        except KeyError:
+            raise TraceError(f"trace has no column {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns
+
+    @property
+    def t(self) -> npt.NDArray[np.float64]:
+        return self.columns["t"]
+
+    def since_start(self, name: str) -> npt.NDArray[np.float64]:
+        """A counter as an increase since the run started (baseline subtracted)."""
+        col = self[name]
+        base = self.meta.get("baseline", {}).get(name)
+        if base is None:
+            return col - col[0] if name in MONOTONIC and len(col) else col
+        return col - float(base)
+
+    @classmethod
+    def from_rows(
+        cls, meta: dict[str, Any], rows: list[Mapping[str, float]],
+        events: list[dict[str, Any]] | None = None,
+    ) -> Trace:
+        names: list[str] = []
+        for r in rows:
+            names.extend(k for k in r if k not in names)
+        cols = {k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64) for k in names}
+        if not rows:
+            cols = {"t": np.zeros(0)}
+        return cls(meta, cols, events or [])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "meta": self.meta,
+            "events": self.events,
+            "columns": {k: _plain(v) for k, v in self.columns.items()},
+        }
+
+    def save(self, path: Path) -> Path:
+        data = json.dumps(self.to_json(), separators=(",", ":")).encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Trace:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise TraceError(f"{path}: not a trace: {e}") from None
+        if data.get("format") != FORMAT:
+            raise TraceError(f"{path}: not a {FORMAT} file")
+        cols = {k: np.array(v, dtype=np.float64) for k, v in data["columns"].items()}
+        return cls(data["meta"], cols, data.get("events", []))
+
+
+def _plain(v: npt.NDArray[np.float64]) -> list[float | int | None]:
+    out: list[float | int | None] = []
+    for x in v.tolist():
+        if x != x:  # NaN: not sampled
+            out.append(None)
+        elif float(x).is_integer():
+            out.append(int(x))
+        else:
+            out.append(x)
+    return out
