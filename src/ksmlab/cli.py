@@ -1,0 +1,302 @@
+"""The ``ksmlab`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__, metrics, report
+from . import scenario as scenario_mod
+from .live.journal import Journal, RunLock
+from .live.kernelfs import KernelFS
+from .live.knobs import KnobError, RestoreError
+from .scenario import Scenario, ScenarioError
+from .trace import Trace, TraceError
+
+EXAMPLES = """\b
+Examples:
+  ksmlab doctor                       can live runs work here, and the knobs now
+  ksmlab run seed-uzp1                the rate-limit bypass, live (root)
+  ksmlab run seed-uzp0 --json         the merge collapse, as one JSON object
+  ksmlab run my.toml --out out/ -d 20 a scenario file, trace saved in out/
+  ksmlab sim seed-uzp1 --policy v1    the same scenario in the model
+  ksmlab compare seed-uzp0 --policies mainline,pre-6.12,v1
+  ksmlab restore                      undo knobs left by a killed run
+"""
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    help="A laboratory for KSM x THP and the zero-page remap on THP split.",
+    epilog=EXAMPLES,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True, highlight=False)
+
+ScenarioArg = Annotated[str, typer.Argument(help="built-in name (ksmlab scenarios) or a .toml")]
+DurationOpt = Annotated[float | None, typer.Option("--duration", "-d", help="seconds")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="folder for trace and plot")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
+
+
+class UserError(Exception):
+    """Bad input or a machine that cannot do it: one line, exit code 2."""
+
+
+def fail(msg: str, code: int = 2) -> NoReturn:
+    err.print(f"ksmlab: error: {msg}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(name: str, duration: float | None) -> Scenario:
+    return scenario_mod.load(name).with_duration(duration)
+
+
+def _warn_journal(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand in ("restore", "run", "validate", "demo"):
+        return
+    rec = Journal().read()
+    if rec is not None and RunLock().holder() is None:
+        names = ", ".join(n for n, _ in rec.saved)
+        err.print(f"ksmlab: warning: a killed run (pid {rec.pid}) left knobs changed ({names}); "
+                  "run `ksmlab restore`", markup=False, soft_wrap=True)
+
+
+@app.callback()
+def _main(ctx: typer.Context) -> None:
+    _warn_journal(ctx)
+
+
+@app.command()
+def scenarios(json_out: JsonOpt = False) -> None:
+    """List the built-in scenarios."""
+    items = []
+    for name in scenario_mod.builtin_names():
+        sc = scenario_mod.load(name)
+        items.append({"name": name, "mib": sc.total_mib, "duration": sc.duration,
+                      "description": sc.description})
+    if json_out:
+        print(json.dumps({"scenarios": items}))
+        return
+    for it in items:
+        print(f"{it['name']:<22} {it['mib']:>6} MiB {it['duration']:>5.0f} s  "
+              f"{it['description']}"[:100])
+
+
+@app.command()
+def policies(json_out: JsonOpt = False) -> None:
+    """List the kernel variants the model knows (policies)."""
+    from .model import POLICIES
+
+    if json_out:
+        print(json.dumps({"policies": [
+            {"name": p.name, "description": p.description, "source": p.source}
+            for p in POLICIES.values()]}))
+        return
+    for p in POLICIES.values():
+        print(f"{p.name:<24} {p.description}")
+        print(f"{'':<24} source: {p.source}")
+
+
+@app.command()
+def doctor(json_out: JsonOpt = False) -> None:
+    """The kernel, its KSM/THP knobs, and whether live runs can work here."""
+    from .live.doctor import diagnose
+
+    d = diagnose(KernelFS())
+    if json_out:
+        print(json.dumps(d))
+        return
+    print(f"kernel      {d['kernel']}")
+    print(f"root        {'yes' if d['root'] else 'no'}")
+    print(f"KSM         {'yes' if d['ksm'] else 'no'}   THP {'yes' if d['thp'] else 'no'}   "
+          f"ksmd pid {d['ksmd_pid']}")
+    print(f"memory      {d['mem_available_mib']} MiB available")
+    for name, value in d["knobs"].items():
+        print(f"  {name:<48} {value}")
+    if d["journal"]:
+        print(f"journal     a killed run left knobs changed: {d['journal']} (ksmlab restore)")
+    if d["lock_holder"]:
+        print(f"lock        a live run is in progress (pid {d['lock_holder']})")
+    if d["live_ok"]:
+        print("live runs   can work here")
+    else:
+        for p in d["problems"]:
+            print(f"live runs   cannot work: {p}")
+
+
+@app.command()
+def restore() -> None:
+    """Put back knobs left changed by a killed live run (from its journal)."""
+    from .live.run import LiveError, restore_journal
+
+    if os.geteuid() != 0 and Journal().read() is not None:
+        fail("restoring knobs needs root")
+    lock = RunLock()
+    try:
+        lock.acquire()
+    except Exception as e:
+        fail(str(e))
+    try:
+        saved = restore_journal(KernelFS(), Journal(), lock)
+    except LiveError as e:
+        fail(str(e))
+    finally:
+        lock.release()
+    if saved:
+        print("restored: " + ", ".join(f"{n}={v}" for n, v in saved))
+    else:
+        print("nothing to restore: no journal of a killed run")
+
+
+def _progress_live(sc: Scenario, quiet: bool) -> tuple[Progress, Callable[[dict[str, float]], None]]:
+    prog = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=err, transient=True, disable=quiet,
+    )
+    task = prog.add_task(sc.name, total=sc.duration, info="")
+
+    def update(row: dict[str, float]) -> None:
+        info = (f"full_scans {row.get('full_scans', 0):.0f}  "
+                f"RssAnon {row.get('RssAnon', 0) / 1024:.0f}M  "
+                f"THP {row.get('AnonHugePages', 0) / 1024:.0f}M  "
+                f"sharing {row.get('pages_sharing', 0):.0f}  "
+                f"zero {row.get('ksm_zero_pages', 0):.0f}")
+        prog.update(task, completed=min(row["t"], sc.duration), info=info)
+
+    return prog, update
+
+
+def _emit(tr: Trace, summary: metrics.Summary, title: str, json_out: bool,
+          out: Path | None, extra: dict[str, Any]) -> None:
+    files: dict[str, str] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{tr.meta['scenario']['name']}-{extra.get('policy', 'live')}"
+        files["trace"] = str(tr.save(out / f"{stem}.trace.json.gz"))
+        files["plot"] = str(report.plot_freed([(extra.get("policy", "live"), tr)],
+                                              out / f"{stem}.png", title))
+    if json_out:
+        obj = {"scenario": tr.meta["scenario"]["name"], "kernel": tr.meta.get("kernel"),
+               **extra, **summary.to_json(), "notes": tr.meta.get("notes", []), "files": files}
+        print(json.dumps(obj))
+        return
+    print(report.summary_text(summary, title))
+    for n in tr.meta.get("notes", []):
+        print(f"note: {n}")
+    for k, v in files.items():
+        print(f"{k}: {v}")
+
+
+@app.command()
+def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
+        json_out: JsonOpt = False) -> None:
+    """Run a scenario on the running kernel (root): knobs set and always restored."""
+    from .live.run import Interrupted, LiveError, LiveRun
+
+    sc = _load(scenario, duration)
+    prog, update = _progress_live(sc, quiet=False)
+    live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False))
+    try:
+        live.check()  # before the progress display: a refusal is one line, nothing else
+        with prog:
+            tr = live.run()
+    except LiveError as e:
+        fail(str(e))
+    except Interrupted as e:
+        fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
+    summary = metrics.summarize(tr)
+    _emit(tr, summary, f"{sc.name} on Linux {tr.meta['kernel']} (live)", json_out, out, {})
+
+
+@app.command()
+def sim(scenario: ScenarioArg,
+        policy: Annotated[str, typer.Option("--policy", "-p", help="see ksmlab policies")],
+        duration: DurationOpt = None, out: OutOpt = None, json_out: JsonOpt = False) -> None:
+    """Run a scenario in the model under one kernel policy (no root needed)."""
+    from .model import get_policy, simulate
+
+    sc = _load(scenario, duration)
+    get_policy(policy)
+    tr = simulate(sc, policy)
+    summary = metrics.summarize(tr)
+    _emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out, {"policy": policy})
+
+
+Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
+
+
+@app.command()
+def compare(scenario: ScenarioArg,
+            policies: Annotated[str, typer.Option("--policies", help="A,B,... or all")] = "all",
+            duration: DurationOpt = None, fmt: Fmt = "text", out: OutOpt = None) -> None:
+    """The same scenario under several policies, side by side."""
+    from .model import POLICIES, get_policy, simulate
+
+    if fmt not in ("text", "markdown", "json"):
+        fail(f"--format {fmt}: use text, markdown or json")
+    sc = _load(scenario, duration)
+    names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
+    for n in names:
+        get_policy(n)
+    results = [(n, simulate(sc, n)) for n in names]
+    summaries = [(n, metrics.summarize(tr)) for n, tr in results]
+    print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}"))
+    if out is not None:
+        report.plot_freed(results, out / f"{sc.name}-compare.png", sc.name)
+
+
+@app.command()
+def demo(out: OutOpt = None,
+         live: Annotated[bool, typer.Option(help="also run live where possible")] = True) -> None:
+    """The main job: the seed scenarios under every policy, table and plots."""
+    from .demo import run_demo
+
+    run_demo(out or Path("ksmlab-out") / time.strftime("demo-%Y%m%d-%H%M%S"), live, err)
+
+
+def main() -> None:
+    """Entry point: user errors are one line and exit code 2, never a traceback."""
+    from .live.run import LiveError
+
+    try:
+        from .model import ModelUnsupported, UnknownPolicy
+        user_errors: tuple[type[Exception], ...] = (ModelUnsupported, UnknownPolicy)
+    except ImportError:
+        user_errors = ()
+    try:
+        rc = app(standalone_mode=False)  # click returns the code of typer.Exit here
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (ScenarioError, KnobError, TraceError, LiveError, UserError, *user_errors) as e:
+        err.print(f"ksmlab: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except RestoreError as e:
+        err.print(f"ksmlab: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("ksmlab: interrupted", markup=False)
+        sys.exit(130)
+    except Exception as e:  # a usage error from click, or a bug
+        code = getattr(e, "exit_code", None)
+        if code is not None:  # click's UsageError and friends
+            show = getattr(e, "format_message", None)
+            err.print(f"ksmlab: error: {show() if show else e}", markup=False, soft_wrap=True)
+            sys.exit(int(code))
+        if os.environ.get("KSMLAB_DEBUG"):
+            raise
+        err.print(f"ksmlab: internal error: {type(e).__name__}: {e} "
+                  "(KSMLAB_DEBUG=1 shows the traceback)", markup=False, soft_wrap=True)
+        sys.exit(1)
+
+
+__all__ = ["__version__", "app", "main"]

@@ -1,0 +1,35 @@
+"""What the running kernel offers for live runs (reads only)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .journal import Journal, RunLock
+from .kernelfs import KernelFS
+from .knobs import all_knobs
+from .run import mem_available_mib, problems
+from .sampler import find_ksmd
+
+
+def diagnose(fs: KernelFS) -> dict[str, Any]:
+    knobs = {}
+    for k in all_knobs(fs):
+        raw = fs.read_or_none(k.rel)
+        if raw is not None:
+            knobs[k.name] = k.parse(raw)
+    why = problems(fs)
+    rec = Journal().read()
+    return {
+        "kernel": os.uname().release,
+        "root": os.geteuid() == 0,
+        "ksm": fs.exists("sys/kernel/mm/ksm/run"),
+        "thp": fs.exists("sys/kernel/mm/transparent_hugepage/enabled"),
+        "ksmd_pid": find_ksmd(fs),
+        "mem_available_mib": mem_available_mib(fs),
+        "knobs": knobs,
+        "journal": dict(rec.saved) if rec else None,
+        "lock_holder": RunLock().holder(),
+        "live_ok": not why,
+        "problems": why,
+    }

@@ -1,0 +1,135 @@
+"""The journal of saved knob values, and the lock that allows one live run.
+
+Both live in a state folder (``/run/ksmlab`` by default, ``$KSMLAB_STATE_DIR``
+to override).  /run is a tmpfs: it empties at boot, exactly when the kernel's
+knobs go back to their boot values, so a journal never outlives its meaning.
+The lock is an ``flock`` on a file: the kernel drops it when the holder dies,
+SIGKILL included, while the journal stays for ``ksmlab restore``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("KSMLAB_STATE_DIR", "/run/ksmlab"))
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class LockBusy(RuntimeError):
+    pass
+
+
+@dataclass
+class JournalRecord:
+    pid: int
+    boot_id: str
+    started: float
+    saved: list[tuple[str, str]]
+
+
+class Journal:
+    """Saved values, written atomically (tmp + fsync + rename) before each change."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or state_dir()
+        self.path = self.folder / "journal.json"
+
+    def write(self, saved: list[tuple[str, str]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        rec: dict[str, Any] = {
+            "pid": os.getpid(),
+            "boot_id": boot_id(),
+            "started": time.time(),
+            "saved": [list(x) for x in saved],
+        }
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(rec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def read(self) -> JournalRecord | None:
+        """The journal left by a run, or None (none, unreadable, or from another boot)."""
+        try:
+            data = json.loads(self.path.read_text())
+            rec = JournalRecord(
+                int(data["pid"]), str(data["boot_id"]), float(data["started"]),
+                [(str(n), str(v)) for n, v in data["saved"]],
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if rec.boot_id != boot_id():
+            return None  # the knobs went back to their boot values with the reboot
+        return rec
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class RunLock:
+    """One live run at a time on this machine (KSM and THP state are global)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or state_dir()
+        self.path = self.folder / "lock"
+        self.fd: int | None = None
+
+    def holder(self) -> int | None:
+        """Pid of the run holding the lock, or None if it is free."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(os.pread(fd, 32, 0).decode().strip() or "0") or -1
+            except ValueError:
+                return -1
+        finally:
+            os.close(fd)
+        return None
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.holder()
+            raise LockBusy(
+                f"another live run holds {self.path} (pid {pid}); KSM state is global, "
+                "so runs cannot overlap"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,92 @@
+"""Read the kernel's counters: /sys/kernel/mm/ksm, /proc/vmstat, the workload's
+/proc/PID/{status,smaps_rollup,ksm_stat}, and ksmd's /proc/PID/schedstat.
+
+One sample is a flat dict named after the kernel's counters (see
+:mod:`ksmlab.trace`); every KSM file is read, not only the ones the trace
+format lists, so a newer kernel's counters are kept too.
+"""
+
+from __future__ import annotations
+
+from .kernelfs import KernelFS
+from .knobs import KSM, THP
+
+# not counters: knobs that live in the same folder
+_KSM_KNOB_FILES = frozenset({
+    "run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
+    "max_page_sharing", "merge_across_nodes", "stable_node_chains_prune_millisecs",
+    "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan", "advisor_target_scan_time",
+})
+_KSM_STAT = {
+    "ksm_rmap_items": "ksm_rmap_items",
+    "ksm_merging_pages": "ksm_merging_pages",
+    "ksm_process_profit": "ksm_process_profit",
+    "ksm_zero_pages": "proc_ksm_zero_pages",
+}
+
+
+def find_ksmd(fs: KernelFS) -> int | None:
+    for d in fs.listdir("proc"):
+        if d.isdigit() and fs.read_or_none(f"proc/{d}/comm") == "ksmd":
+            return int(d)
+    return None
+
+
+class Sampler:
+    def __init__(self, fs: KernelFS, pids: list[int] | None = None) -> None:
+        self.fs = fs
+        self.pids = list(pids or [])
+        self.ksm_files = [f for f in fs.listdir(KSM) if f not in _KSM_KNOB_FILES]
+        self.ksmd = find_ksmd(fs)
+
+    def ksm(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for f in self.ksm_files:
+            v = self.fs.read_or_none(f"{KSM}/{f}")
+            if v is not None and v.lstrip("-").isdigit():
+                out[f] = float(v)
+        return out
+
+    def vmstat(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        text = self.fs.read_or_none("proc/vmstat") or ""
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith("thp_") or name == "nr_anon_transparent_hugepages":
+                out[name] = float(value)
+        for f in ("full_scans", "pages_collapsed"):
+            v = self.fs.read_or_none(f"{THP}/khugepaged/{f}")
+            if v is not None:
+                out[f"khugepaged_{f}"] = float(v)
+        return out
+
+    def processes(self) -> dict[str, float]:
+        out = {k: 0.0 for k in ("Rss", "RssAnon", "AnonHugePages", *_KSM_STAT.values())}
+        for pid in self.pids:
+            status = self.fs.read_or_none(f"proc/{pid}/status") or ""
+            for line in status.splitlines():
+                key, _, rest = line.partition(":")
+                if key == "VmRSS":
+                    out["Rss"] += float(rest.split()[0])
+                elif key == "RssAnon":
+                    out["RssAnon"] += float(rest.split()[0])
+            rollup = self.fs.read_or_none(f"proc/{pid}/smaps_rollup") or ""
+            for line in rollup.splitlines():
+                if line.startswith("AnonHugePages:"):
+                    out["AnonHugePages"] += float(line.split()[1])
+            stat = self.fs.read_or_none(f"proc/{pid}/ksm_stat") or ""
+            for line in stat.splitlines():
+                key, _, rest = line.partition(" ")
+                if key in _KSM_STAT and rest.strip().lstrip("-").isdigit():
+                    out[_KSM_STAT[key]] += float(rest)
+        return out
+
+    def ksmd_cpu_ns(self) -> dict[str, float]:
+        if self.ksmd is None:
+            return {}
+        v = self.fs.read_or_none(f"proc/{self.ksmd}/schedstat")
+        return {"ksmd_cpu_ns": float(v.split()[0])} if v else {}
+
+    def sample(self, t: float) -> dict[str, float]:
+        return {"t": t, **self.ksm(), **self.vmstat(), **self.processes(), **self.ksmd_cpu_ns()}

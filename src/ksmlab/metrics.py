@@ -1,0 +1,219 @@
+"""Derived figures and the two verdicts, from any trace (live or model alike).
+
+Memory freed counts both ways the kernel frees anonymous memory here:
+  freed = drop of the workloads' RssAnon from its running peak  (zero-page
+          merges by KSM and the zero-page remap on THP split both lower
+          MM_ANONPAGES)
+        + pages_sharing                                          (an ordinary KSM
+          merge leaves RSS unchanged: every mapping of a KSM page is counted)
+KSM-accounted = pages_sharing + ksm_zero_pages: what KSM's own counters claim.
+The rest is freed as a side effect, outside KSM's accounting.
+
+KSM's budget is ``pages_to_scan`` pages per ``sleep_millisecs``: since one
+page handed to ``cmp_and_merge_page`` frees at most one page, an honest KSM
+never frees faster than its budget (a budget ratio of at most 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import content
+from .scenario import PAGE_SIZE, Scenario
+from .trace import Trace
+
+KIB_PER_PAGE = PAGE_SIZE // 1024
+# Rates are measured over at least this long (10 ksmd batches at the default 20 ms):
+# short enough to see a burst, long enough that batch quantisation stays within ~10 %.
+PEAK_WINDOW_S = 0.2
+BYPASS_RATIO = 2.0  # freed faster than twice the budget ...
+BYPASS_SIDE_SHARE = 0.5  # ... and mostly outside KSM's counters
+COLLAPSE_FRACTION = 0.1  # merging below a tenth of what the budget would merge
+
+Array = npt.NDArray[np.float64]
+
+
+@dataclass
+class Verdict:
+    name: str
+    evidence: str
+
+
+@dataclass
+class Summary:
+    duration_s: float
+    budget_pages_per_s: float | None
+    budget_mib_s: float | None
+    freed_mib: float
+    ksm_accounted_mib: float
+    side_effect_mib: float
+    freed_rate_peak_mib_s: float
+    ksm_rate_peak_mib_s: float
+    budget_ratio_peak: float | None
+    budget_ratio_mean: float | None
+    time_to_90pct_s: float | None
+    merge_rate_mib_s: float | None  # after the first full scan (merging cannot start before)
+    ksmd_cpu_pct: float | None
+    ksmd_cpu_pct_peak: float | None
+    thps_start: float
+    thps_kept: float
+    thp_split_page: int
+    thp_split_page_failed: int
+    full_scans: int
+    pages_scanned: int
+    expected_mergeable_mib: float
+    verdicts: list[Verdict] = field(default_factory=list)
+    undetermined: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verdicts"] = [v.name for v in self.verdicts]
+        d["evidence"] = {v.name: v.evidence for v in self.verdicts}
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def freed_pages(tr: Trace) -> Array:
+    """Pages freed so far at each sample (see the module docstring)."""
+    rss = tr.since_start("RssAnon")
+    drop = np.maximum.accumulate(rss) - rss
+    return drop / KIB_PER_PAGE + tr["pages_sharing"]
+
+
+def ksm_accounted_pages(tr: Trace) -> Array:
+    return tr["pages_sharing"] + tr["ksm_zero_pages"]
+
+
+def peak_rate(t: Array, y: Array, window: float = PEAK_WINDOW_S) -> float:
+    """Largest increase per second of ``y`` over any span of at least ``window``."""
+    if len(t) < 2:
+        return 0.0
+    j = np.searchsorted(t, t + window)
+    ok = j < len(t)
+    if not ok.any():
+        return float(max(0.0, (y[-1] - y[0]) / max(t[-1] - t[0], 1e-9)))
+    i = np.flatnonzero(ok)
+    return float(max(0.0, np.max((y[j[ok]] - y[i]) / (t[j[ok]] - t[i]))))
+
+
+def _event_time(tr: Trace, action: str) -> float | None:
+    for e in tr.events:
+        if e.get("action") == action:
+            return float(e["t"])
+    return None
+
+
+def _first_time(t: Array, cond: npt.NDArray[np.bool_]) -> float | None:
+    idx = np.flatnonzero(cond)
+    return float(t[idx[0]]) if idx.size else None
+
+
+def summarize(tr: Trace) -> Summary:
+    sc = Scenario.model_validate(tr.meta["scenario"])
+    t = tr.t
+    mib = KIB_PER_PAGE / 1024
+    freed = freed_pages(tr)
+    acct = ksm_accounted_pages(tr)
+    budget = (sc.ksm.pages_to_scan * 1000.0 / sc.ksm.sleep_millisecs
+              if sc.ksm.sleep_millisecs > 0 else None)
+    start = _event_time(tr, "ksm_start")
+    start = 0.0 if start is None else start
+    total = float(freed[-1]) if len(freed) else 0.0
+    window = max(PEAK_WINDOW_S, 2 * sc.sample_interval)
+    peak = peak_rate(t, freed, window)
+    t90 = _first_time(t, freed >= 0.9 * total) if total > 0 else None
+    active = (t90 - start) if t90 is not None else None
+    mean = total / active if active and active > 0 else None
+
+    cpu = tr.since_start("ksmd_cpu_ns") if "ksmd_cpu_ns" in tr else None
+    cpu_pct = cpu_peak = None
+    if cpu is not None and len(t) > 1 and t[-1] > t[0]:
+        cpu_pct = float((cpu[-1] - cpu[0]) / ((t[-1] - t[0]) * 1e9) * 100)
+        cpu_peak = peak_rate(t, cpu, 1.0) / 1e9 * 100
+
+    huge = tr["AnonHugePages"] / 2048.0
+    scans = tr["full_scans"]
+    # merging can only start in the second full scan (checksums first): rate from there
+    scan1 = _first_time(t, scans >= 1)
+    mergeable = content.expected_mergeable_pages(sc)
+    merge_rate = None
+    if scan1 is not None and t[-1] > scan1:
+        i = int(np.searchsorted(t, scan1))
+        end_idx = len(t) - 1
+        if mergeable > 0:
+            done = np.flatnonzero(freed >= 0.9 * mergeable)
+            if done.size and done[0] > i:
+                end_idx = int(done[0])
+        if t[end_idx] > t[i]:
+            merge_rate = float((freed[end_idx] - freed[i]) / (t[end_idx] - t[i]))
+
+    s = Summary(
+        duration_s=float(t[-1]) if len(t) else 0.0,
+        budget_pages_per_s=budget,
+        budget_mib_s=budget * mib if budget else None,
+        freed_mib=total * mib,
+        ksm_accounted_mib=float(acct[-1]) * mib if len(acct) else 0.0,
+        side_effect_mib=max(0.0, total - float(acct[-1])) * mib if len(acct) else 0.0,
+        freed_rate_peak_mib_s=peak * mib,
+        ksm_rate_peak_mib_s=peak_rate(t, acct, window) * mib,
+        budget_ratio_peak=peak / budget if budget else None,
+        budget_ratio_mean=mean / budget if budget and mean is not None else None,
+        time_to_90pct_s=active,
+        merge_rate_mib_s=merge_rate * mib if merge_rate is not None else None,
+        ksmd_cpu_pct=cpu_pct,
+        ksmd_cpu_pct_peak=cpu_peak,
+        thps_start=float(huge[0]) if len(huge) else 0.0,
+        thps_kept=float(huge[-1]) if len(huge) else 0.0,
+        thp_split_page=int(tr.since_start("thp_split_page")[-1]),
+        thp_split_page_failed=int(tr.since_start("thp_split_page_failed")[-1]),
+        full_scans=int(scans[-1]) if len(scans) else 0,
+        pages_scanned=int(tr.since_start("pages_scanned")[-1]),
+        expected_mergeable_mib=mergeable * mib,
+    )
+    _judge(s, sc, mergeable)
+    return s
+
+
+def _judge(s: Summary, sc: Scenario, mergeable: int) -> None:
+    budget = s.budget_mib_s
+    # rate-limit bypass: freed faster than KSM's budget allows, and not by KSM's account
+    if budget and s.freed_mib > 0:
+        side_share = s.side_effect_mib / s.freed_mib
+        if s.budget_ratio_peak and s.budget_ratio_peak > BYPASS_RATIO and (
+            side_share > BYPASS_SIDE_SHARE
+        ):
+            s.verdicts.append(Verdict(
+                "rate-limit-bypass",
+                f"freed {s.freed_mib:.1f} MiB at up to {s.freed_rate_peak_mib_s:.1f} MiB/s, "
+                f"{s.budget_ratio_peak:.1f}x KSM's budget of {budget:.1f} MiB/s "
+                f"({sc.ksm.pages_to_scan} pages/{sc.ksm.sleep_millisecs} ms); KSM's counters "
+                f"account for {s.ksm_accounted_mib:.1f} MiB; thp_split_page +{s.thp_split_page}",
+            ))
+    # merge collapse: mergeable pages present, merging far below what the budget allows,
+    # and splits freeing memory outside KSM's accounting
+    if not budget or mergeable == 0:
+        return
+    if s.merge_rate_mib_s is None:
+        s.undetermined.append("merge-collapse: the run ended before the first full scan did")
+        return
+    region_pages = sum(
+        p.count * sum(r.pages for r in p.region) for p in sc.process if p.merge != "none"
+    )
+    healthy = budget * mergeable / max(region_pages, 1)  # all mergeable pages in one scan
+    if (
+        s.merge_rate_mib_s < COLLAPSE_FRACTION * healthy
+        and s.freed_mib < 0.9 * s.expected_mergeable_mib
+        and s.thp_split_page > 0
+        and s.side_effect_mib > 0
+    ):
+        s.verdicts.append(Verdict(
+            "merge-collapse",
+            f"after the first full scan memory was freed at {s.merge_rate_mib_s:.2f} MiB/s, "
+            f"{s.merge_rate_mib_s / healthy * 100:.1f} % of the {healthy:.1f} MiB/s KSM's "
+            f"budget would merge ({s.freed_mib:.1f} of {s.expected_mergeable_mib:.1f} MiB "
+            f"mergeable freed); pages_sharing+ksm_zero_pages = {s.ksm_accounted_mib:.1f} MiB; "
+            f"thp_split_page +{s.thp_split_page} (failed +{s.thp_split_page_failed})",
+        ))

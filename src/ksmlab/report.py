@@ -1,0 +1,149 @@
+"""Tables (text that fits 80 columns for mailing lists, markdown, JSON) and plots."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import KIB_PER_PAGE, Summary, freed_pages, ksm_accounted_pages
+from .trace import Trace
+
+WIDTH = 80
+
+
+def _f(v: float | int | None, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def summary_text(s: Summary, title: str) -> str:
+    """A run's figures and verdicts, for a terminal or an email (80 columns)."""
+    rows: list[tuple[str, str]] = [
+        ("KSM budget", f"{_f(s.budget_mib_s)} MiB/s ({_f(s.budget_pages_per_s, '.0f')} pages/s)"),
+        ("memory freed", f"{s.freed_mib:.1f} MiB of {s.expected_mergeable_mib:.1f} MiB mergeable"),
+        ("  by KSM's account", f"{s.ksm_accounted_mib:.1f} MiB (pages_sharing + ksm_zero_pages)"),
+        ("  as a side effect", f"{s.side_effect_mib:.1f} MiB"),
+        ("peak freeing rate", f"{s.freed_rate_peak_mib_s:.1f} MiB/s = "
+                              f"{_f(s.budget_ratio_peak)}x the budget"),
+        ("rate after scan 1", f"{_f(s.merge_rate_mib_s, '.2f')} MiB/s"),
+        ("90 % freed after", f"{_f(s.time_to_90pct_s)} s"),
+        ("ksmd CPU", f"{_f(s.ksmd_cpu_pct)} % mean, {_f(s.ksmd_cpu_pct_peak)} % peak (1 s)"),
+        ("THPs", f"{s.thps_start:.0f} at start, {s.thps_kept:.0f} kept"),
+        ("thp_split_page", f"{s.thp_split_page} (failed {s.thp_split_page_failed})"),
+        ("full_scans", f"{s.full_scans} ({s.pages_scanned} pages scanned)"),
+    ]
+    out = [title, "-" * min(WIDTH, len(title))]
+    out += [f"{k:<20} {v}" for k, v in rows]
+    out.append("")
+    if s.verdicts:
+        for v in s.verdicts:
+            out += textwrap.wrap(f"VERDICT {v.name}: {v.evidence}", WIDTH,
+                                 subsequent_indent="  ")
+    else:
+        out.append("VERDICT none: neither regression shows in this run")
+    for u in s.undetermined:
+        out += textwrap.wrap(f"undetermined {u}", WIDTH, subsequent_indent="  ")
+    return "\n".join(out)
+
+
+COMPARE_COLUMNS = (
+    ("policy", "policy", 24, None),
+    ("freed", "freed_mib", 7, ".1f"),
+    ("by KSM", "ksm_accounted_mib", 7, ".1f"),
+    ("t90%", "time_to_90pct_s", 6, ".1f"),
+    ("ratio", "budget_ratio_peak", 6, ".1f"),
+    ("cpu%", "ksmd_cpu_pct", 5, ".1f"),
+    ("THPs", "thps_kept", 5, ".0f"),
+    ("splits", "thp_split_page", 6, "d"),
+    ("verdict", "verdict", 0, None),
+)
+
+
+def compare_rows(results: Sequence[tuple[str, Summary]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, s in results:
+        d = s.to_json()
+        d["policy"] = name
+        d["verdict"] = ",".join(_abbrev(v) for v in d["verdicts"]) or "-"
+        rows.append(d)
+    return rows
+
+
+def _abbrev(v: str) -> str:
+    return {"rate-limit-bypass": "bypass", "merge-collapse": "collapse"}.get(v, v)
+
+
+def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str = "") -> str:
+    rows = compare_rows(results)
+    if fmt == "json":
+        return json.dumps({"title": title, "rows": rows}, indent=1)
+    if fmt == "markdown":
+        head = "| " + " | ".join(h for h, *_ in COMPARE_COLUMNS) + " |"
+        sep = "|" + "|".join("---" for _ in COMPARE_COLUMNS) + "|"
+        body = [
+            "| " + " | ".join(_cell(r, key, f) for _, key, _, f in COMPARE_COLUMNS) + " |"
+            for r in rows
+        ]
+        return "\n".join(([f"**{title}**", ""] if title else []) + [head, sep, *body])
+    lines = [title] if title else []
+    lines.append(" ".join(f"{h:<{w}}" if w else h for h, _, w, _ in COMPARE_COLUMNS))
+    for r in rows:
+        cells = []
+        for _, key, w, f in COMPARE_COLUMNS:
+            c = _cell(r, key, f)
+            cells.append(f"{c[:w]:<{w}}" if w else c)
+        lines.append(" ".join(cells).rstrip())
+    lines.append("freed/by KSM in MiB; t90% s to free 90 %; ratio = peak freeing rate / KSM")
+    lines.append("budget; cpu% = ksmd; THPs kept at the end; verdict: bypass = rate-limit")
+    lines.append("bypass, collapse = merge collapse.")
+    return "\n".join(line[:WIDTH] for line in lines)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    return format(v, fmt) if fmt else str(v)
+
+
+def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> Path:
+    """Memory freed over time per trace, KSM-accounted dashed, KSM's budget as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    mib = KIB_PER_PAGE / 1024
+    tmax = 0.0
+    budget = None
+    for label, tr in traces:
+        line = ax.plot(tr.t, freed_pages(tr) * mib, label=f"{label}: freed", lw=1.8)[0]
+        acct = ksm_accounted_pages(tr) * mib
+        if np.any(acct > 0):
+            ax.plot(tr.t, acct, ls="--", color=line.get_color(), lw=1.0,
+                    label=f"{label}: by KSM's account")
+        tmax = max(tmax, float(tr.t[-1]))
+        k = tr.meta["scenario"]["ksm"]
+        if k["sleep_millisecs"] > 0:
+            budget = k["pages_to_scan"] * 1000 / k["sleep_millisecs"] * mib
+    if budget:
+        tt = np.array([0.0, tmax])
+        ax.plot(tt, budget * tt, color="black", ls=":", lw=1.2,
+                label=f"KSM budget ({budget:.1f} MiB/s from KSM start)")
+        top = max((float(np.nanmax(freed_pages(tr))) * mib for _, tr in traces), default=1.0)
+        ax.set_ylim(0, max(top * 1.1, 1.0))
+    ax.set_xlabel("time since the workload was ready (s)")
+    ax.set_ylabel("memory freed (MiB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
