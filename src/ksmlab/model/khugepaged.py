@@ -1,0 +1,125 @@
+"""khugepaged: periodic collapse of PTE-mapped ranges into THPs (mm/khugepaged.c).
+
+Every ``scan_sleep_millisecs`` it scans ``pages_to_scan`` "pages" of progress
+(one per mm visited, HPAGE_PMD_NR per 2 MiB range looked at, so 4096 = 8
+ranges).  A range collapses when none + zero-pfn PTEs (KSM-placed or
+split-remapped alike) are at most ``max_ptes_none``, at most max_ptes_shared
+pages are mapped more than once, and at least one PTE is writable (KSM pages
+are mapped read-only).  With max_ptes_none=511 this re-collapses ranges that
+a KSM split just emptied as long as one private page is left: the churn loop.
+"""
+
+from __future__ import annotations
+
+from ..scenario import HPAGE_PMD_NR, KhugepagedKnobs
+from .memory import PMD_TABLE, PMD_THP, Mm, Page, System, Thp, Vma, ZeroPte, put_mapping
+from .thp import deferred_split_folio
+
+MAX_PTES_SHARED = 256  # khugepaged/max_ptes_shared default
+
+
+class Khugepaged:
+    def __init__(self, sys: System, knobs: KhugepagedKnobs) -> None:
+        self.sys = sys
+        self.knobs = knobs
+        self.slots: list[Mm] = []
+        self.slot: int | None = None  # khugepaged_scan.mm_slot (None = list head)
+        self.address = 0
+        self.full_scans = 0
+        self.pages_collapsed = 0
+
+    def register(self, mm: Mm) -> None:
+        # khugepaged_enter_vma() -> __khugepaged_enter(): appended to the list
+        if mm not in self.slots:
+            self.slots.append(mm)
+
+    def do_scan(self) -> None:
+        """khugepaged_do_scan(): one pass of up to pages_to_scan progress."""
+        pages = self.knobs.pages_to_scan
+        progress = 0
+        pass_through_head = 0
+        while True:
+            if self.slot is None:
+                pass_through_head += 1
+            if self.slots and pass_through_head < 2:
+                progress += self._scan_mm_slot(pages - progress)
+            else:
+                progress = pages
+            if progress >= pages:
+                break
+
+    def _scan_mm_slot(self, pages: int) -> int:
+        # khugepaged_scan_mm_slot()
+        if self.slot is None:
+            self.slot = 0
+            self.address = 0
+        mm = self.slots[self.slot]
+        progress = 1
+        for vma in mm.vmas:
+            if not self.sys.thp_allowed(vma) or self.address >= vma.end:
+                progress += 1
+                continue
+            self.address = max(self.address, vma.start)
+            while self.address < vma.end:
+                if self._scan_pmd(vma, (self.address - vma.start) // HPAGE_PMD_NR):
+                    self.pages_collapsed += 1
+                self.address += HPAGE_PMD_NR
+                progress += HPAGE_PMD_NR
+                if progress >= pages:
+                    return progress  # breakouterloop with a vma: same slot next time
+        # no vma left: next mm; passing the list head counts a full scan
+        self.slot += 1
+        self.address = 0
+        if self.slot >= len(self.slots):
+            self.slot = None
+            self.full_scans += 1
+        return progress
+
+    def _scan_pmd(self, vma: Vma, j: int) -> bool:
+        """hpage_collapse_scan_pmd() + collapse_huge_page()."""
+        if vma.pmd[j] != PMD_TABLE:
+            return False  # SCAN_PMD_MAPPED / SCAN_PMD_NULL
+        base = j * HPAGE_PMD_NR
+        none_or_zero = shared = 0
+        writable = False
+        max_none = self.knobs.max_ptes_none
+        for pte in vma.pte[base : base + HPAGE_PMD_NR]:
+            if pte is None or isinstance(pte, ZeroPte):
+                none_or_zero += 1
+                if none_or_zero > max_none:
+                    return False  # SCAN_EXCEED_NONE_PTE
+                continue
+            if not pte.ksm:
+                writable = True
+            if pte.mapcount > 1:
+                shared += 1
+                if shared > MAX_PTES_SHARED:
+                    return False  # SCAN_EXCEED_SHARED_PTE
+        if not writable:
+            return False  # SCAN_PAGE_RO
+        self._collapse(vma, j)
+        return True
+
+    def _collapse(self, vma: Vma, j: int) -> None:
+        sys = self.sys
+        mm = vma.mm
+        base = j * HPAGE_PMD_NR
+        folio = Thp(vma, base, [])
+        present = 0
+        pages: list[Page] = []
+        for pte in vma.pte[base : base + HPAGE_PMD_NR]:
+            if isinstance(pte, Page):
+                present += 1
+                pages.append(Page(pte.cid, folio))
+                put_mapping(pte)  # KSM mappings vanish; stable items die lazily
+            else:
+                if pte is not None and pte.ksm:
+                    sys.zap_ksm_zero(mm)
+                pages.append(Page(0, folio))
+        folio.pages = pages
+        vma.pte[base : base + HPAGE_PMD_NR] = pages
+        vma.pmd[j] = PMD_THP
+        mm.anon_rss += HPAGE_PMD_NR - present
+        sys.nr_anon_thp += 1
+        sys.vmstat["thp_collapse_alloc"] += 1
+        deferred_split_folio(sys, folio, partially_mapped=False)

@@ -1,0 +1,294 @@
+"""Scenario -> model trace: the timeline of the live lab, simulated.
+
+Before time 0: KSM reset (run=2), knobs set, workload processes started; each
+one does prctl(PR_SET_MEMORY_MERGE) first if asked, mmaps each region 2 MiB
+aligned (top-down, as mmap places them), madvises MADV_HUGEPAGE/NOHUGEPAGE and
+MADV_MERGEABLE, then writes every page in address order (or at ``fill_at``).
+Time 0 = all workloads ready.  ksmd runs batches of pages_to_scan separated by
+sleep_millisecs (+ the profile's wake-up slack) plus each batch's CPU cost;
+khugepaged wakes every scan_sleep_millisecs; events apply at their times;
+samples are taken every sample_interval from 0 to duration inclusive (a sample
+due at the same time as an action sees the state before it).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import content
+from ..scenario import (
+    KsmStart,
+    KsmStop,
+    KsmUnmerge,
+    Pressure,
+    Region,
+    Scenario,
+    Write,
+)
+from ..trace import COLUMNS, MONOTONIC, VMSTAT_COUNTERS, Trace
+from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter
+from .khugepaged import Khugepaged
+from .ksm import Ksm
+from .memory import PMD_THP, Mm, System, Vma
+from .policies import get_policy
+from .thp import deferred_split_scan, fill_fresh_vma, write_fault
+
+
+class ModelUnsupported(ValueError):
+    """A scenario feature the model cannot represent (one-line message)."""
+
+
+VOLATILE_TICK = 0.01  # seconds between the volatile writer's bursts
+
+
+def check_supported(sc: Scenario) -> None:
+    if sc.ksm.merge_across_nodes == 0:
+        raise ModelUnsupported(
+            "ksm.merge_across_nodes=0: the model has one NUMA node and no per-node trees"
+        )
+    if sc.thp.enabled != "never" and sc.thp.khugepaged.scan_sleep_millisecs == 0:
+        raise ModelUnsupported(
+            "thp.khugepaged.scan_sleep_millisecs=0: khugepaged without sleeps is not modelled"
+        )
+    for e in sc.event:
+        if not isinstance(e, KsmStart | KsmStop | KsmUnmerge | Write | Pressure):
+            raise ModelUnsupported(f"event {getattr(e, 'action', e)!r} is not modelled")
+
+
+@dataclass
+class _Region:
+    process: int
+    replica: int
+    region: int
+    spec: Region
+    vma: Vma
+    ids: list[int]
+    rng: np.random.Generator
+
+
+class Simulation:
+    def __init__(self, sc: Scenario, policy: str, profile: CostProfile) -> None:
+        check_supported(sc)
+        self.sc = sc
+        self.policy = get_policy(policy)
+        self.profile = profile
+        self.sys = System(self.policy, sc.thp)
+        self.sys.ksm_use_zero_pages = sc.ksm.use_zero_pages
+        self.cpu = CpuMeter(profile)
+        self.ksm = Ksm(self.sys, sc.ksm, self.cpu)
+        self.khugepaged = Khugepaged(self.sys, sc.thp.khugepaged)
+        self.regions: list[_Region] = []
+        self.fresh = 0  # next fresh content id index
+        self.events: list[dict[str, Any]] = []
+        self._setup()
+
+    # ---- before time 0 ----------------------------------------------------
+    def _setup(self) -> None:
+        sc = self.sc
+        sys = self.sys
+        refs = list(content.layout(sc))
+        r = 0
+        for pid, (pi, k, proc) in enumerate(sc.instances(), start=1):
+            mm = Mm(pid, f"{proc.name}.{k}")
+            sys.mms.append(mm)
+            if proc.merge == "prctl":
+                mm.merge_any = True  # PR_SET_MEMORY_MERGE before any mmap
+                self.ksm.enter(mm)
+            for ri, reg in enumerate(proc.region):
+                ref = refs[r]
+                r += 1
+                assert (ref.process, ref.replica, ref.region) == (pi, k, ri)
+                vma = sys.mmap(mm, reg.pages)
+                vma.mergeable = mm.merge_any  # ksm_vma_flags() at mmap time
+                if reg.thp == "hugepage":
+                    vma.hugepage = True
+                elif reg.thp == "nohugepage":
+                    vma.nohugepage = True
+                if content.mergeable(sc, ref) and proc.merge == "madvise":
+                    vma.mergeable = True  # MADV_MERGEABLE -> __ksm_enter()
+                    self.ksm.enter(mm)
+                ids = [int(x) for x in content.region_ids(sc, ref)]
+                rng = np.random.default_rng([reg.seed, pi, k, ri, 0x5EED])
+                self.regions.append(_Region(pi, k, ri, reg, vma, ids, rng))
+        if sc.fill_at is None:
+            self._fill()
+
+    def _fill(self) -> None:
+        for reg in self.regions:
+            fill_fresh_vma(self.sys, reg.vma, reg.ids)
+        for mm in self.sys.mms:
+            if mm.khugepaged or any(self.sys.thp_allowed(v) for v in mm.vmas):
+                self.khugepaged.register(mm)
+
+    # ---- actions ---------------------------------------------------------
+    def _apply(self, e: object, t: float) -> None:
+        ksm = self.ksm
+        if isinstance(e, KsmStart):
+            ksm.run = 1
+            self.sys.ksm_running = True
+        elif isinstance(e, KsmStop):
+            ksm.run = 0
+            self.sys.ksm_running = False
+        elif isinstance(e, KsmUnmerge):
+            ksm.run = 2
+            self.sys.ksm_running = False
+            ksm.unmerge_all()
+        elif isinstance(e, Write):
+            reg = next(x for x in self.regions
+                       if (x.process, x.replica, x.region) == (e.process, 0, e.region))
+            targets = content.write_targets(e.fraction, reg.spec.pages, e.seed,
+                                            salt=e.process * 1000 + e.region)
+            if e.content == "zero":
+                cids = [0] * len(targets)
+            else:
+                cids = [int(x) for x in content.fresh_ids(self.fresh, len(targets))]
+                self.fresh += len(targets)
+            for i, cid in zip(targets.tolist(), cids, strict=True):
+                write_fault(self.sys, reg.vma, i, cid)
+        elif isinstance(e, Pressure):
+            deferred_split_scan(self.sys)
+            # ksm-huge-under-pressure: until a full scan begun after now has ended
+            ksm.pressure_scans = 1 if ksm.at_scan_start() else 2
+        else:  # pragma: no cover - check_supported() refuses these
+            raise ModelUnsupported(f"event {e!r} is not modelled")
+
+    def _volatile(self, t: float) -> None:
+        for reg in self.regions:
+            rate = reg.spec.volatile_pages_per_s
+            if rate <= 0:
+                continue
+            n = int(rate * VOLATILE_TICK)
+            frac = rate * VOLATILE_TICK - n
+            if frac > 0 and reg.rng.random() < frac:
+                n += 1
+            if n <= 0:
+                continue
+            targets = reg.rng.choice(reg.spec.pages, size=min(n, reg.spec.pages), replace=False)
+            cids = content.fresh_ids(self.fresh, len(targets))
+            self.fresh += len(targets)
+            for i, cid in zip(targets.tolist(), cids.tolist(), strict=True):
+                write_fault(self.sys, reg.vma, int(i), int(cid))
+
+    # ---- samples ---------------------------------------------------------
+    def _sample(self, t: float) -> dict[str, float]:
+        sys = self.sys
+        row: dict[str, float] = {"t": round(t, 9)}
+        row.update(self.ksm.counters())
+        for k in VMSTAT_COUNTERS:
+            row[k] = sys.nr_anon_thp if k == "nr_anon_transparent_hugepages" else sys.vmstat[k]
+        row["khugepaged_full_scans"] = self.khugepaged.full_scans
+        row["khugepaged_pages_collapsed"] = self.khugepaged.pages_collapsed
+        anon = sum(mm.anon_rss for mm in sys.mms)
+        row["RssAnon"] = anon * 4
+        row["Rss"] = anon * 4  # file/shmem RSS of the workload binary is not modelled
+        thps = sum(sum(1 for s in v.pmd if s == PMD_THP) for mm in sys.mms for v in mm.vmas)
+        row["AnonHugePages"] = thps * 2048
+        row["ksm_rmap_items"] = sum(mm.ksm_rmap_items for mm in sys.mms)
+        row["ksm_merging_pages"] = sum(mm.ksm_merging_pages for mm in sys.mms)
+        row["ksm_process_profit"] = sum(mm.ksm_process_profit() for mm in sys.mms)
+        row["proc_ksm_zero_pages"] = sum(mm.ksm_zero_pages for mm in sys.mms)
+        row["ksmd_cpu_ns"] = int(self.cpu.ns)
+        return {c: row[c] for c in COLUMNS}
+
+    # ---- the timeline ----------------------------------------------------
+    def run(self, progress: Callable[[float], None] | None = None) -> Trace:
+        sc = self.sc
+        dur = sc.duration
+        n_samples = int(dur / sc.sample_interval + 1e-9) + 1
+        # (time, priority, seq, kind, payload); priority orders same-time actions
+        heap: list[tuple[float, int, int, str, object]] = []
+        seq = 0
+
+        def push(t: float, prio: int, kind: str, payload: object = None) -> None:
+            nonlocal seq
+            heapq.heappush(heap, (t, prio, seq, kind, payload))
+            seq += 1
+
+        for k in range(n_samples):
+            push(k * sc.sample_interval, 0, "sample")
+        if sc.fill_at is not None:
+            push(sc.fill_at, 1, "fill")
+        if sc.ksm_start_at is not None:
+            push(sc.ksm_start_at, 2, "event", KsmStart(action="ksm_start", at=sc.ksm_start_at))
+        for e in sc.event:
+            push(e.at, 3, "event", e)
+        if any(r.spec.volatile_pages_per_s > 0 for r in self.regions):
+            push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
+        khd_period = sc.thp.khugepaged.scan_sleep_millisecs / 1000.0
+        if sc.thp.enabled != "never":
+            push(khd_period, 5, "khugepaged")
+        ksmd_pending = False
+        rows: list[Mapping[str, float]] = []
+        sleep = sc.ksm.sleep_millisecs / 1000.0
+        slack = self.profile.sleep_slack_ns / 1e9 if sc.ksm.sleep_millisecs else 0.0
+
+        while heap:
+            t, _prio, _s, kind, payload = heapq.heappop(heap)
+            if t > dur + 1e-9:
+                break
+            if kind == "sample":
+                rows.append(self._sample(t))
+                if progress is not None:
+                    progress(t)
+            elif kind == "fill":
+                self._fill()
+            elif kind == "event":
+                self._apply(payload, t)
+                self.events.append({"t": t, **_event_dict(payload)})
+                if self.ksm.should_run() and not ksmd_pending:
+                    push(t, 6, "ksmd")  # writing run wakes ksmd at once
+                    ksmd_pending = True
+            elif kind == "volatile":
+                self._volatile(t)
+                push(t + VOLATILE_TICK, 4, "volatile")
+            elif kind == "khugepaged":
+                if self.khugepaged.slots:
+                    self.khugepaged.do_scan()
+                push(t + khd_period, 5, "khugepaged")
+            elif kind == "ksmd":
+                ksmd_pending = False
+                if not self.ksm.should_run():
+                    continue  # wait_event_freezable(): woken by the next run=1
+                before = self.cpu.ns
+                self.ksm.now = t
+                self.ksm.do_scan()
+                self.cpu.add(self.profile.batch_overhead_ns)
+                busy = (self.cpu.ns - before) / 1e9
+                push(t + busy + sleep + slack, 6, "ksmd")
+                ksmd_pending = True
+        meta = {
+            "source": "model",
+            "policy": self.policy.name,
+            "scenario": sc.model_dump(mode="json"),
+            "kernel": f"model:{self.policy.name}",
+            "knobs": {
+                "ksm": sc.ksm.model_dump(mode="json"),
+                "thp": sc.thp.model_dump(mode="json"),
+            },
+            "sample_interval": sc.sample_interval,
+            "profile": self.profile.to_json(),
+            "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
+        }
+        return Trace.from_rows(meta, rows, self.events)
+
+
+def _event_dict(e: object) -> dict[str, Any]:
+    dump = getattr(e, "model_dump", None)
+    return dict(dump(mode="json")) if dump is not None else {"action": repr(e)}
+
+
+def simulate(
+    scenario: Scenario,
+    policy: str,
+    duration: float | None = None,
+    profile: CostProfile | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> Trace:
+    """Run ``scenario`` under kernel ``policy``; deterministic."""
+    sc = scenario.with_duration(duration)
+    return Simulation(sc, policy, profile or DEFAULT_PROFILE).run(progress)

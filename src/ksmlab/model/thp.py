@@ -1,0 +1,229 @@
+"""THP: write faults, split_huge_page() with the zero remap, deferred split
+queue and the underused shrinker (mm/huge_memory.c, mm/migrate.c)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..scenario import HPAGE_PMD_NR
+from .memory import (
+    KSM_ZERO_PTE,
+    PMD_NONE,
+    PMD_TABLE,
+    PMD_THP,
+    ZERO_PTE,
+    Page,
+    System,
+    Thp,
+    Vma,
+    ZeroPte,
+    put_mapping,
+)
+from .policies import Caller, Remap, remap_on_split
+
+
+def write_fault(sys: System, vma: Vma, i: int, cid: int) -> None:
+    """The workload writes page ``i`` of ``vma`` with content ``cid``."""
+    mm = vma.mm
+    pte = vma.pte[i]
+    if pte is None:
+        vma.anon_vma = True  # anon_vma_prepare()
+        j = i // HPAGE_PMD_NR
+        if vma.pmd[j] == PMD_NONE and sys.thp_allowed(vma):
+            # do_huge_pmd_anonymous_page(): a write fault allocates a zeroed THP
+            base = j * HPAGE_PMD_NR
+            folio = Thp(vma, base, [])
+            folio.pages = [Page(0, folio) for _ in range(HPAGE_PMD_NR)]
+            vma.pte[base : base + HPAGE_PMD_NR] = folio.pages
+            vma.pmd[j] = PMD_THP
+            mm.anon_rss += HPAGE_PMD_NR
+            sys.vmstat["thp_fault_alloc"] += 1
+            sys.nr_anon_thp += 1
+            mm.khugepaged = True  # khugepaged_enter_vma()
+            deferred_split_folio(sys, folio, partially_mapped=False)
+            folio.pages[i - base].cid = cid
+            return
+        if vma.pmd[j] == PMD_NONE:
+            vma.pmd[j] = PMD_TABLE
+        # do_anonymous_page()
+        vma.pte[i] = Page(cid)
+        mm.anon_rss += 1
+        return
+    if isinstance(pte, ZeroPte):
+        # wp_page_copy() from the zero page
+        if pte.ksm:
+            sys.zap_ksm_zero(mm)
+        vma.pte[i] = Page(cid)
+        mm.anon_rss += 1
+        return
+    if pte.ksm:
+        # do_wp_page() on a KSM page: always copied (MM_ANONPAGES unchanged)
+        vma.pte[i] = Page(cid)
+        put_mapping(pte)
+        return
+    pte.cid = cid  # writable private page (or THP subpage): written in place
+
+
+def deferred_split_folio(sys: System, folio: Thp, partially_mapped: bool) -> None:
+    # deferred_split_folio(): fully-mapped THPs are queued only for the
+    # underused shrinker (shrink_underused=1)
+    if not partially_mapped and not (sys.thp.shrink_underused and sys.policy.underused_shrinker):
+        return
+    if partially_mapped and not folio.partially_mapped:
+        folio.partially_mapped = True
+        sys.vmstat["thp_deferred_split_page"] += 1
+    if not folio.queued:
+        folio.queued = True
+        sys.deferred[folio] = None
+
+
+@dataclass
+class SplitResult:
+    ok: bool
+    zero_tested: int = 0  # subpages found all-zero by the remap's test
+    data_tested: int = 0  # subpages whose test stopped early
+    remapped: int = 0  # subpages remapped to the zero page (and freed)
+    ksm_remapped: int = 0  # ... of which KSM-marked (Remap.KSM_ACCOUNTED)
+
+
+def split_folio(
+    sys: System,
+    folio: Thp,
+    caller: Caller,
+    extra_refs: int = 0,
+    keep: Page | None = None,
+    budget: int = 0,
+) -> SplitResult:
+    """split_huge_page(): uniform split of a PMD-mapped anon THP to order 0.
+
+    ``extra_refs`` are references beyond the caller's pin (ksmd holding the
+    same folio twice): can_split_folio() then fails.  The zero remap is the
+    policy's decision; with :attr:`Remap.KSM_ACCOUNTED` the caller's own page
+    ``keep`` is left for KSM's merge, and at most ``budget`` subpages are
+    remapped (charged to pages_to_scan by the caller).
+    """
+    if extra_refs > 0 or not folio.alive:
+        # can_split_folio(): mapcount != refcount - 1
+        sys.vmstat["thp_split_page_failed"] += 1
+        return SplitResult(False)
+    vma = folio.vma
+    mm = vma.mm
+    mode = remap_on_split(
+        sys.policy, caller, vma.mergeable, sys.ksm_running, sys.ksm_use_zero_pages,
+        sys.thp.shrink_underused,
+    )
+    if folio.pmd_mapped:
+        sys.vmstat["thp_split_pmd"] += 1  # __split_huge_pmd_locked()
+    sys.vmstat["thp_split_page"] += 1
+    sys.nr_anon_thp -= 1
+    folio.alive = False
+    folio.pmd_mapped = False
+    if folio.queued:
+        folio.queued = False
+        sys.deferred.pop(folio, None)
+    vma.pmd[folio.index // HPAGE_PMD_NR] = PMD_TABLE
+    res = SplitResult(True)
+    for k, page in enumerate(folio.pages):
+        page.folio = None
+        if mode is Remap.NONE:
+            continue
+        # try_to_map_unused_to_zeropage(): memchr_inv()/pages_identical()
+        if page.cid != 0:
+            res.data_tested += 1
+            continue
+        res.zero_tested += 1
+        idx = folio.index + k
+        if vma.pte[idx] is not page:
+            continue
+        if mode is Remap.KSM_ACCOUNTED:
+            if page is keep or res.ksm_remapped >= budget:
+                continue
+            vma.pte[idx] = KSM_ZERO_PTE
+            sys.ksm_zero_pages += 1
+            mm.ksm_zero_pages += 1
+            res.ksm_remapped += 1
+        else:
+            vma.pte[idx] = ZERO_PTE
+        mm.anon_rss -= 1  # MM_ANONPAGES: the zero PTE is not counted
+        page.mapcount = 0
+        page.freed = True  # freed at the end of the split (or when ksmd drops it)
+        res.remapped += 1
+    return res
+
+
+def thp_underused(sys: System, folio: Thp) -> bool:
+    """thp_underused(): more than max_ptes_none zero subpages."""
+    max_none = sys.thp.khugepaged.max_ptes_none
+    if max_none == HPAGE_PMD_NR - 1:
+        return False  # early return at the default 511 (6.12-6.18)
+    zero = filled = 0
+    for page in folio.pages:
+        if page.cid == 0:
+            zero += 1
+            if zero > max_none:
+                return True
+        else:
+            filled += 1
+            if filled >= HPAGE_PMD_NR - max_none:
+                return False
+    return False
+
+
+def deferred_split_scan(sys: System) -> int:
+    """deferred_split_scan() over the whole queue (a ``pressure`` event)."""
+    split = 0
+    for folio in list(sys.deferred):
+        if not folio.alive:
+            sys.deferred.pop(folio, None)
+            folio.queued = False
+            continue
+        underused = False
+        if not folio.partially_mapped:
+            underused = thp_underused(sys, folio)
+            if not underused:
+                # "considered used": dropped from the queue for good
+                sys.deferred.pop(folio, None)
+                folio.queued = False
+                continue
+        res = split_folio(sys, folio, "shrinker")
+        if res.ok:
+            split += 1
+            if underused:
+                sys.vmstat["thp_underused_split_page"] += 1
+        elif not folio.partially_mapped:
+            sys.deferred.pop(folio, None)
+            folio.queued = False
+    return split
+
+
+def ksm_zero_pte_count(vma: Vma) -> int:
+    """KSM-marked zero PTEs in a VMA (for checks and tests)."""
+    return sum(1 for p in vma.pte if p is KSM_ZERO_PTE)
+
+
+def fill_fresh_vma(sys: System, vma: Vma, ids: list[int]) -> None:
+    """The workload writes every page of a never-touched VMA in address order.
+
+    Equivalent to :func:`write_fault` page by page (THP faults where allowed,
+    4 KiB faults elsewhere), done range by range for speed.
+    """
+    assert all(s == PMD_NONE for s in vma.pmd) and len(ids) == vma.npages
+    mm = vma.mm
+    vma.anon_vma = True
+    thp_ok = sys.thp_allowed(vma)
+    for j in range(vma.npages // HPAGE_PMD_NR):
+        base = j * HPAGE_PMD_NR
+        chunk = ids[base : base + HPAGE_PMD_NR]
+        if thp_ok and vma.pmd[j] == PMD_NONE:
+            folio = Thp(vma, base, [])
+            folio.pages = [Page(c, folio) for c in chunk]
+            vma.pte[base : base + HPAGE_PMD_NR] = folio.pages
+            vma.pmd[j] = PMD_THP
+            sys.vmstat["thp_fault_alloc"] += 1
+            sys.nr_anon_thp += 1
+            mm.khugepaged = True
+            deferred_split_folio(sys, folio, partially_mapped=False)
+        else:
+            vma.pte[base : base + HPAGE_PMD_NR] = [Page(c) for c in chunk]
+            vma.pmd[j] = PMD_TABLE
+        mm.anon_rss += HPAGE_PMD_NR
