@@ -149,8 +149,8 @@ POLICIES: dict[str, Policy] = {
         ),
         Policy(
             "ksm-huge-under-pressure",
-            "Zi Yan: ksmd skips THPs unless under pressure (from a pressure event until the "
-            "next full scan ends)",
+            "Zi Yan: ksmd skips THPs unless under pressure (a pressure event until two full "
+            "scans begun after it end)",
             ksm_thp="under-pressure",
             sources={
                 "ksm_thp": "thread: Zi Yan 2026-06-09 14:07; pressure window: ksmlab",

@@ -152,8 +152,9 @@ class Simulation:
                 write_fault(self.sys, reg.vma, i, cid)
         elif isinstance(e, Pressure):
             deferred_split_scan(self.sys)
-            # ksm-huge-under-pressure: until a full scan begun after now has ended
-            ksm.pressure_scans = 1 if ksm.at_scan_start() else 2
+            # ksm-huge-under-pressure: pressure lasts until two full scans begun
+            # after the event have ended (KSM needs two visits to merge a page)
+            ksm.pressure_scans = 2 if ksm.at_scan_start() else 3
         else:  # pragma: no cover - check_supported() refuses these
             raise ModelUnsupported(f"event {e!r} is not modelled")
 
