@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +25,13 @@ from .trace import Trace, TraceError
 
 EXAMPLES = """\b
 Examples:
-  ksmlab doctor                       can live runs work here, and the knobs now
-  ksmlab run seed-uzp1                the rate-limit bypass, live (root)
-  ksmlab run seed-uzp0 --json         the merge collapse, as one JSON object
-  ksmlab run my.toml --out out/ -d 20 a scenario file, trace saved in out/
-  ksmlab sim seed-uzp1 --policy v1    the same scenario in the model
+  ksmlab doctor                      can live runs work here; the knobs now
+  ksmlab run seed-uzp1               the rate-limit bypass, live (root)
+  ksmlab run seed-uzp0 --json        the merge collapse, one JSON object
+  ksmlab run my.toml -o out/ -d 20   a scenario file; trace+plot in out/
+  ksmlab sim seed-uzp1 --policy v1   the same scenario in the model
   ksmlab compare seed-uzp0 --policies mainline,pre-6.12,v1
-  ksmlab restore                      undo knobs left by a killed run
+  ksmlab restore                     undo knobs left by a killed run
 """
 
 app = typer.Typer(
@@ -98,12 +99,14 @@ def policies(json_out: JsonOpt = False) -> None:
 
     if json_out:
         print(json.dumps({"policies": [
-            {"name": p.name, "description": p.description, "source": p.source}
+            {"name": p.name, "description": p.description, "sources": p.sources}
             for p in POLICIES.values()]}))
         return
     for p in POLICIES.values():
-        print(f"{p.name:<24} {p.description}")
-        print(f"{'':<24} source: {p.source}")
+        print(f"{p.name}: {p.description}")
+        for rule, src in p.sources.items():
+            print(textwrap.fill(f"{rule}: {src}", 80, initial_indent="    ",
+                                subsequent_indent="      "))
 
 
 @app.command()
@@ -157,7 +160,8 @@ def restore() -> None:
         print("nothing to restore: no journal of a killed run")
 
 
-def _progress_live(sc: Scenario, quiet: bool) -> tuple[Progress, Callable[[dict[str, float]], None]]:
+def _progress_live(sc: Scenario, quiet: bool
+                   ) -> tuple[Progress, Callable[[dict[str, float]], None]]:
     prog = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), console=err, transient=True, disable=quiet,
@@ -225,10 +229,17 @@ def sim(scenario: ScenarioArg,
     from .model import get_policy, simulate
 
     sc = _load(scenario, duration)
-    get_policy(policy)
+    _policy(get_policy, policy)
     tr = simulate(sc, policy)
     summary = metrics.summarize(tr)
     _emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out, {"policy": policy})
+
+
+def _policy(get: Callable[[str], object], name: str) -> None:
+    try:
+        get(name)
+    except ValueError as e:  # get_policy() names the known ones
+        raise UserError(str(e)) from None
 
 
 Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
@@ -246,7 +257,7 @@ def compare(scenario: ScenarioArg,
     sc = _load(scenario, duration)
     names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
     for n in names:
-        get_policy(n)
+        _policy(get_policy, n)
     results = [(n, simulate(sc, n)) for n in names]
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
     print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}"))
@@ -266,18 +277,14 @@ def demo(out: OutOpt = None,
 def main() -> None:
     """Entry point: user errors are one line and exit code 2, never a traceback."""
     from .live.run import LiveError
+    from .model import ModelUnsupported
 
-    try:
-        from .model import ModelUnsupported, UnknownPolicy
-        user_errors: tuple[type[Exception], ...] = (ModelUnsupported, UnknownPolicy)
-    except ImportError:
-        user_errors = ()
     try:
         rc = app(standalone_mode=False)  # click returns the code of typer.Exit here
         sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (ScenarioError, KnobError, TraceError, LiveError, UserError, *user_errors) as e:
+    except (ScenarioError, KnobError, TraceError, LiveError, UserError, ModelUnsupported) as e:
         err.print(f"ksmlab: error: {e}", markup=False, soft_wrap=True)
         sys.exit(2)
     except RestoreError as e:

@@ -170,7 +170,37 @@ class Pressure(_Event):
     action: Literal["pressure"]
 
 
-Event = Annotated[KsmStart | KsmStop | KsmUnmerge | Write | Pressure, Field(discriminator="action")]
+class SetKnob(_Event):
+    """Change one knob mid-run, named as in the scenario: ``ksm.pages_to_scan``,
+    ``thp.shrink_underused``, ``thp.khugepaged.max_ptes_none``."""
+
+    action: Literal["set"]
+    knob: str
+    value: int | str
+
+    @model_validator(mode="after")
+    def _known(self) -> SetKnob:
+        parts = self.knob.split(".")
+        owners: dict[str, type[BaseModel]] = {"ksm": KsmKnobs, "thp": ThpKnobs}
+        owner = owners.get(parts[0])
+        if owner is ThpKnobs and len(parts) == 3 and parts[1] == "khugepaged":
+            owner, parts = KhugepagedKnobs, parts[1:]
+        if owner is None or len(parts) != 2 or parts[1] not in owner.model_fields:
+            raise ValueError(f"{self.knob} is not a scenario knob (ksm.*, thp.*, "
+                             "thp.khugepaged.*)")
+        owner.model_validate({parts[1]: self.value})  # the field's own type and range
+        return self
+
+    @property
+    def sysfs_name(self) -> str:
+        """The knob's path below /sys/kernel/mm (``ksm/pages_to_scan``)."""
+        head, *rest = self.knob.split(".")
+        return "/".join(["ksm" if head == "ksm" else "transparent_hugepage", *rest])
+
+
+Event = Annotated[
+    KsmStart | KsmStop | KsmUnmerge | Write | Pressure | SetKnob, Field(discriminator="action")
+]
 
 
 class Scenario(_Strict):
@@ -194,7 +224,9 @@ class Scenario(_Strict):
     def _events_fit(self) -> Scenario:
         for e in self.event:
             if e.at > self.duration:
-                raise ValueError(f"event {e.action} at {e.at} s is after duration {self.duration} s")
+                raise ValueError(
+                    f"event {e.action} at {e.at} s is after duration {self.duration} s"
+                )
             if isinstance(e, Write):
                 if e.process >= len(self.process):
                     raise ValueError(f"write event names process {e.process}, which does not exist")

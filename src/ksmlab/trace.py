@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ class Trace:
 
     @classmethod
     def from_rows(
-        cls, meta: dict[str, Any], rows: list[Mapping[str, float]],
+        cls, meta: dict[str, Any], rows: Sequence[Mapping[str, float]],
         events: list[dict[str, Any]] | None = None,
     ) -> Trace:
         names: list[str] = []

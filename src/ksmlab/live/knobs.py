@@ -72,7 +72,6 @@ class Knob:
 
 
 U32 = (1 << 32) - 1
-_BOOL = {"lo": 0, "hi": 1}
 _THP_MODES = ("always", "madvise", "never")
 _SIZE_MODES = ("always", "inherit", "madvise", "never")
 
@@ -84,10 +83,10 @@ KNOBS: dict[str, Knob] = {
         Knob("ksm/run", 0, 2),
         Knob("ksm/pages_to_scan", 0, U32),
         Knob("ksm/sleep_millisecs", 0, U32),
-        Knob("ksm/use_zero_pages", **_BOOL),
-        Knob("ksm/smart_scan", **_BOOL),
+        Knob("ksm/use_zero_pages", 0, 1),
+        Knob("ksm/smart_scan", 0, 1),
         Knob("ksm/max_page_sharing", 2, (1 << 31) - 1),
-        Knob("ksm/merge_across_nodes", **_BOOL),
+        Knob("ksm/merge_across_nodes", 0, 1),
         Knob("ksm/stable_node_chains_prune_millisecs", 0, U32),
         Knob("ksm/advisor_mode", choices=("none", "scan-time")),
         Knob("ksm/advisor_max_cpu", 1, 100),
@@ -99,9 +98,9 @@ KNOBS: dict[str, Knob] = {
             "transparent_hugepage/defrag",
             choices=("always", "defer", "defer+madvise", "madvise", "never"),
         ),
-        Knob("transparent_hugepage/use_zero_page", **_BOOL),
-        Knob("transparent_hugepage/shrink_underused", **_BOOL),
-        Knob("transparent_hugepage/khugepaged/defrag", **_BOOL),
+        Knob("transparent_hugepage/use_zero_page", 0, 1),
+        Knob("transparent_hugepage/shrink_underused", 0, 1),
+        Knob("transparent_hugepage/khugepaged/defrag", 0, 1),
         Knob("transparent_hugepage/khugepaged/max_ptes_none", 0, 511),
         Knob("transparent_hugepage/khugepaged/max_ptes_swap", 0, 511),
         Knob("transparent_hugepage/khugepaged/max_ptes_shared", 0, 511),

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from ..scenario import PAGE_SIZE, Event, KsmStart, KsmStop, KsmUnmerge, Pressure, Scenario, Write
+from ..scenario import Event, KsmStart, KsmStop, KsmUnmerge, Pressure, Scenario, SetKnob, Write
 from ..trace import Trace
 from .journal import Journal, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
@@ -192,7 +192,7 @@ class LiveRun:
                         base_rss[key] += float(ready["base"][key])
                 sampler.pids = [w.pid for w in workloads]
                 rows = self._loop(ks, sampler, workloads)
-            except WorkloadError as e:
+            except (WorkloadError, KernelWriteError, KnobError) as e:
                 raise LiveError(str(e)) from None
             finally:
                 for w in workloads:
@@ -227,10 +227,12 @@ class LiveRun:
             for w in workloads:
                 w.command("fill")
         elif isinstance(ev, Write):
-            idx = [i for i, (p, k, _) in enumerate(self.sc.instances())
-                   if p == ev.process and k == 0][0]
+            idx = next(i for i, (p, k, _) in enumerate(self.sc.instances())
+                       if p == ev.process and k == 0)
             workloads[idx].command("write", region=ev.region, fraction=ev.fraction,
                                    content=ev.content, seed=ev.seed)
+        elif isinstance(ev, SetKnob):
+            ks.set(ev.sysfs_name, ev.value)
         elif isinstance(ev, Pressure):
             # drop_caches runs shrink_slab, which includes the deferred-split shrinker
             self.fs.write("proc/sys/vm/drop_caches", "2")

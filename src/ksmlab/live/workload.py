@@ -15,6 +15,7 @@ order with its content id (see :mod:`ksmlab.content`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -67,9 +68,10 @@ def _check(ret: int, what: str) -> None:
 
 
 def _status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     return 0
 
 
@@ -99,12 +101,12 @@ def _map_region(libc: ctypes.CDLL, size: int, thp: str, madv_mergeable: bool) ->
         _check(libc.madvise(addr, size, MADV_NOHUGEPAGE), "madvise(MADV_NOHUGEPAGE)")
     if madv_mergeable:
         _check(libc.madvise(addr, size, MADV_MERGEABLE), "madvise(MADV_MERGEABLE)")
-    return addr
+    return int(addr)
 
 
 def _be_view(addr: int, pages: int) -> npt.NDArray[np.uint64]:
     buf = (ctypes.c_uint64 * (pages * U64_PER_PAGE)).from_address(addr)
-    arr: npt.NDArray[np.uint64] = np.frombuffer(buf, dtype=">u8")
+    arr: npt.NDArray[np.uint64] = np.frombuffer(memoryview(buf).cast("B"), dtype=">u8")
     return arr.reshape(pages, U64_PER_PAGE)[:, 0]
 
 
@@ -255,7 +257,9 @@ class Workload:
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
-            raise WorkloadError(f"workload {self.pid} did not answer (exit code {self.proc.poll()})")
+            raise WorkloadError(
+                f"workload {self.pid} did not answer (exit code {self.proc.poll()})"
+            )
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
             raise WorkloadError(f"workload: {reply['error']}")
@@ -280,10 +284,8 @@ class Workload:
                 self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
-                try:
+                with contextlib.suppress(OSError):
                     f.close()
-                except OSError:
-                    pass
 
 
 if __name__ == "__main__":

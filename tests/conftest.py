@@ -1,0 +1,148 @@
+"""Shared fixtures: a fake /sys tree for knob tests, and the gate for live tests.
+
+Live tests need root and KSM.  Without them they are skipped with the reason,
+unless KSMLAB_REQUIRE_LIVE=1, where a missing capability is a failure (as
+drgn's kernel tests do).  Around the whole session every KSM/THP knob is read
+before and compared after, and no workload process may be left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ksmlab.live.kernelfs import KernelFS, KernelWriteError
+from ksmlab.live.knobs import read_all
+
+REQUIRE_LIVE = os.environ.get("KSMLAB_REQUIRE_LIVE") == "1"
+
+FAKE_FILES = {
+    "sys/kernel/mm/ksm/run": "0",
+    "sys/kernel/mm/ksm/pages_to_scan": "100",
+    "sys/kernel/mm/ksm/sleep_millisecs": "20",
+    "sys/kernel/mm/ksm/use_zero_pages": "0",
+    "sys/kernel/mm/ksm/smart_scan": "1",
+    "sys/kernel/mm/ksm/max_page_sharing": "256",
+    "sys/kernel/mm/ksm/merge_across_nodes": "1",
+    "sys/kernel/mm/ksm/stable_node_chains_prune_millisecs": "2000",
+    "sys/kernel/mm/ksm/advisor_mode": "[none] scan-time",
+    "sys/kernel/mm/ksm/pages_shared": "0",
+    "sys/kernel/mm/ksm/pages_sharing": "0",
+    "sys/kernel/mm/ksm/full_scans": "0",
+    "sys/kernel/mm/transparent_hugepage/enabled": "always [madvise] never",
+    "sys/kernel/mm/transparent_hugepage/defrag": "always defer defer+madvise [madvise] never",
+    "sys/kernel/mm/transparent_hugepage/use_zero_page": "1",
+    "sys/kernel/mm/transparent_hugepage/shrink_underused": "1",
+    "sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_none": "511",
+    "sys/kernel/mm/transparent_hugepage/khugepaged/pages_to_scan": "4096",
+    "sys/kernel/mm/transparent_hugepage/hugepages-2048kB/enabled": "always [inherit] madvise never",
+    "proc/meminfo": "MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n",
+}
+BRACKETED = ("enabled", "defrag", "advisor_mode")
+
+
+class FakeKernel(KernelFS):
+    """A /sys tree of plain files that behaves like the kernel where it matters:
+    bracketed mode files, EINVAL for out-of-range values, EBUSY for
+    max_page_sharing/merge_across_nodes while pages are shared, run=2 unmerging."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.refuse: dict[str, int] = {}  # rel -> errno, to make any write fail
+
+    def write(self, rel: str, value: str) -> None:
+        name = rel.rsplit("/", 1)[-1]
+        if rel in self.refuse:
+            self.writes.append((rel, value))
+            raise KernelWriteError(rel, value, self.refuse[rel])
+        if name in ("max_page_sharing", "merge_across_nodes") and self.read(
+            "sys/kernel/mm/ksm/pages_shared") != "0":
+            self.writes.append((rel, value))
+            raise KernelWriteError(rel, value, errno.EBUSY)
+        if name == "run" and value not in ("0", "1", "2"):
+            self.writes.append((rel, value))
+            raise KernelWriteError(rel, value, errno.EINVAL)
+        if name in BRACKETED:
+            choices = self.read(rel).replace("[", "").replace("]", "").split()
+            if value not in choices:
+                self.writes.append((rel, value))
+                raise KernelWriteError(rel, value, errno.EINVAL)
+            super().write(rel, " ".join(f"[{c}]" if c == value else c for c in choices))
+            self.writes[-1] = (rel, value)
+            return
+        super().write(rel, value)
+        if name == "run" and value == "2":
+            self.path("sys/kernel/mm/ksm/pages_shared").write_text("0")
+            self.path("sys/kernel/mm/ksm/pages_sharing").write_text("0")
+            self.path("sys/kernel/mm/ksm/full_scans").write_text("0")
+
+    def value(self, rel: str) -> str:
+        raw = self.read(rel)
+        return raw[raw.index("[") + 1 : raw.index("]")] if "[" in raw else raw
+
+
+def make_fake_tree(root: Path) -> None:
+    for rel, text in FAKE_FILES.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text + "\n")
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
+    root = tmp_path / "root"
+    make_fake_tree(root)
+    monkeypatch.setenv("KSMLAB_STATE_DIR", str(tmp_path / "state"))
+    return FakeKernel(root)
+
+
+def live_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "live tests need root (KSM and THP knobs are root-only)"
+    if not Path("/sys/kernel/mm/ksm/run").exists():
+        return "this kernel has no KSM (/sys/kernel/mm/ksm missing)"
+    if not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+        return "this kernel has no THP"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    why = live_unavailable()
+    if why is None:
+        return
+    for item in items:
+        if "live" in item.keywords:
+            if REQUIRE_LIVE:
+                item.add_marker(pytest.mark.usefixtures("_live_required"))
+            else:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture
+def _live_required() -> None:
+    why = live_unavailable()
+    if why is not None:
+        pytest.fail(f"KSMLAB_REQUIRE_LIVE=1 but {why}")
+
+
+def workload_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ksmlab.live.workload"], capture_output=True,
+                         text=True, check=False).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_left_as_found() -> Iterator[None]:
+    """After the whole suite every knob is as before, and no workload is left."""
+    real = KernelFS()
+    before = read_all(real) if Path("/sys/kernel/mm/ksm/run").exists() else {}
+    yield
+    after = read_all(real) if before else {}
+    changed = {k: (v, after.get(k)) for k, v in before.items() if after.get(k) != v}
+    assert not changed, f"the test suite left knobs changed: {changed}"
+    assert not workload_pids(), f"workload processes left: {workload_pids()}"

@@ -1,0 +1,161 @@
+"""Live tests on the running kernel (root + KSM).
+
+Skipped with the reason where they cannot run; under KSMLAB_REQUIRE_LIVE=1 they
+fail instead.  One live run at a time (the run lock enforces it anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ksmlab.live.journal import Journal
+from ksmlab.live.kernelfs import KernelFS
+from ksmlab.live.knobs import read_all
+
+from .conftest import workload_pids
+
+pytestmark = pytest.mark.live
+KSMLAB = [sys.executable, "-m", "ksmlab"]
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def run_json(*args: str) -> tuple[dict[str, object], float]:
+    t0 = time.monotonic()
+    r = subprocess.run([*KSMLAB, "run", *args, "--json"], capture_output=True, text=True,
+                       timeout=180, check=False)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), time.monotonic() - t0
+
+
+def test_seed_uzp1_bypasses_the_rate_limit() -> None:
+    before = read_all(KernelFS())
+    d, took = run_json("seed-uzp1")
+    assert d["verdicts"] == ["rate-limit-bypass"], d
+    assert float(d["budget_ratio_peak"]) > 10  # type: ignore[arg-type]
+    assert float(d["ksm_accounted_mib"]) < 1  # type: ignore[arg-type]
+    assert float(d["freed_mib"]) > 120  # type: ignore[arg-type]
+    assert d["thp_split_page"] == 64
+    assert took < 60
+    assert read_all(KernelFS()) == before
+
+
+def test_seed_uzp0_merge_collapses() -> None:
+    d, took = run_json("seed-uzp0")
+    assert d["verdicts"] == ["merge-collapse"], d
+    assert float(d["ksm_accounted_mib"]) == 0  # type: ignore[arg-type]
+    # the same-THP pair: every split preceded by a failed one (live-findings.md)
+    assert d["thp_split_page"] == d["thp_split_page_failed"]
+    assert took < 60
+
+
+@pytest.mark.parametrize("name", ["seed-uzp1-nothp", "seed-uzp0-nothp"])
+def test_nohugepage_baselines_show_neither(name: str) -> None:
+    d, took = run_json(name)
+    assert d["verdicts"] == [], d
+    assert float(d["ksm_accounted_mib"]) > 120  # type: ignore[arg-type]
+    assert d["thp_split_page"] == 0
+    assert took < 60
+
+
+SLOW = """
+name = "kill-me"
+duration = 60
+[ksm]
+pages_to_scan = 123
+sleep_millisecs = 37
+use_zero_pages = 1
+max_page_sharing = 64
+[[process]]
+[[process.region]]
+size_mib = 8
+"""
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_slow(tmp_path: Path) -> subprocess.Popen[str]:
+    f = tmp_path / "kill-me.toml"
+    f.write_text(SLOW)
+    p = subprocess.Popen([*KSMLAB, "run", str(f)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (KSM / "run").read_text().strip() == "1" and bool(workload_pids()), 30,
+             "the run to start KSM and its workload")
+    assert (KSM / "pages_to_scan").read_text().strip() == "123"
+    return p
+
+
+def test_sigkill_then_restore(tmp_path: Path) -> None:
+    before = read_all(KernelFS())
+    p = start_slow(tmp_path)
+    p.kill()
+    p.wait(timeout=10)
+    # the workload dies with its parent (PR_SET_PDEATHSIG)
+    wait_for(lambda: not workload_pids(), 5, "the workload to die with its parent")
+    assert (KSM / "pages_to_scan").read_text().strip() == "123"  # left changed
+    assert Journal().read() is not None
+    doc = subprocess.run([*KSMLAB, "doctor"], capture_output=True, text=True, check=False)
+    assert "killed run" in doc.stderr  # the next invocation notices
+    r = subprocess.run([*KSMLAB, "restore"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "restored" in r.stdout
+    assert read_all(KernelFS()) == before
+    assert Journal().read() is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_the_run_and_restores(tmp_path: Path, sig: signal.Signals) -> None:
+    before = read_all(KernelFS())
+    p = start_slow(tmp_path)
+    p.send_signal(sig)
+    p.wait(timeout=30)
+    assert p.returncode == 128 + sig, p.stderr.read() if p.stderr else ""
+    assert read_all(KernelFS()) == before
+    assert not workload_pids()
+    assert Journal().read() is None
+
+
+def test_second_live_run_is_refused(tmp_path: Path) -> None:
+    p = start_slow(tmp_path)
+    try:
+        r = subprocess.run([*KSMLAB, "run", "seed-uzp1"], capture_output=True, text=True,
+                           timeout=30, check=False)
+        assert r.returncode == 2
+        assert "another live run" in r.stderr
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+
+
+def test_value_the_kernel_refuses(tmp_path: Path) -> None:
+    # max_page_sharing_store() answers EBUSY while KSM pages exist: the schema cannot
+    # know that, the kernel says it at the write, and the run ends restored.
+    f = tmp_path / "refused.toml"
+    f.write_text(SLOW.replace("use_zero_pages = 1", "use_zero_pages = 0")
+                 .replace("[[process.region]]", '[[process.region]]\nthp = "nohugepage"')
+                 + '[[event]]\nat = 4.0\naction = "set"\nknob = "ksm.max_page_sharing"\n'
+                 + "value = 32\n")
+    before = read_all(KernelFS())
+    r = subprocess.run([*KSMLAB, "run", str(f)], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "ksmlab: error: the kernel refused '32' for /sys/kernel/mm/ksm/max_page_sharing: "
+        "Device or resource busy"
+    ]
+    assert read_all(KernelFS()) == before
+    assert not workload_pids()
