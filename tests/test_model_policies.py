@@ -169,3 +169,14 @@ def test_refusals() -> None:
             "ksm-huge-under-pressure", "ksm-accounted-remap"} <= set(POLICIES)
     for p in POLICIES.values():
         assert p.description and p.sources
+
+
+def test_set_event_changes_knobs_mid_run() -> None:
+    # use_zero_pages 0 -> 1 at 1 s on the NOHUGEPAGE baseline: zero merges then
+    # begin in the second full scan
+    ev = [{"action": "set", "at": 1.0, "knob": "ksm.use_zero_pages", "value": 1}]
+    tr = simulate(sc("seed-uzp0-nothp", event=ev), "mainline")
+    assert tr["ksm_zero_pages"][-1] == 32768 and tr["pages_sharing"][-1] == 0
+    ev = [{"action": "set", "at": 0.5, "knob": "ksm.pages_to_scan", "value": 1000}]
+    fast = simulate(sc("seed-uzp1-nothp", duration=4.0, event=ev), "mainline")
+    assert fast["full_scans"][-1] >= 2 and fast["ksm_zero_pages"][-1] == 32768

@@ -28,6 +28,7 @@ from ..scenario import (
     Pressure,
     Region,
     Scenario,
+    SetKnob,
     Write,
 )
 from ..trace import COLUMNS, MONOTONIC, VMSTAT_COUNTERS, Trace
@@ -56,7 +57,7 @@ def check_supported(sc: Scenario) -> None:
             "thp.khugepaged.scan_sleep_millisecs=0: khugepaged without sleeps is not modelled"
         )
     for e in sc.event:
-        if not isinstance(e, KsmStart | KsmStop | KsmUnmerge | Write | Pressure):
+        if not isinstance(e, KsmStart | KsmStop | KsmUnmerge | Write | Pressure | SetKnob):
             raise ModelUnsupported(f"event {getattr(e, 'action', e)!r} is not modelled")
 
 
@@ -155,8 +156,26 @@ class Simulation:
             # ksm-huge-under-pressure: pressure lasts until two full scans begun
             # after the event have ended (KSM needs two visits to merge a page)
             ksm.pressure_scans = 2 if ksm.at_scan_start() else 3
+        elif isinstance(e, SetKnob):
+            self._set_knob(e)
         else:  # pragma: no cover - check_supported() refuses these
             raise ModelUnsupported(f"event {e!r} is not modelled")
+
+    def _set_knob(self, e: SetKnob) -> None:
+        """A knob written mid-run: every component sees the new value."""
+        parts = e.knob.split(".")
+        sys, ksm = self.sys, self.ksm
+        if parts[0] == "ksm":
+            if parts[1] == "max_page_sharing" and (ksm.pages_shared or ksm.pages_sharing):
+                return  # max_page_sharing_store(): -EBUSY while KSM pages exist
+            ksm.knobs = ksm.knobs.model_copy(update={parts[1]: e.value})
+            sys.ksm_use_zero_pages = ksm.knobs.use_zero_pages
+        elif len(parts) == 3:
+            khd = sys.thp.khugepaged.model_copy(update={parts[2]: e.value})
+            sys.thp = sys.thp.model_copy(update={"khugepaged": khd})
+            self.khugepaged.knobs = khd
+        else:
+            sys.thp = sys.thp.model_copy(update={parts[1]: e.value})
 
     def _volatile(self, t: float) -> None:
         for reg in self.regions:
@@ -225,8 +244,6 @@ class Simulation:
             push(khd_period, 5, "khugepaged")
         ksmd_pending = False
         rows: list[Mapping[str, float]] = []
-        sleep = sc.ksm.sleep_millisecs / 1000.0
-        slack = self.profile.sleep_slack_ns / 1e9 if sc.ksm.sleep_millisecs else 0.0
 
         while heap:
             t, _prio, _s, kind, payload = heapq.heappop(heap)
@@ -250,7 +267,8 @@ class Simulation:
             elif kind == "khugepaged":
                 if self.khugepaged.slots:
                     self.khugepaged.do_scan()
-                push(t + khd_period, 5, "khugepaged")
+                khd_period = self.khugepaged.knobs.scan_sleep_millisecs / 1000.0
+                push(t + max(khd_period, 0.001), 5, "khugepaged")
             elif kind == "ksmd":
                 ksmd_pending = False
                 if not self.ksm.should_run():
@@ -260,7 +278,9 @@ class Simulation:
                 self.ksm.do_scan()
                 self.cpu.add(self.profile.batch_overhead_ns)
                 busy = (self.cpu.ns - before) / 1e9
-                push(t + busy + sleep + slack, 6, "ksmd")
+                ms = self.ksm.knobs.sleep_millisecs  # a `set` event may change it
+                slack = self.profile.sleep_slack_ns / 1e9 if ms else 0.0
+                push(t + busy + ms / 1000.0 + slack, 6, "ksmd")
                 ksmd_pending = True
         meta = {
             "source": "model",
