@@ -50,14 +50,14 @@ def summary_text(s: Summary, title: str) -> str:
     return "\n".join(out)
 
 
-COMPARE_COLUMNS = (
-    ("policy", "policy", 24, None),
-    ("freed", "freed_mib", 7, ".1f"),
-    ("by KSM", "ksm_accounted_mib", 7, ".1f"),
-    ("t90%", "time_to_90pct_s", 6, ".1f"),
-    ("ratio", "budget_ratio_peak", 6, ".1f"),
-    ("cpu%", "ksmd_cpu_pct", 5, ".1f"),
-    ("THPs", "thps_kept", 5, ".0f"),
+COMPARE_COLUMNS = (  # header, key, width (0: last, free), format; 80 columns in all
+    ("policy", "policy", 23, None),
+    ("freed", "freed_mib", 6, ".1f"),
+    ("by KSM", "ksm_accounted_mib", 6, ".1f"),
+    ("t90%", "time_to_90pct_s", 5, ".1f"),
+    ("ratio", "budget_ratio_peak", 5, ".1f"),
+    ("cpu%", "ksmd_cpu_pct", 4, ".1f"),
+    ("THPs", "thps_kept", 4, ".0f"),
     ("splits", "thp_split_page", 6, "d"),
     ("verdict", "verdict", 0, None),
 )
@@ -89,12 +89,16 @@ def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str =
             for r in rows
         ]
         return "\n".join(([f"**{title}**", ""] if title else []) + [head, sep, *body])
-    lines = [title] if title else []
-    lines.append(" ".join(f"{h:<{w}}" if w else h for h, _, w, _ in COMPARE_COLUMNS))
+    # the policy name is the one cell that may not be cut: it names a kernel
+    pad = max([COMPARE_COLUMNS[0][2], *(len(r["policy"]) for r in rows)])
+    lines = textwrap.wrap(title, WIDTH) if title else []
+    lines.append(" ".join(f"{h:<{pad if i == 0 else w}}" if w else h
+                          for i, (h, _, w, _) in enumerate(COMPARE_COLUMNS)))
     for r in rows:
         cells = []
-        for _, key, w, f in COMPARE_COLUMNS:
+        for i, (_, key, w, f) in enumerate(COMPARE_COLUMNS):
             c = _cell(r, key, f)
+            w = pad if i == 0 else w
             cells.append(f"{c[:w]:<{w}}" if w else c)
         lines.append(" ".join(cells).rstrip())
     lines.append("freed/by KSM in MiB; t90% s to free 90 %; ratio = peak freeing rate / KSM")
