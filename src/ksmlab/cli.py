@@ -127,6 +127,11 @@ def doctor(json_out: JsonOpt = False) -> None:
         print(f"  {name:<48} {value}")
     if d["journal"]:
         print(f"journal     a killed run left knobs changed: {d['journal']} (ksmlab restore)")
+    if d["ksm_mergeable_pids"]:
+        print(f"note        ksmd would also scan pids {d['ksm_mergeable_pids'][:8]} "
+              "(mergeable memory)")
+    if d["thp_eligible_pids"]:
+        print(f"note        khugepaged shares its passes with pids {d['thp_eligible_pids'][:8]}")
     if d["lock_holder"]:
         print(f"lock        a live run is in progress (pid {d['lock_holder']})")
     if d["live_ok"]:
@@ -263,6 +268,68 @@ def compare(scenario: ScenarioArg,
     print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}"))
     if out is not None:
         report.plot_freed(results, out / f"{sc.name}-compare.png", sc.name)
+
+
+@app.command()
+def validate(
+    scenarios: Annotated[list[str], typer.Argument(help="names, files, or 'all' (the suite)")],
+    policy: Annotated[str | None, typer.Option(help="default: the one matching this kernel")]
+    = None,
+    profile: Annotated[Path | None, typer.Option(help="cost profile JSON")] = None,
+    out: OutOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Live run and model run of each scenario, compared at every full-scan end."""
+    from . import fidelity
+    from .live.run import Interrupted, LiveError, LiveRun
+    from .model import get_policy, simulate
+    from .model.costs import load_profile
+
+    names = list(fidelity.SUITE) if scenarios == ["all"] else scenarios
+    loaded = [_load(n, None) for n in names]  # every file checked before anything runs
+    pol = policy or fidelity.policy_for_kernel(os.uname().release)
+    _policy(get_policy, pol)
+    try:
+        prof = load_profile(profile)
+    except ValueError as e:
+        fail(str(e))
+    out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
+    results = []
+    for sc in loaded:
+        prog, update = _progress_live(sc, quiet=False)
+        live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False))
+        try:
+            live.check()
+            with prog:
+                ref = live.run()
+        except LiveError as e:
+            fail(f"{sc.name}: {e}")
+        except Interrupted as e:
+            fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
+        cand = simulate(sc, pol, profile=prof)
+        ref.save(out / f"{sc.name}.kernel.trace.json.gz")
+        cand.save(out / f"{sc.name}.model.trace.json.gz")
+        report.plot_validation(sc.name, ref, cand, out / f"{sc.name}.validate.png",
+                               (f"Linux {ref.meta['kernel']}", f"model {pol}"))
+        r = fidelity.compare(sc.name, ref, cand)
+        results.append(r)
+        if not json_out:
+            err.print(f"{sc.name}: {r.agreement * 100:.1f} % of {r.checkpoints} checkpoints "
+                      "exact", markup=False)
+    if json_out:
+        print(json.dumps({
+            "kernel": os.uname().release, "policy": pol,
+            "date": time.strftime("%Y-%m-%d"), "folder": str(out),
+            "scenarios": [r.to_json() for r in results],
+            "agreement": fidelity.suite_agreement(results),
+        }))
+        return
+    print(f"Linux {os.uname().release} against the model under {pol}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(fidelity.table(results))
+    for r in results:
+        for line in fidelity.disagreements(r):
+            print(textwrap.fill(line, 80, subsequent_indent="  "))
+    print(f"traces and plots in {out}/")
 
 
 @app.command()

@@ -97,11 +97,32 @@ def fresh_ids(start: int, count: int) -> Ids:
     return FRESH_BASE + np.arange(start, start + count, dtype=np.uint64)
 
 
+VOLATILE_TAG = 1 << 14
+
+
+def written_ids(ref: RegionRef, tag: int, idx: npt.NDArray[np.int64]) -> Ids:
+    """New ids for the pages ``idx`` of a region written by write number ``tag``.
+
+    The same function serves the live workload and the model, so both write the
+    same contents (and KSM's trees get the same shape).  Unique across regions
+    (global page index) and writes (``tag`` above bit 40)."""
+    return (FRESH_BASE + (np.uint64(tag) << np.uint64(40)) + np.uint64(ref.first_page)
+            + idx.astype(np.uint64))
+
+
 def write_targets(fraction: float, pages: int, seed: int, salt: int) -> npt.NDArray[np.int64]:
     """Which pages of a region a ``write`` event rewrites (sorted page indices)."""
     rng = np.random.default_rng([seed, salt, 0x77])
     k = max(1, round(fraction * pages))
     return np.sort(rng.choice(pages, size=k, replace=False)).astype(np.int64)
+
+
+def volatile_targets(ref: RegionRef, step: int) -> npt.NDArray[np.int64]:
+    """Pages rewritten at the ``step``-th full-scan end (``volatile_pages_per_scan``)."""
+    reg = ref.spec
+    rng = np.random.default_rng([reg.seed, ref.process, ref.replica, ref.region, step, 0x7A])
+    k = min(reg.volatile_pages_per_scan, reg.pages)
+    return np.sort(rng.choice(reg.pages, size=k, replace=False)).astype(np.int64)
 
 
 def expected_mergeable_pages(sc: Scenario) -> int:

@@ -151,3 +151,42 @@ def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+VALIDATION_PANELS = (
+    ("RssAnon", "RssAnon (MiB)", 1 / 1024),
+    ("pages_sharing", "pages_sharing", 1.0),
+    ("ksm_zero_pages", "ksm_zero_pages", 1.0),
+    ("pages_unshared", "pages_unshared", 1.0),
+    ("thp_split_page", "thp_split_page", 1.0),
+    ("full_scans", "full_scans", 1.0),
+)
+
+
+def plot_validation(name: str, ref: Trace, cand: Trace, path: Path,
+                    labels: tuple[str, str] = ("kernel", "model")) -> Path:
+    """Kernel and model side by side, counter by counter, full-scan ends marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True)
+    for ax, (col, label, scale) in zip(axes.flat, VALIDATION_PANELS, strict=True):
+        for tr, style, who in ((ref, "-", labels[0]), (cand, "--", labels[1])):
+            if col in tr:
+                ax.plot(tr.t, tr.since_start(col) * scale, style, lw=1.4, label=who)
+                ends = sorted(tr.checkpoints().values())
+                ax.plot(tr.t[ends], tr.since_start(col)[ends] * scale, "o" if style == "-"
+                        else "x", ms=3, color=ax.lines[-1].get_color())
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("time (s)")
+    fig.suptitle(f"{name}: {labels[0]} (solid, o = full-scan end) vs {labels[1]} (dashed, x)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

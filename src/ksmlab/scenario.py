@@ -70,7 +70,10 @@ class Region(_Strict):
     content: list[ContentMix] = Field(default_factory=lambda: [ContentMix(zero=1.0)], min_length=1)
     seed: int = Field(0, ge=0)
     # the workload rewrites this many random pages per second with fresh unique ids
+    # (its timing against ksmd's cursor is not reproducible: see volatile_pages_per_scan)
     volatile_pages_per_s: float = Field(0.0, ge=0.0)
+    # ... or this many at every full-scan end, while ksmd sleeps: reproducible
+    volatile_pages_per_scan: int = Field(0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -170,6 +173,13 @@ class Pressure(_Event):
     action: Literal["pressure"]
 
 
+class KhugepagedWake(_Event):
+    """One khugepaged pass now: rewriting khugepaged/scan_sleep_millisecs wakes it
+    (scan_sleep_millisecs_store() in mm/khugepaged.c) and restarts its timer."""
+
+    action: Literal["khugepaged"]
+
+
 class SetKnob(_Event):
     """Change one knob mid-run, named as in the scenario: ``ksm.pages_to_scan``,
     ``thp.shrink_underused``, ``thp.khugepaged.max_ptes_none``."""
@@ -199,7 +209,8 @@ class SetKnob(_Event):
 
 
 Event = Annotated[
-    KsmStart | KsmStop | KsmUnmerge | Write | Pressure | SetKnob, Field(discriminator="action")
+    KsmStart | KsmStop | KsmUnmerge | Write | Pressure | KhugepagedWake | SetKnob,
+    Field(discriminator="action"),
 ]
 
 
@@ -213,6 +224,10 @@ class Scenario(_Strict):
     # None: every region is filled before time 0; else mapped (and made
     # mergeable) before time 0 and filled at this time
     fill_at: float | None = Field(None, ge=0.0)
+    # true: while KSM runs, an event that falls due waits for the next full-scan end
+    # and is applied while ksmd sleeps after it (fill_at too), so it meets the same
+    # cursor position in the kernel and in the model; false: applied at its time
+    align_events: bool = False
     # duplicate pages take ids 1..duplicate_pool (cyclically within a chunk)
     duplicate_pool: int = Field(512, ge=1, le=1 << 20)
     ksm: KsmKnobs = KsmKnobs()

@@ -65,8 +65,13 @@ PROC_COUNTERS = (
 # ksmd's CPU time, nanoseconds (first field of /proc/PID/schedstat)
 KSMD_COUNTERS = ("ksmd_cpu_ns",)
 
-COLUMNS = ("t", *KSM_COUNTERS, *VMSTAT_COUNTERS, *KHUGEPAGED_COUNTERS, *PROC_COUNTERS,
-           *KSMD_COUNTERS)
+# 1 on a sample taken at the end of a full scan (while ksmd sleeps after it), else 0.
+# ksmd always sleeps sleep_millisecs after a full-scan end (the end ends a batch), so
+# such a sample is the kernel's exact state at that boundary: the fidelity checkpoints.
+FULL_SCAN_END = "full_scan_end"
+
+COLUMNS = ("t", FULL_SCAN_END, *KSM_COUNTERS, *VMSTAT_COUNTERS, *KHUGEPAGED_COUNTERS,
+           *PROC_COUNTERS, *KSMD_COUNTERS)
 # Never reset by the kernel: compare as increases since the start of a run.
 MONOTONIC = frozenset(
     {"pages_scanned", "pages_skipped", "ksmd_cpu_ns", *KHUGEPAGED_COUNTERS}
@@ -107,6 +112,17 @@ class Trace:
     @property
     def t(self) -> npt.NDArray[np.float64]:
         return self.columns["t"]
+
+    def checkpoints(self) -> dict[int, int]:
+        """full_scans value -> index of the sample taken right at that full-scan end."""
+        if FULL_SCAN_END not in self.columns:
+            return {}
+        out: dict[int, int] = {}
+        marks = self.columns[FULL_SCAN_END]
+        scans = self.columns["full_scans"]
+        for i in np.flatnonzero(marks > 0).tolist():
+            out.setdefault(int(scans[i]), i)
+        return out
 
     def since_start(self, name: str) -> npt.NDArray[np.float64]:
         """A counter as an increase since the run started (baseline subtracted)."""

@@ -8,7 +8,7 @@ from typing import Any
 from .journal import Journal, RunLock
 from .kernelfs import KernelFS
 from .knobs import all_knobs
-from .run import mem_available_mib, problems
+from .run import ksm_competitors, mem_available_mib, problems, thp_competitors
 from .sampler import find_ksmd
 
 
@@ -30,6 +30,9 @@ def diagnose(fs: KernelFS) -> dict[str, Any]:
         "knobs": knobs,
         "journal": dict(rec.saved) if rec else None,
         "lock_holder": RunLock().holder(),
+        # processes a live run would share ksmd (and khugepaged) with
+        "ksm_mergeable_pids": ksm_competitors(fs, {os.getpid()}),
+        "thp_eligible_pids": thp_competitors(fs, {os.getpid()}),
         "live_ok": not why,
         "problems": why,
     }

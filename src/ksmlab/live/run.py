@@ -20,15 +20,26 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from ..scenario import Event, KsmStart, KsmStop, KsmUnmerge, Pressure, Scenario, SetKnob, Write
-from ..trace import Trace
+from ..scenario import (
+    Event,
+    KhugepagedWake,
+    KsmStart,
+    KsmStop,
+    KsmUnmerge,
+    Pressure,
+    Scenario,
+    SetKnob,
+    Write,
+)
+from ..trace import MONOTONIC, Trace
 from .journal import Journal, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
 from .knobs import KSM, THP, KnobError, KnobSession, read_all, restore_values
 from .sampler import Sampler
-from .workload import Workload, WorkloadError
+from .workload import Workload, WorkloadError, thp_disable
 
 MEMORY_MARGIN_MIB = 256
+POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full scan
 
 
 class LiveError(RuntimeError):
@@ -123,10 +134,11 @@ class _Timed:
     at: float
     order: int
     event: Event | str  # a scenario event, or "ksm_start" / "fill" from the timeline
+    tag: int = 0  # 1 + the event's index in the scenario (names the ids a write writes)
 
 
 def _timeline(sc: Scenario) -> list[_Timed]:
-    items = [_Timed(e.at, i + 2, e) for i, e in enumerate(sc.event)]
+    items = [_Timed(e.at, i + 2, e, i + 1) for i, e in enumerate(sc.event)]
     if sc.fill_at is not None:
         items.append(_Timed(sc.fill_at, 0, "fill"))
     if sc.ksm_start_at is not None:
@@ -149,6 +161,9 @@ class LiveRun:
         self.lock = RunLock()
         self.events: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.ksm_running = False
+        self.competitors: list[int] = []
+        self.ksm_others: list[int] = []
 
     def check(self) -> None:
         """Refuse (LiveError) before anything is touched if the run cannot work here."""
@@ -166,8 +181,12 @@ class LiveRun:
             left = restore_journal(self.fs, self.journal, self.lock)
             if left:
                 self.log(f"restored {len(left)} knobs left changed by a killed run")
-            with _terminate_unwinds():
-                return self._run_locked()
+            thp_was_disabled = thp_disable(True)
+            try:
+                with _terminate_unwinds():
+                    return self._run_locked()
+            finally:
+                thp_disable(thp_was_disabled)
         finally:
             self.lock.release()
 
@@ -191,16 +210,23 @@ class LiveRun:
                     for key in base_rss:
                         base_rss[key] += float(ready["base"][key])
                 sampler.pids = [w.pid for w in workloads]
+                ours = {os.getpid(), *sampler.pids}
+                self.competitors = thp_competitors(self.fs, ours)
+                self.ksm_others = ksm_competitors(self.fs, ours)
+                self._wake_khugepaged()
                 rows = self._loop(ks, sampler, workloads)
             except (WorkloadError, KernelWriteError, KnobError) as e:
                 raise LiveError(str(e)) from None
             finally:
                 for w in workloads:
                     w.stop()
-        baseline.update(base_rss)
-        for key in ("AnonHugePages", "ksm_rmap_items", "ksm_merging_pages",
-                    "ksm_process_profit", "proc_ksm_zero_pages"):
-            baseline[key] = 0.0
+                # unmerge_and_remove_all_rmap_items(): free what KSM kept of the dead
+                # workload, so the machine's KSM state is left as clean as it was found
+                ks.set("ksm/run", 2)
+        # only counters the kernel never resets have a baseline; gauges such as
+        # pages_unshared describe KSM's state before run=2 and mean nothing here
+        baseline = {k: v for k, v in baseline.items() if k in MONOTONIC}
+        baseline.update(base_rss)  # the workload's own interpreter before it mapped anything
         self._check_setup(rows)
         meta = {
             "source": "live",
@@ -215,14 +241,29 @@ class LiveRun:
         }
         return Trace.from_rows(meta, rows, self.events)
 
+    def _wake_khugepaged(self) -> None:
+        """Start khugepaged's timer at time 0, as the model's is.
+
+        scan_sleep_millisecs_store() (mm/khugepaged.c) sets khugepaged_sleep_expire
+        to 0 and wakes khugepaged even when the value is unchanged: it scans now and
+        then every scan_sleep_millisecs.  The value was saved by the session already.
+        """
+        name = f"{THP}/khugepaged/scan_sleep_millisecs"
+        self.fs.write(name, self.fs.read(name))
+
     def _apply(self, item: _Timed, ks: KnobSession, workloads: list[Workload], t: float) -> None:
         ev = item.event
         if ev == "ksm_start" or isinstance(ev, KsmStart):
             ks.set("ksm/run", 1)
+            self.ksm_running = True
         elif isinstance(ev, KsmStop):
             ks.set("ksm/run", 0)
+            self.ksm_running = False
         elif isinstance(ev, KsmUnmerge):
             ks.set("ksm/run", 2)
+            self.ksm_running = False
+        elif isinstance(ev, KhugepagedWake):
+            self._wake_khugepaged()
         elif ev == "fill":
             for w in workloads:
                 w.command("fill")
@@ -230,7 +271,7 @@ class LiveRun:
             idx = next(i for i, (p, k, _) in enumerate(self.sc.instances())
                        if p == ev.process and k == 0)
             workloads[idx].command("write", region=ev.region, fraction=ev.fraction,
-                                   content=ev.content, seed=ev.seed)
+                                   content=ev.content, seed=ev.seed, tag=item.tag)
         elif isinstance(ev, SetKnob):
             ks.set(ev.sysfs_name, ev.value)
         elif isinstance(ev, Pressure):
@@ -241,27 +282,58 @@ class LiveRun:
 
     def _loop(self, ks: KnobSession, sampler: Sampler, workloads: list[Workload]
               ) -> list[dict[str, float]]:
+        """Samples every sample_interval, plus one at each full-scan end.
+
+        full_scans is polled every POLL_S; when it moves, ksmd has just ended a
+        batch and sleeps sleep_millisecs (ksm_scan_thread()), so a sample taken now
+        holds the exact counters at that boundary.
+        """
         sc = self.sc
         pending = _timeline(sc)
+        held: list[_Timed] = []  # align_events: due, waiting for a full-scan end
+        per_scan = any(r.volatile_pages_per_scan for p in sc.process for r in p.region)
         rows: list[dict[str, float]] = []
         t0 = time.monotonic()
-        k = 0  # next sample index
+        k = 0  # next regular sample index
+        last_scans = sampler.full_scans()
+
+        def take(boundary: bool) -> None:
+            row = sampler.sample(round(time.monotonic() - t0, 4), boundary)
+            rows.append(row)
+            if self.progress:
+                self.progress(row)
+
         while True:
             now = time.monotonic() - t0
             while pending and pending[0].at <= now:
-                self._apply(pending.pop(0), ks, workloads, time.monotonic() - t0)
-            if k * sc.sample_interval <= now:
-                row = sampler.sample(round(time.monotonic() - t0, 4))
-                rows.append(row)
-                if self.progress:
-                    self.progress(row)
+                item = pending.pop(0)
+                if sc.align_events and self.ksm_running:
+                    held.append(item)
+                else:
+                    self._apply(item, ks, workloads, time.monotonic() - t0)
+            scans = sampler.full_scans()
+            if scans != last_scans:
+                last_scans = scans
+                boundary = scans is not None and scans > 0
+                take(boundary)
+                if boundary and scans is not None:
+                    # ksmd sleeps sleep_millisecs now: the model does these at the
+                    # same point, right after the checkpoint, in this order
+                    if per_scan:
+                        for w in workloads:
+                            w.command("volatile_scan", step=scans)
+                    for item in held:
+                        self._apply(item, ks, workloads, time.monotonic() - t0)
+                    held.clear()
+            elif k * sc.sample_interval <= now:
+                take(boundary=False)
                 k = int(now / sc.sample_interval) + 1  # skip ticks missed, never bunch up
             next_t = k * sc.sample_interval
             if next_t > sc.duration + 1e-9 and not pending:
                 return rows
             if pending:
                 next_t = min(next_t, pending[0].at)
-            time.sleep(max(0.0, next_t - (time.monotonic() - t0)))
+            time.sleep(max(0.0, min(next_t - (time.monotonic() - t0), POLL_S)))
 
     def _check_setup(self, rows: list[dict[str, float]]) -> None:
         """Record what the kernel did not give us (THPs it could not allocate, ...)."""
@@ -278,6 +350,73 @@ class LiveRun:
                     f"only {got:.0f} of {huge_mib} MiB were THPs at time 0 "
                     "(THP allocation fell back to 4 KiB pages)"
                 )
+        stall = _longest_stall(rows, self.sc)
+        if stall > STALL_S:
+            self.notes.append(
+                f"ksmd made no progress for {stall:.1f} s while KSM ran (the machine was busy: "
+                "full_scans and pages_scanned both stood still)"
+            )
+        if self.ksm_others:
+            self.notes.append(
+                "ksmd also scans other processes with mergeable memory (pids "
+                + ", ".join(str(p) for p in self.ksm_others[:8])
+                + "): full scans take longer and KSM's global counters include their pages"
+            )
+        if self.competitors:
+            self.notes.append(
+                "khugepaged also tracks processes with THP-eligible memory (pids "
+                + ", ".join(str(p) for p in self.competitors[:8])
+                + "): its pages_to_scan per pass is shared with them"
+            )
+
+
+STALL_S = 1.0
+
+
+def _longest_stall(rows: list[dict[str, float]], sc: Scenario) -> float:
+    """Longest time with KSM running and neither full_scans nor pages_scanned moving."""
+    if sc.ksm.sleep_millisecs * 10 > STALL_S * 1000 or sc.ksm_start_at is None:
+        return 0.0
+    longest, since, last = 0.0, None, None
+    for r in rows:
+        if r["t"] < sc.ksm_start_at:
+            continue
+        key = (r.get("full_scans"), r.get("pages_scanned"))
+        if key != last:
+            last, since = key, r["t"]
+        elif since is not None:
+            longest = max(longest, r["t"] - since)
+    return longest
+
+
+def ksm_competitors(fs: KernelFS, exclude: set[int]) -> list[int]:
+    """Other processes with mergeable memory: ksmd scans them in the same full scans
+    (QEMU marks guest RAM MADV_MERGEABLE by default).  From /proc/PID/ksm_stat (6.14+)."""
+    out = []
+    for d in fs.listdir("proc"):
+        if d.isdigit() and int(d) not in exclude:
+            stat = fs.read_or_none(f"proc/{d}/ksm_stat") or ""
+            if "ksm_mergeable: yes" in stat or "ksm_merge_any: yes" in stat:
+                out.append(int(d))
+    return out
+
+
+def thp_competitors(fs: KernelFS, exclude: set[int]) -> list[int]:
+    """Other processes with THP-eligible anonymous memory: khugepaged scans them too."""
+    out = []
+    for d in fs.listdir("proc"):
+        if not d.isdigit() or int(d) in exclude:
+            continue
+        smaps = fs.read_or_none(f"proc/{d}/smaps") or ""
+        if "THPeligible:    1" in smaps and "AnonHugePages" in smaps:
+            size = 0
+            for line in smaps.splitlines():
+                if line.startswith("Size:"):
+                    size = int(line.split()[1])
+                elif line.startswith("THPeligible:") and line.split()[1] == "1" and size >= 2048:
+                    out.append(int(d))
+                    break
+    return out
 
 
 def _mem_total_mib(fs: KernelFS) -> int | None:

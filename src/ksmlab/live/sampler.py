@@ -88,5 +88,11 @@ class Sampler:
         v = self.fs.read_or_none(f"proc/{self.ksmd}/schedstat")
         return {"ksmd_cpu_ns": float(v.split()[0])} if v else {}
 
-    def sample(self, t: float) -> dict[str, float]:
-        return {"t": t, **self.ksm(), **self.vmstat(), **self.processes(), **self.ksmd_cpu_ns()}
+    def full_scans(self) -> int | None:
+        """The one cheap read polled between samples to catch full-scan ends."""
+        v = self.fs.read_or_none(f"{KSM}/full_scans")
+        return int(v) if v is not None and v.isdigit() else None
+
+    def sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
+        return {"t": t, "full_scan_end": float(full_scan_end), **self.ksm(), **self.vmstat(),
+                **self.processes(), **self.ksmd_cpu_ns()}

@@ -35,10 +35,11 @@ from .. import content
 from ..scenario import HPAGE_PMD_SIZE, PAGE_SIZE, Scenario
 
 PR_SET_PDEATHSIG = 1
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 PR_SET_MEMORY_MERGE = 67
 PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
-MADV_MERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE = 12, 14, 15
+MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE = 12, 13, 14, 15
 U64_PER_PAGE = PAGE_SIZE // 8
 
 
@@ -59,6 +60,19 @@ def _libc() -> ctypes.CDLL:
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                            ctypes.c_ulong]
     return libc
+
+
+def thp_disable(on: bool) -> bool:
+    """prctl(PR_SET_THP_DISABLE) for this process; returns the previous setting.
+
+    The live run's own process sets it so khugepaged drops its mm at once
+    (khugepaged_scan_mm_slot(): MMF_DISABLE_THP) instead of sharing each pass's
+    pages_to_scan with numpy's MADV_HUGEPAGE arrays; the flag is inherited across
+    fork and exec, so the workload clears it again."""
+    libc = _libc()
+    before = bool(libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0))
+    _check(libc.prctl(PR_SET_THP_DISABLE, int(on), 0, 0, 0), "prctl(PR_SET_THP_DISABLE)")
+    return before
 
 
 def _check(ret: int, what: str) -> None:
@@ -145,11 +159,35 @@ class _Child:
             ids = content.region_ids(self.sc, ref)
             self.regions.append(_Region(addr, ref.spec.pages, ref.first_page, ids,
                                         _be_view(addr, ref.spec.pages)))
+        if self.proc.merge == "prctl":
+            self._unmerge_own_vmas(libc)
+        self._warm_up()
         base = {"RssAnon": _status_kb("RssAnon"), "Rss": _status_kb("VmRSS")}
         if fill_now:
             self.fill()
         return {"ready": True, "pid": os.getpid(), "base": base,
                 "regions": [[r.addr, r.pages * PAGE_SIZE] for r in self.regions]}
+
+    def _warm_up(self) -> None:
+        """Do once (twice: glibc raises its mmap threshold after the first free) what
+        commands do later, so the interpreter's heap stops growing before the baseline
+        RssAnon is read: the regions' RSS is then RssAnon minus a constant."""
+        for _ in range(2):
+            json.loads(json.dumps({"op": "volatile_scan", "step": 0, "tag": 1}))
+            for ref in self.refs:
+                content.write_targets(0.5, ref.spec.pages, 0, 0)
+                content.volatile_targets(ref, 0)
+
+    def _unmerge_own_vmas(self, libc: ctypes.CDLL) -> None:
+        """prctl(PR_SET_MEMORY_MERGE) made the interpreter's own memory mergeable
+        too (ksm_enable_merge_any() marks every compatible VMA); clear VM_MERGEABLE
+        there again so ksmd scans the scenario's regions only, as the model does."""
+        ours = [(r.addr, r.addr + r.pages * PAGE_SIZE) for r in self.regions]
+        with open("/proc/self/maps") as f:
+            spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f]
+        for lo, hi in spans:
+            if not any(a <= lo and hi <= b for a, b in ours):
+                libc.madvise(lo, hi - lo, MADV_UNMERGEABLE)  # EINVAL on special VMAs: fine
 
     def fill(self) -> None:
         for r in self.regions:
@@ -164,7 +202,14 @@ class _Child:
         if cmd["content"] == "zero":
             r.view[idx] = 0
         else:
-            r.view[idx] = self.fresh_ids(idx.size)
+            r.view[idx] = content.written_ids(ref, int(cmd["tag"]), idx)
+
+    def volatile_scan(self, step: int) -> None:
+        """volatile_pages_per_scan: the writes of one full-scan end (ksmd sleeps now)."""
+        for r, ref in zip(self.regions, self.refs, strict=True):
+            if ref.spec.volatile_pages_per_scan:
+                idx = content.volatile_targets(ref, step)
+                r.view[idx] = content.written_ids(ref, content.VOLATILE_TAG + step, idx)
 
     def volatile_step(self, dt: float, debt: list[float]) -> None:
         for i, ref in enumerate(self.refs):
@@ -201,6 +246,8 @@ class _Child:
                 self.fill()
             elif op == "write":
                 self.write(cmd)
+            elif op == "volatile_scan":
+                self.volatile_scan(int(cmd["step"]))
             out.write(json.dumps({"done": op}) + "\n")
             out.flush()
 
@@ -209,6 +256,7 @@ def main() -> None:
     libc = _libc()
     parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    _check(libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0), "prctl(PR_SET_THP_DISABLE)")
     if os.getppid() != parent:  # the parent died before we asked
         os._exit(1)
     try:

@@ -87,13 +87,29 @@ DEFAULT_PROFILE = CostProfile()
 
 
 class CpuMeter:
-    """Accumulates ksmd's CPU nanoseconds (a float; the trace rounds)."""
+    """Accumulates ksmd's CPU nanoseconds, and how often each cost was charged.
 
-    __slots__ = ("ns", "p")
+    The counts make calibration a linear fit: CPU = sum(count[p] * profile[p]).
+    """
+
+    __slots__ = ("counts", "ns", "p", "price")
 
     def __init__(self, profile: CostProfile) -> None:
         self.p = profile
+        self.price = profile.to_json()
         self.ns = 0.0
+        self.counts: dict[str, float] = dict.fromkeys(self.price, 0.0)
 
-    def add(self, ns: float) -> None:
-        self.ns += ns
+    def charge(self, name: str, n: float = 1.0) -> None:
+        self.counts[name] += n
+        self.ns += n * self.price[name]
+
+
+def load_profile(path: Path | None) -> CostProfile:
+    """The profile in ``path``, or the one shipped for this machine kind."""
+    if path is None:
+        return DEFAULT_PROFILE
+    try:
+        return CostProfile.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a cost profile: {e}") from None

@@ -4,9 +4,10 @@ Every ``scan_sleep_millisecs`` it scans ``pages_to_scan`` "pages" of progress
 (one per mm visited, HPAGE_PMD_NR per 2 MiB range looked at, so 4096 = 8
 ranges).  A range collapses when none + zero-pfn PTEs (KSM-placed or
 split-remapped alike) are at most ``max_ptes_none``, at most max_ptes_shared
-pages are mapped more than once, and at least one PTE is writable (KSM pages
-are mapped read-only).  With max_ptes_none=511 this re-collapses ranges that
-a KSM split just emptied as long as one private page is left: the churn loop.
+pages are mapped more than once, and (up to 6.12 only: a policy decision) at
+least one PTE is writable (KSM pages are mapped read-only).  With
+max_ptes_none=511 this re-collapses ranges that a KSM split just emptied: the
+churn loop.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class Khugepaged:
                 shared += 1
                 if shared > MAX_PTES_SHARED:
                     return False  # SCAN_EXCEED_SHARED_PTE
-        if not writable:
-            return False  # SCAN_PAGE_RO
+        if not writable and self.sys.policy.khugepaged_needs_writable:
+            return False  # SCAN_PAGE_RO (6.12; gone in later trees)
         self._collapse(vma, j)
         return True
 

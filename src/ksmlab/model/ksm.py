@@ -150,7 +150,7 @@ class Ksm:
             if nxt is None:
                 return True
             page, item = nxt
-            self.cpu.add(self.p.visit_ns)
+            self.cpu.charge("visit_ns")
             self._cmp_and_merge_page(page, item)
             self.pages_scanned += 1
         return False
@@ -164,7 +164,7 @@ class Ksm:
             return None
         if self.cur_slot is None:
             # start of a full scan: lru_add_drain_all(), unstable roots = RB_ROOT
-            self.cpu.add(self.p.scan_start_ns)
+            self.cpu.charge("scan_start_ns")
             self.unstable.reset()
             self.cur_slot = 0
             self.cur_addr = 0
@@ -193,7 +193,6 @@ class Ksm:
 
     def _scan_mm(self, mm: Mm) -> tuple[Page, RmapItem] | None:
         scan_thp = ksm_scans_thp(self.sys.policy, self.pressure_scans > 0)
-        skip_ns = self.p.pte_skip_ns
         for vma in mm.vmas:
             if not vma.mergeable or vma.end <= self.cur_addr:
                 continue
@@ -216,12 +215,12 @@ class Ksm:
                     if self._should_skip_rmap_item(pte, item):
                         i += 1
                         continue
-                    self.cpu.add(skipped * skip_ns)
+                    self.cpu.charge("pte_skip_ns", skipped)
                     self.cur_addr = addr + 1
                     return pte, item
                 skipped += 1
                 i += 1
-            self.cpu.add(skipped * skip_ns)
+            self.cpu.charge("pte_skip_ns", skipped)
             self.cur_addr = vma.end
         return None
 
@@ -250,13 +249,13 @@ class Ksm:
             prev.next = item
         mm.ksm_rmap_items += 1
         self.rmap_items += 1
-        self.cpu.add(self.p.rmap_alloc_ns)
+        self.cpu.charge("rmap_alloc_ns")
         return item
 
     def _free_rmap_item(self, item: RmapItem) -> None:
         item.mm.ksm_rmap_items -= 1
         self.rmap_items -= 1
-        self.cpu.add(self.p.rmap_free_ns)
+        self.cpu.charge("rmap_free_ns")
 
     def _remove_trailing_rmap_items(self, mm: Mm) -> None:
         prev = self.cur_prev
@@ -350,7 +349,7 @@ class Ksm:
             bypass = not self._is_candidate(node)
         else:
             self._remove_rmap_item_from_tree(item)
-            self.cpu.add(self.p.checksum_ns)
+            self.cpu.charge("checksum_ns")
             checksum = _checksum(page.cid)
             if item.oldchecksum != checksum:
                 item.oldchecksum = checksum
@@ -394,17 +393,15 @@ class Ksm:
         assert isinstance(folio, Thp)
         budget = max(0, self.budget_left)
         res = split_folio(self.sys, folio, "ksm", extra, keep=page, budget=budget)
-        p = self.p
         if not res.ok:
-            self.cpu.add(p.split_failed_ns)
+            self.cpu.charge("split_failed_ns")
             return False
-        self.cpu.add(
-            p.split_ns
-            + res.zero_tested * p.zero_test_zero_ns
-            + res.data_tested * p.zero_test_data_ns
-            + (512 - res.remapped) * p.remap_pte_ns
-            + res.remapped * (p.remap_pte_ns + p.free_page_ns)
-        )
+        cpu = self.cpu
+        cpu.charge("split_ns")
+        cpu.charge("zero_test_zero_ns", res.zero_tested)
+        cpu.charge("zero_test_data_ns", res.data_tested)
+        cpu.charge("remap_pte_ns", 512)
+        cpu.charge("free_page_ns", res.remapped)
         if res.ksm_remapped:
             # ksm-accounted-remap: each remapped subpage is a page scanned
             self.budget_left -= res.ksm_remapped
@@ -436,12 +433,12 @@ class Ksm:
             page.ksm = True  # folio_set_stable_node(folio, NULL)
             page.stable_node = None
             return 0
-        self.cpu.add(self.p.memcmp_equal_ns)
+        self.cpu.charge("memcmp_equal_ns")
         if isinstance(kpage, _ZeroPage):
             if page.cid != 0:
                 return -1
             # replace_page() with the zero page: dirty special PTE, counted
-            self.cpu.add(self.p.merge_ns)
+            self.cpu.charge("merge_ns")
             vma.pte[i] = KSM_ZERO_PTE
             self.sys.ksm_zero_pages += 1
             vma.mm.ksm_zero_pages += 1
@@ -450,7 +447,7 @@ class Ksm:
             return 0
         if page.cid != kpage.cid:
             return -1
-        self.cpu.add(self.p.merge_ns)
+        self.cpu.charge("merge_ns")
         vma.pte[i] = kpage  # replace_page(): MM_ANONPAGES unchanged
         kpage.mapcount += 1
         put_mapping(page)
@@ -492,7 +489,7 @@ class Ksm:
         vma = self._find_mergeable_vma(item)
         if vma is not None:
             self.break_ksm(vma, item.addr - vma.start)
-            self.cpu.add(self.p.break_cow_ns)
+            self.cpu.charge("break_cow_ns")
 
     def break_ksm(self, vma: Vma, i: int) -> None:
         """break_ksm(): unshare a KSM page or a KSM zero PTE at page ``i``."""
@@ -590,7 +587,7 @@ class Ksm:
                 if not restart:
                     return None
         finally:
-            self.cpu.add(levels * self.p.stable_level_ns)
+            self.cpu.charge("stable_level_ns", levels)
 
     def _stable_tree_insert(self, kpage: Page) -> StableNode:
         levels = 0
@@ -617,7 +614,7 @@ class Ksm:
                     break
             if not restart:
                 break
-        self.cpu.add(levels * self.p.stable_level_ns)
+        self.cpu.charge("stable_level_ns", levels)
         new = StableNode(kpage)
         if match is None:
             rb_link_node(self.stable, new, parent, left)
@@ -691,7 +688,7 @@ class Ksm:
                     elif page.cid > tpage.cid:
                         n, left = n.rb_right, False
                     else:
-                        self.cpu.add(self.p.memcmp_equal_ns)
+                        self.cpu.charge("memcmp_equal_ns")
                         return n, tpage
                 if restart:
                     continue
@@ -702,7 +699,7 @@ class Ksm:
                 self.pages_unshared += 1
                 return None
         finally:
-            self.cpu.add(levels * self.p.unstable_level_ns)
+            self.cpu.charge("unstable_level_ns", levels)
 
     # ---- run=2 -----------------------------------------------------------
     def unmerge_all(self) -> None:

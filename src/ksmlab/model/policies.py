@@ -53,10 +53,17 @@ class Policy:
     ksm_skip_zeropage: bool = False
     # the underused-THP shrinker and fault-time queueing (new in 6.12)
     underused_shrinker: bool = True
+    # hpage_collapse_scan_pmd() refuses a range without a writable PTE (SCAN_PAGE_RO)
+    # up to 6.12; later trees (collapse_scan_pmd()) dropped the check, and 6.18 was
+    # measured collapsing ranges of read-only KSM pages and zero PTEs
+    khugepaged_needs_writable: bool = False
     sources: dict[str, str] = field(default_factory=dict)
 
 
 _B1F = "commit b1f202060afe (6.12): remap in __folio_split() for every anon split"
+_RO_612 = "mm/khugepaged.c (6.12) hpage_collapse_scan_pmd(): !writable -> SCAN_PAGE_RO"
+_RO_NEW = ("collapse_scan_pmd() in later trees has no SCAN_PAGE_RO check; measured on 6.18.44 "
+           "(ksmlab validate thp-z90-dup): read-only KSM pages + zero PTEs collapse")
 _SHRINK = "mm/huge_memory.c thp_underused(): early return at max_ptes_none=511 (6.12-6.18)"
 
 POLICIES: dict[str, Policy] = {
@@ -67,6 +74,7 @@ POLICIES: dict[str, Policy] = {
             "before b1f202060afe: a split never remaps zero subpages; no underused shrinker",
             remap=False,
             underused_shrinker=False,
+            khugepaged_needs_writable=True,
             sources={
                 "remap": "mm/huge_memory.c before b1f202060afe: remap_page() without zero flag",
                 "underused_shrinker": "thp_underused()/split_underused_thp added by the same "
@@ -76,7 +84,9 @@ POLICIES: dict[str, Policy] = {
         Policy(
             "6.12",
             "every anon split remaps zero subpages; shrinker inert at max_ptes_none=511",
-            sources={"remap": _B1F, "underused_shrinker": _SHRINK},
+            khugepaged_needs_writable=True,
+            sources={"remap": _B1F, "underused_shrinker": _SHRINK,
+                     "khugepaged_needs_writable": _RO_612},
         ),
         Policy(
             "mainline",
@@ -84,6 +94,7 @@ POLICIES: dict[str, Policy] = {
             sources={
                 "remap": _B1F + "; live-findings: shrink_underused=0 changes nothing on 6.18",
                 "underused_shrinker": _SHRINK + "; live-findings: inert at 511 even for all-zero",
+                "khugepaged_needs_writable": _RO_NEW,
             },
         ),
         Policy(

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import content
 from ..scenario import (
+    KhugepagedWake,
     KsmStart,
     KsmStop,
     KsmUnmerge,
@@ -31,7 +32,7 @@ from ..scenario import (
     SetKnob,
     Write,
 )
-from ..trace import COLUMNS, MONOTONIC, VMSTAT_COUNTERS, Trace
+from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter
 from .khugepaged import Khugepaged
 from .ksm import Ksm
@@ -57,7 +58,8 @@ def check_supported(sc: Scenario) -> None:
             "thp.khugepaged.scan_sleep_millisecs=0: khugepaged without sleeps is not modelled"
         )
     for e in sc.event:
-        if not isinstance(e, KsmStart | KsmStop | KsmUnmerge | Write | Pressure | SetKnob):
+        if not isinstance(e, KsmStart | KsmStop | KsmUnmerge | Write | Pressure | SetKnob
+                          | KhugepagedWake):
             raise ModelUnsupported(f"event {getattr(e, 'action', e)!r} is not modelled")
 
 
@@ -70,6 +72,7 @@ class _Region:
     vma: Vma
     ids: list[int]
     rng: np.random.Generator
+    ref: content.RegionRef
 
 
 class Simulation:
@@ -86,7 +89,15 @@ class Simulation:
         self.regions: list[_Region] = []
         self.fresh = 0  # next fresh content id index
         self.events: list[dict[str, Any]] = []
+        self.tags = {id(e): i + 1 for i, e in enumerate(sc.event)}  # names written ids
+        self.khd_generation = 0  # a khugepaged wake-up re-arms its timer
+        self.heap: list[tuple[float, int, int, str, object]] = []
+        self.seq = 0
         self._setup()
+
+    def push(self, t: float, prio: int, kind: str, payload: object = None) -> None:
+        heapq.heappush(self.heap, (t, prio, self.seq, kind, payload))
+        self.seq += 1
 
     # ---- before time 0 ----------------------------------------------------
     def _setup(self) -> None:
@@ -115,7 +126,7 @@ class Simulation:
                     self.ksm.enter(mm)
                 ids = [int(x) for x in content.region_ids(sc, ref)]
                 rng = np.random.default_rng([reg.seed, pi, k, ri, 0x5EED])
-                self.regions.append(_Region(pi, k, ri, reg, vma, ids, rng))
+                self.regions.append(_Region(pi, k, ri, reg, vma, ids, rng, ref))
         if sc.fill_at is None:
             self._fill()
 
@@ -146,9 +157,8 @@ class Simulation:
                                             salt=e.process * 1000 + e.region)
             if e.content == "zero":
                 cids = [0] * len(targets)
-            else:
-                cids = [int(x) for x in content.fresh_ids(self.fresh, len(targets))]
-                self.fresh += len(targets)
+            else:  # the same ids the live workload writes
+                cids = [int(x) for x in content.written_ids(reg.ref, self.tags[id(e)], targets)]
             for i, cid in zip(targets.tolist(), cids, strict=True):
                 write_fault(self.sys, reg.vma, i, cid)
         elif isinstance(e, Pressure):
@@ -158,6 +168,9 @@ class Simulation:
             ksm.pressure_scans = 2 if ksm.at_scan_start() else 3
         elif isinstance(e, SetKnob):
             self._set_knob(e)
+        elif isinstance(e, KhugepagedWake):
+            # scan_sleep_millisecs_store(): a pass now, the timer restarts after it
+            self._khugepaged_pass(t)
         else:  # pragma: no cover - check_supported() refuses these
             raise ModelUnsupported(f"event {e!r} is not modelled")
 
@@ -177,6 +190,22 @@ class Simulation:
         else:
             sys.thp = sys.thp.model_copy(update={parts[1]: e.value})
 
+    def _volatile_scan(self, step: int) -> None:
+        """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
+        for reg in self.regions:
+            if reg.spec.volatile_pages_per_scan:
+                idx = content.volatile_targets(reg.ref, step)
+                ids = content.written_ids(reg.ref, content.VOLATILE_TAG + step, idx)
+                for i, cid in zip(idx.tolist(), ids.tolist(), strict=True):
+                    write_fault(self.sys, reg.vma, int(i), int(cid))
+
+    def _khugepaged_pass(self, t: float) -> None:
+        if self.khugepaged.slots:
+            self.khugepaged.do_scan()
+        self.khd_generation += 1
+        period = self.khugepaged.knobs.scan_sleep_millisecs / 1000.0
+        self.push(t + max(period, 0.001), 5, "khugepaged", self.khd_generation)
+
     def _volatile(self, t: float) -> None:
         for reg in self.regions:
             rate = reg.spec.volatile_pages_per_s
@@ -195,9 +224,9 @@ class Simulation:
                 write_fault(self.sys, reg.vma, int(i), int(cid))
 
     # ---- samples ---------------------------------------------------------
-    def _sample(self, t: float) -> dict[str, float]:
+    def _sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
         sys = self.sys
-        row: dict[str, float] = {"t": round(t, 9)}
+        row: dict[str, float] = {"t": round(t, 9), FULL_SCAN_END: float(full_scan_end)}
         row.update(self.ksm.counters())
         for k in VMSTAT_COUNTERS:
             row[k] = sys.nr_anon_thp if k == "nr_anon_transparent_hugepages" else sys.vmstat[k]
@@ -220,15 +249,7 @@ class Simulation:
         sc = self.sc
         dur = sc.duration
         n_samples = int(dur / sc.sample_interval + 1e-9) + 1
-        # (time, priority, seq, kind, payload); priority orders same-time actions
-        heap: list[tuple[float, int, int, str, object]] = []
-        seq = 0
-
-        def push(t: float, prio: int, kind: str, payload: object = None) -> None:
-            nonlocal seq
-            heapq.heappush(heap, (t, prio, seq, kind, payload))
-            seq += 1
-
+        push, heap = self.push, self.heap  # (time, priority, seq, kind, payload)
         for k in range(n_samples):
             push(k * sc.sample_interval, 0, "sample")
         if sc.fill_at is not None:
@@ -239,11 +260,24 @@ class Simulation:
             push(e.at, 3, "event", e)
         if any(r.spec.volatile_pages_per_s > 0 for r in self.regions):
             push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
-        khd_period = sc.thp.khugepaged.scan_sleep_millisecs / 1000.0
         if sc.thp.enabled != "never":
-            push(khd_period, 5, "khugepaged")
+            # the live lab wakes khugepaged at time 0 (rewriting scan_sleep_millisecs)
+            push(0.0, 5, "khugepaged", self.khd_generation)
+        per_scan = any(r.spec.volatile_pages_per_scan for r in self.regions)
+        held: list[tuple[str, object]] = []  # align_events: due, waiting for a scan end
         ksmd_pending = False
         rows: list[Mapping[str, float]] = []
+
+        def act(kind: str, payload: object, t: float) -> None:
+            nonlocal ksmd_pending
+            if kind == "fill":
+                self._fill()
+                return
+            self._apply(payload, t)
+            self.events.append({"t": t, **_event_dict(payload)})
+            if self.ksm.should_run() and not ksmd_pending:
+                push(t, 6, "ksmd")  # writing run wakes ksmd at once
+                ksmd_pending = True
 
         while heap:
             t, _prio, _s, kind, payload = heapq.heappop(heap)
@@ -253,35 +287,41 @@ class Simulation:
                 rows.append(self._sample(t))
                 if progress is not None:
                     progress(t)
-            elif kind == "fill":
-                self._fill()
-            elif kind == "event":
-                self._apply(payload, t)
-                self.events.append({"t": t, **_event_dict(payload)})
-                if self.ksm.should_run() and not ksmd_pending:
-                    push(t, 6, "ksmd")  # writing run wakes ksmd at once
-                    ksmd_pending = True
+            elif kind in ("fill", "event"):
+                if sc.align_events and self.ksm.should_run():
+                    held.append((kind, payload))
+                else:
+                    act(kind, payload, t)
             elif kind == "volatile":
                 self._volatile(t)
                 push(t + VOLATILE_TICK, 4, "volatile")
             elif kind == "khugepaged":
-                if self.khugepaged.slots:
-                    self.khugepaged.do_scan()
-                khd_period = self.khugepaged.knobs.scan_sleep_millisecs / 1000.0
-                push(t + max(khd_period, 0.001), 5, "khugepaged")
+                if payload == self.khd_generation:  # else re-armed by a wake-up since
+                    self._khugepaged_pass(t)
             elif kind == "ksmd":
                 ksmd_pending = False
                 if not self.ksm.should_run():
                     continue  # wait_event_freezable(): woken by the next run=1
                 before = self.cpu.ns
+                scans = self.ksm.seqnr
                 self.ksm.now = t
                 self.ksm.do_scan()
-                self.cpu.add(self.profile.batch_overhead_ns)
+                self.cpu.charge("batch_overhead_ns")
                 busy = (self.cpu.ns - before) / 1e9
                 ms = self.ksm.knobs.sleep_millisecs  # a `set` event may change it
                 slack = self.profile.sleep_slack_ns / 1e9 if ms else 0.0
                 push(t + busy + ms / 1000.0 + slack, 6, "ksmd")
                 ksmd_pending = True
+                end = t + busy
+                if self.ksm.seqnr > scans and end <= dur + 1e-9:
+                    # the live lab samples right at each full-scan end (ksmd then
+                    # sleeps), then does the per-scan writes and the held events
+                    rows.append(self._sample(end, full_scan_end=True))
+                    if per_scan:
+                        self._volatile_scan(self.ksm.seqnr)
+                    for kind_, payload_ in held:
+                        act(kind_, payload_, end)
+                    held.clear()
         meta = {
             "source": "model",
             "policy": self.policy.name,
@@ -295,6 +335,7 @@ class Simulation:
             "profile": self.profile.to_json(),
             "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
         }
+        rows.sort(key=lambda r: r["t"])  # boundary samples were taken between ticks
         return Trace.from_rows(meta, rows, self.events)
 
 

@@ -1,0 +1,203 @@
+"""How closely one trace follows another (the model against the kernel).
+
+Both traces carry a sample taken right at every full-scan end (``full_scan_end``,
+see :mod:`ksmlab.trace`); those are the checkpoints.  At each checkpoint present
+in both, every counter is compared exactly and by relative difference; the time
+of each full-scan end and ksmd's CPU share are compared as relative errors.
+Nothing here knows which trace came from where.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .trace import Trace
+
+# What the kernel counts, KSM's own and around it (issue 4's list, plus a few cheap ones)
+COMPARED = (
+    "pages_scanned",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_skipped",
+    "ksm_zero_pages",
+    "stable_node_chains",
+    "stable_node_dups",
+    "thp_split_page",
+    "thp_split_page_failed",
+    "RssAnon",
+    "AnonHugePages",
+    "ksm_rmap_items",
+    "ksm_merging_pages",
+)
+# The built-in scenarios that together cover issue 4's list (ksmlab validate all)
+SUITE = (
+    "seed-uzp1", "seed-uzp0", "seed-uzp1-nothp", "seed-uzp0-nothp", "mixed",
+    "thp-z0-dup", "thp-z50-unique", "thp-z90-dup", "two-procs-dup", "smart-scan-on",
+    "smart-scan-off", "uzp0-1000", "prctl-uzp1", "chains-mps8", "volatile", "pressure-409",
+    "khugepaged-recollapse", "ksm-before-fill",
+)
+# A subset CI runs live (under five minutes)
+CI_SUBSET = ("seed-uzp1", "two-procs-dup", "chains-mps8", "ksm-before-fill")
+
+
+def policy_for_kernel(release: str) -> str:
+    """The model policy that stands for a kernel release (b1f202060afe is in 6.12)."""
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return "mainline"
+    return "pre-6.12" if (major, minor) < (6, 12) else "mainline"
+
+
+# Figures of the issue's "done when"
+EXACT_TARGET = 0.95
+REL_TARGET = 0.02
+TIME_TARGET = 0.10
+CPU_TARGET = 0.25
+
+
+@dataclass
+class CounterFit:
+    exact_share: float
+    max_rel_diff: float
+    worst_checkpoint: int | None  # full_scans value where the difference was largest
+
+
+@dataclass
+class Fidelity:
+    name: str
+    checkpoints: int
+    agreement: float  # share of checkpoints where every counter agrees exactly
+    max_rel_diff: float
+    time_rel_err: float | None  # largest, over the full-scan ends
+    cpu_rel_err: float | None
+    cpu_pct: tuple[float | None, float | None]  # (reference, candidate)
+    counters: dict[str, CounterFit] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def passed(self) -> bool:
+        return (
+            self.checkpoints > 0
+            and self.agreement >= EXACT_TARGET
+            and self.max_rel_diff <= REL_TARGET
+            and (self.time_rel_err is None or self.time_rel_err <= TIME_TARGET)
+            and (self.cpu_rel_err is None or self.cpu_rel_err <= CPU_TARGET)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed()
+        return d
+
+
+def rel_diff(a: float, b: float) -> float:
+    scale = max(abs(a), abs(b))
+    return 0.0 if scale == 0 else abs(a - b) / scale
+
+
+def _start(tr: Trace) -> float:
+    for e in tr.events:
+        if e.get("action") == "ksm_start":
+            return float(e["t"])
+    return 0.0
+
+
+def _cpu_pct(tr: Trace, upto: float) -> float | None:
+    if "ksmd_cpu_ns" not in tr or upto <= 0:
+        return None
+    i = int(np.searchsorted(tr.t, upto, side="right")) - 1
+    if i <= 0:
+        return None
+    cpu = tr.since_start("ksmd_cpu_ns")
+    return float((cpu[i] - cpu[0]) / ((tr.t[i] - tr.t[0]) * 1e9) * 100)
+
+
+def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
+    """``cand`` (the model) against ``ref`` (the kernel), checkpoint by checkpoint."""
+    cr, cc = ref.checkpoints(), cand.checkpoints()
+    ks = sorted(set(cr) & set(cc))
+    notes = list(ref.meta.get("notes", [])) + list(cand.meta.get("notes", []))
+    missing = sorted(set(cr) ^ set(cc))
+    if missing:
+        notes.append(f"full scans seen on one side only: {missing[:8]}"
+                     + (" ..." if len(missing) > 8 else ""))
+    counters: dict[str, CounterFit] = {}
+    all_exact = np.ones(len(ks), dtype=bool)
+    worst = 0.0
+    for c in COMPARED:
+        if c not in ref or c not in cand or not ks:
+            continue
+        a = ref.since_start(c)[[cr[k] for k in ks]]
+        b = cand.since_start(c)[[cc[k] for k in ks]]
+        exact = np.isclose(a, b, rtol=0, atol=1e-6)
+        rel = np.array([rel_diff(x, y) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
+        all_exact &= exact
+        j = int(np.argmax(rel))
+        counters[c] = CounterFit(float(exact.mean()), float(rel[j]), ks[j] if rel[j] > 0 else None)
+        worst = max(worst, float(rel[j]))
+    t_err = None
+    if ks:
+        t0r, t0c = _start(ref), _start(cand)
+        errs = [rel_diff(float(ref.t[cr[k]]) - t0r, float(cand.t[cc[k]]) - t0c) for k in ks]
+        t_err = max(errs)
+    upto = min(float(ref.t[-1]), float(cand.t[-1])) if len(ref) and len(cand) else 0.0
+    pr, pc = _cpu_pct(ref, upto), _cpu_pct(cand, upto)
+    cpu_err = rel_diff(pr, pc) if pr is not None and pc is not None else None
+    return Fidelity(
+        name=name,
+        checkpoints=len(ks),
+        agreement=float(all_exact.mean()) if ks else 0.0,
+        max_rel_diff=worst,
+        time_rel_err=t_err,
+        cpu_rel_err=cpu_err,
+        cpu_pct=(pr, pc),
+        counters=counters,
+        notes=notes,
+    )
+
+
+def suite_agreement(results: list[Fidelity]) -> float:
+    """Share of all checkpoints of the suite where every counter agrees exactly."""
+    n = sum(r.checkpoints for r in results)
+    return sum(r.agreement * r.checkpoints for r in results) / n if n else 0.0
+
+
+def table(results: list[Fidelity]) -> str:
+    """Text for a terminal or an email (80 columns)."""
+    lines = [f"{'scenario':<22} {'ckpts':>5} {'exact':>6} {'maxdiff':>8} {'time':>6} "
+             f"{'cpu':>6} {'cpu% k/m':>11} ok"]
+    for r in results:
+        pr, pc = r.cpu_pct
+        cpu = f"{_num(pr)}/{_num(pc)}"
+        lines.append(
+            f"{r.name[:22]:<22} {r.checkpoints:>5} {r.agreement * 100:>5.1f}% "
+            f"{r.max_rel_diff * 100:>7.2f}% {_pct(r.time_rel_err):>6} {_pct(r.cpu_rel_err):>6} "
+            f"{cpu:>11} {'yes' if r.passed() else 'NO'}"
+        )
+    lines.append(f"suite: every counter exact at {suite_agreement(results) * 100:.1f} % of "
+                 f"{sum(r.checkpoints for r in results)} full-scan checkpoints")
+    lines.append(f"targets: exact >= {EXACT_TARGET:.0%}, maxdiff <= {REL_TARGET:.0%}, time <= "
+                 f"{TIME_TARGET:.0%}, cpu <= {CPU_TARGET:.0%} (relative errors)")
+    return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f}%"
+
+
+def disagreements(r: Fidelity) -> list[str]:
+    """One line per counter that did not agree everywhere (for the report)."""
+    return [
+        f"{r.name}: {c} exact at {f.exact_share * 100:.0f} %, worst {f.max_rel_diff * 100:.2f} % "
+        f"at full scan {f.worst_checkpoint}"
+        for c, f in r.counters.items() if f.exact_share < 1.0
+    ]
