@@ -159,3 +159,25 @@ def test_value_the_kernel_refuses(tmp_path: Path) -> None:
     ]
     assert read_all(KernelFS()) == before
     assert not workload_pids()
+
+
+def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
+    """Issue 4's figures on a subset CI can afford (about a minute of live runs)."""
+    from ksmlab import fidelity
+
+    r = subprocess.run([*KSMLAB, "validate", *fidelity.CI_SUBSET, "--json", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    by_name = {s["name"]: s for s in d["scenarios"]}
+    for s in d["scenarios"]:
+        assert s["agreement"] >= fidelity.EXACT_TARGET, s
+        assert s["max_rel_diff"] <= fidelity.REL_TARGET, s
+        assert s["time_rel_err"] <= fidelity.TIME_TARGET, s
+        assert s["cpu_rel_err"] <= fidelity.CPU_TARGET, s
+    # the thread's two claims, in the kernel and in the model of the same run
+    assert by_name["seed-uzp1"]["verdicts"] == {"kernel": ["rate-limit-bypass"],
+                                                "model": ["rate-limit-bypass"]}
+    assert by_name["uzp0-1000"]["verdicts"] == {"kernel": ["merge-collapse"],
+                                                "model": ["merge-collapse"]}
+    assert (tmp_path / "seed-uzp1.validate.png").exists()

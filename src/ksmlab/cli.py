@@ -20,6 +20,7 @@ from . import scenario as scenario_mod
 from .live.journal import Journal, RunLock
 from .live.kernelfs import KernelFS
 from .live.knobs import KnobError, RestoreError
+from .model.costs import CostProfile
 from .scenario import Scenario, ScenarioError
 from .trace import Trace, TraceError
 
@@ -229,15 +230,29 @@ def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
 @app.command()
 def sim(scenario: ScenarioArg,
         policy: Annotated[str, typer.Option("--policy", "-p", help="see ksmlab policies")],
-        duration: DurationOpt = None, out: OutOpt = None, json_out: JsonOpt = False) -> None:
+        duration: DurationOpt = None, out: OutOpt = None, json_out: JsonOpt = False,
+        profile: ProfileOpt = None) -> None:
     """Run a scenario in the model under one kernel policy (no root needed)."""
     from .model import get_policy, simulate
 
     sc = _load(scenario, duration)
     _policy(get_policy, policy)
-    tr = simulate(sc, policy)
+    tr = simulate(sc, policy, profile=_profile(profile))
     summary = metrics.summarize(tr)
     _emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out, {"policy": policy})
+
+
+ProfileOpt = Annotated[Path | None, typer.Option(
+    "--profile", help="cost profile JSON (default: the one fitted for this machine kind)")]
+
+
+def _profile(path: Path | None) -> CostProfile:
+    from .model.costs import load_profile
+
+    try:
+        return load_profile(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _policy(get: Callable[[str], object], name: str) -> None:
@@ -253,7 +268,8 @@ Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
 @app.command()
 def compare(scenario: ScenarioArg,
             policies: Annotated[str, typer.Option("--policies", help="A,B,... or all")] = "all",
-            duration: DurationOpt = None, fmt: Fmt = "text", out: OutOpt = None) -> None:
+            duration: DurationOpt = None, fmt: Fmt = "text", out: OutOpt = None,
+            profile: ProfileOpt = None) -> None:
     """The same scenario under several policies, side by side."""
     from .model import POLICIES, get_policy, simulate
 
@@ -263,7 +279,8 @@ def compare(scenario: ScenarioArg,
     names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
     for n in names:
         _policy(get_policy, n)
-    results = [(n, simulate(sc, n)) for n in names]
+    prof = _profile(profile)
+    results = [(n, simulate(sc, n, profile=prof)) for n in names]
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
     print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}"))
     if out is not None:
@@ -282,16 +299,11 @@ def validate(
     from . import fidelity
     from .live.run import Interrupted, LiveError, LiveRun
     from .model import get_policy, simulate
-    from .model.costs import load_profile
-
     names = list(fidelity.SUITE) if scenarios == ["all"] else scenarios
     loaded = [_load(n, None) for n in names]  # every file checked before anything runs
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
-    try:
-        prof = load_profile(profile)
-    except ValueError as e:
-        fail(str(e))
+    prof = _profile(profile)
     out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
     results = []
     for sc in loaded:
@@ -311,6 +323,8 @@ def validate(
         report.plot_validation(sc.name, ref, cand, out / f"{sc.name}.validate.png",
                                (f"Linux {ref.meta['kernel']}", f"model {pol}"))
         r = fidelity.compare(sc.name, ref, cand)
+        r.verdicts = {side: [v.name for v in metrics.summarize(tr).verdicts]
+                      for side, tr in (("kernel", ref), ("model", cand))}
         results.append(r)
         if not json_out:
             err.print(f"{sc.name}: {r.agreement * 100:.1f} % of {r.checkpoints} checkpoints "
@@ -327,9 +341,69 @@ def validate(
           f"{time.strftime('%Y-%m-%d')}")
     print(fidelity.table(results))
     for r in results:
-        for line in fidelity.disagreements(r):
+        k, m = (", ".join(r.verdicts[s]) or "none" for s in ("kernel", "model"))
+        print(f"{r.name}: verdicts kernel {k}; model {m}")
+        for line in fidelity.disagreements(r) + r.notes:
             print(textwrap.fill(line, 80, subsequent_indent="  "))
     print(f"traces and plots in {out}/")
+
+
+@app.command()
+def calibrate(
+    scenarios: Annotated[list[str] | None, typer.Argument(help="default: the validation suite")]
+    = None,
+    traces: Annotated[Path | None, typer.Option(
+        help="use kernel traces saved by `ksmlab validate --out DIR` instead of running live")]
+    = None,
+    out: Annotated[Path, typer.Option(help="where to write the profile")] = Path(
+        "ksmlab-out/profile.json"),
+    policy: Annotated[str | None, typer.Option(help="default: the one matching this kernel")]
+    = None,
+) -> None:
+    """Fit the model's cost profile (CPU per operation, sleep slack) to live traces."""
+    from . import calibrate as cal
+    from . import fidelity
+    from .live.run import LiveError, LiveRun
+    from .model import get_policy
+    from .model.costs import CostProfile
+
+    names = scenarios or list(fidelity.SUITE)
+    pol = policy or fidelity.policy_for_kernel(os.uname().release)
+    _policy(get_policy, pol)
+    kernels: list[tuple[str, Trace]] = []
+    for name in names:
+        if traces is not None:
+            path = traces / f"{name}.kernel.trace.json.gz"
+            if not path.exists():
+                fail(f"{path}: no kernel trace for {name} (run `ksmlab validate --out`)")
+            kernels.append((name, Trace.load(path)))
+            continue
+        sc = _load(name, None)
+        prog, update = _progress_live(sc, quiet=False)
+        live = LiveRun(sc, progress=update)
+        try:
+            live.check()
+            with prog:
+                kernels.append((name, live.run()))
+        except LiveError as e:
+            fail(f"{name}: {e}")
+    data = [iv for name, tr in kernels for iv in cal.intervals(name, tr, pol)]
+    try:
+        profile = cal.fit(data)
+    except ValueError as e:
+        fail(str(e))
+    before = cal.residuals(data, CostProfile())
+    after = cal.residuals(data, profile)
+    kernel = str(kernels[0][1].meta.get("kernel")) if kernels else os.uname().release
+    cal.save(cal.profile_document(profile, data, kernel, before, after), out)
+    print(f"{len(data)} full-scan intervals from {len(kernels)} kernel traces ({kernel})")
+    for label, r in (("hand-set priors", before), ("fitted", after)):
+        print(f"{label:<16} CPU error median {r['cpu_median'] * 100:5.1f} %, "
+              f"wall time error median {r['wall_median'] * 100:4.1f} %")
+    for k, v in profile.to_json().items():
+        print(f"  {k:<22} {v:>12.1f} ns")
+    print(f"profile: {out} (use it with --profile, or ship it as "
+          "src/ksmlab/model/profiles/default.json)")
 
 
 @app.command()

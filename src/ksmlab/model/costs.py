@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,14 @@ class CostProfile:
         return cls.from_dict(json.loads(path.read_text()))
 
 
-DEFAULT_PROFILE = CostProfile()
+def shipped_profile() -> CostProfile:
+    """The profile fitted on this machine kind (``ksmlab calibrate``), shipped in the
+    package; the field defaults above are the hand-set priors it was fitted from."""
+    path = resources.files("ksmlab.model") / "profiles" / "default.json"
+    return CostProfile.from_dict(json.loads(path.read_text())["profile"])
+
+
+DEFAULT_PROFILE = shipped_profile()
 
 
 class CpuMeter:
@@ -110,6 +118,8 @@ def load_profile(path: Path | None) -> CostProfile:
     if path is None:
         return DEFAULT_PROFILE
     try:
-        return CostProfile.load(path)
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_text())
+        # a file written by `ksmlab calibrate` holds the profile under "profile"
+        return CostProfile.from_dict(data.get("profile", data))
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"{path}: not a cost profile: {e}") from None

@@ -91,6 +91,9 @@ class Simulation:
         self.events: list[dict[str, Any]] = []
         self.tags = {id(e): i + 1 for i, e in enumerate(sc.event)}  # names written ids
         self.khd_generation = 0  # a khugepaged wake-up re-arms its timer
+        self.batches = 0  # ksmd batches so far (each followed by a sleep)
+        # full_scans -> (cost counts, batches) at that full-scan end: for calibration
+        self.at_scan_end: dict[int, tuple[dict[str, float], int]] = {}
         self.heap: list[tuple[float, int, int, str, object]] = []
         self.seq = 0
         self._setup()
@@ -307,6 +310,7 @@ class Simulation:
                 self.ksm.now = t
                 self.ksm.do_scan()
                 self.cpu.charge("batch_overhead_ns")
+                self.batches += 1
                 busy = (self.cpu.ns - before) / 1e9
                 ms = self.ksm.knobs.sleep_millisecs  # a `set` event may change it
                 slack = self.profile.sleep_slack_ns / 1e9 if ms else 0.0
@@ -317,6 +321,8 @@ class Simulation:
                     # the live lab samples right at each full-scan end (ksmd then
                     # sleeps), then does the per-scan writes and the held events
                     rows.append(self._sample(end, full_scan_end=True))
+                    self.at_scan_end.setdefault(
+                        self.ksm.seqnr, (dict(self.cpu.counts), self.batches))
                     if per_scan:
                         self._volatile_scan(self.ksm.seqnr)
                     for kind_, payload_ in held:

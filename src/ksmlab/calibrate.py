@@ -1,0 +1,132 @@
+"""Fit the model's cost profile (CPU per operation, sleep slack) to kernel traces.
+
+Between two consecutive full-scan ends the model knows how often it charged each
+cost (``CpuMeter.counts``) and how many batches ksmd ran; the kernel trace gives
+ksmd's CPU time (``ksmd_cpu_ns``) and the wall time over the same interval.  So
+
+    kernel CPU  = sum(count[p] * price[p])                  (linear in the prices)
+    kernel wall = CPU + batches * (sleep_millisecs + slack)
+
+Prices are fitted by bounded least squares on relative errors, pulled toward the
+hand-set defaults (many operations always occur together, e.g. a checksum per
+page visit, and the data alone cannot split their cost); the slack is the median
+over all intervals.  Nothing here knows where a trace came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import lsq_linear
+
+from .model.costs import DEFAULT_PROFILE, CostProfile
+from .model.run import Simulation
+from .scenario import Scenario
+from .trace import Trace
+
+PRIOR_WEIGHT = 0.2  # how hard the hand-set priors pull, against relative errors per scenario
+FIXED = ("sleep_slack_ns",)  # not a CPU cost: fitted from wall time instead
+
+
+@dataclass
+class Interval:
+    scenario: str
+    counts: dict[str, float]  # charges in the model over the interval
+    batches: int
+    kernel_cpu_ns: float
+    kernel_wall_s: float
+    sleep_ms: int
+
+
+def intervals(name: str, kernel: Trace, policy: str) -> list[Interval]:
+    """Consecutive full-scan ends seen in both the kernel trace and the model."""
+    sc = Scenario.model_validate(kernel.meta["scenario"])
+    sim = Simulation(sc, policy, DEFAULT_PROFILE)
+    sim.run()
+    ck = {0: 0, **kernel.checkpoints()}  # 0: the run's start, before ksmd's first batch
+    sim.at_scan_end[0] = ({}, 0)
+    common = sorted(set(ck) & set(sim.at_scan_end))
+    cpu = kernel.since_start("ksmd_cpu_ns")
+    out = []
+    for a, b in pairwise(common):
+        (ca, ba), (cb, bb) = sim.at_scan_end[a], sim.at_scan_end[b]
+        out.append(Interval(
+            name, {k: cb[k] - ca.get(k, 0.0) for k in cb}, bb - ba,
+            float(cpu[ck[b]] - cpu[ck[a]]), float(kernel.t[ck[b]] - kernel.t[ck[a]]),
+            sc.ksm.sleep_millisecs,
+        ))
+    return out
+
+
+def fit(data: list[Interval], base: CostProfile | None = None) -> CostProfile:
+    """Prices that best explain the kernel's CPU; ``base`` (the hand-set priors by
+    default, so a fit does not depend on the previous one) pulls where data is thin."""
+    prior = (base or CostProfile()).to_json()
+    names = [k for k in prior if k not in FIXED]
+    rows = [iv for iv in data if iv.kernel_cpu_ns > 0 and iv.batches > 0]
+    if not rows:
+        raise ValueError("no full-scan intervals to fit (traces without checkpoints?)")
+    # relative errors: each row divided by the kernel's CPU over the interval, and
+    # each scenario weighing as much as any other however many scans it has
+    per = {s: sum(1 for iv in rows if iv.scenario == s) for s in {iv.scenario for iv in rows}}
+    weight = np.array([1.0 / np.sqrt(per[iv.scenario]) for iv in rows])
+    a = np.array([[iv.counts.get(n, 0.0) / iv.kernel_cpu_ns for n in names] for iv in rows])
+    a = a * weight[:, None]
+    b = weight
+    # prior rows: (p - p0) / p0 * weight, as x = p / p0 scales
+    scale = np.array([max(prior[n], 1.0) for n in names])
+    a = a * scale
+    w = PRIOR_WEIGHT * np.sqrt(len(per) / len(names))
+    a_full = np.vstack([a, w * np.eye(len(names))])
+    b_full = np.concatenate([b, w * np.ones(len(names))])
+    res = lsq_linear(a_full, b_full, bounds=(0.0, np.inf))
+    fitted = {n: float(x * s) for n, x, s in zip(names, res.x, scale, strict=True)}
+    # wall time: slack per batch beyond sleep_millisecs and the CPU the batches took
+    slack = [
+        (iv.kernel_wall_s * 1e9 - iv.kernel_cpu_ns - iv.batches * iv.sleep_ms * 1e6) / iv.batches
+        for iv in rows if iv.sleep_ms > 0
+    ]
+    fitted["sleep_slack_ns"] = float(np.median(slack)) if slack else prior["sleep_slack_ns"]
+    return CostProfile.from_dict(fitted)
+
+
+def residuals(data: list[Interval], profile: CostProfile) -> dict[str, float]:
+    """Median and worst relative error of CPU and wall time per interval."""
+    price = profile.to_json()
+    cpu_err, wall_err = [], []
+    for iv in data:
+        if iv.kernel_cpu_ns <= 0 or iv.batches == 0:
+            continue
+        cpu = sum(n * price[k] for k, n in iv.counts.items())
+        cpu_err.append(abs(cpu - iv.kernel_cpu_ns) / iv.kernel_cpu_ns)
+        wall = cpu / 1e9 + iv.batches * (iv.sleep_ms / 1000 + price["sleep_slack_ns"] / 1e9)
+        wall_err.append(abs(wall - iv.kernel_wall_s) / iv.kernel_wall_s)
+    return {
+        "cpu_median": float(np.median(cpu_err)), "cpu_worst": float(np.max(cpu_err)),
+        "wall_median": float(np.median(wall_err)), "wall_worst": float(np.max(wall_err)),
+        "intervals": len(cpu_err),
+    }
+
+
+def profile_document(profile: CostProfile, data: list[Interval], kernel: str,
+                     before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    return {
+        "fitted": datetime.now(UTC).isoformat(timespec="seconds"),
+        "kernel": kernel,
+        "scenarios": sorted({iv.scenario for iv in data}),
+        "residuals_before": before,
+        "residuals_after": after,
+        "profile": profile.to_json(),
+    }
+
+
+def save(doc: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path

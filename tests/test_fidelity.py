@@ -1,0 +1,106 @@
+"""Fidelity comparison and calibration on synthetic data worked out here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ksmlab import calibrate, fidelity
+from ksmlab.model.costs import CostProfile
+from ksmlab.trace import Trace
+
+
+def trace(ends: list[float], sharing: list[float], cpu_ns_per_s: float = 1e7,
+          extra: dict[str, list[float]] | None = None) -> Trace:
+    """Samples every 0.5 s plus one at each full-scan end (marked)."""
+    rows = []
+    for t in np.arange(0.0, ends[-1] + 0.5, 0.5):
+        k = sum(1 for e in ends if e <= t)
+        rows.append({"t": float(t), "full_scan_end": 0.0, "full_scans": float(k),
+                     "pages_sharing": sharing[k - 1] if k else 0.0,
+                     "ksmd_cpu_ns": t * cpu_ns_per_s})
+    for k, e in enumerate(ends, start=1):
+        row = {"t": e, "full_scan_end": 1.0, "full_scans": float(k),
+               "pages_sharing": sharing[k - 1], "ksmd_cpu_ns": e * cpu_ns_per_s}
+        for name, vals in (extra or {}).items():
+            row[name] = vals[k - 1]
+        rows.append(row)
+    rows.sort(key=lambda r: r["t"])
+    return Trace.from_rows({"scenario": {}}, rows, [{"t": 0.0, "action": "ksm_start"}])
+
+
+def test_identical_traces_agree_everywhere() -> None:
+    a = trace([1.0, 2.0, 3.0], [0, 10, 20])
+    r = fidelity.compare("x", a, a)
+    assert r.checkpoints == 3
+    assert r.agreement == 1.0 and r.max_rel_diff == 0.0
+    assert r.time_rel_err == 0.0 and r.cpu_rel_err == 0.0
+    assert r.passed()
+
+
+def test_one_counter_off_at_one_checkpoint() -> None:
+    a = trace([1.0, 2.0, 3.0, 4.0], [0, 100, 200, 300])
+    b = trace([1.0, 2.0, 3.0, 4.0], [0, 100, 201, 300])
+    r = fidelity.compare("x", a, b)
+    assert r.agreement == 0.75
+    assert r.counters["pages_sharing"].exact_share == 0.75
+    assert r.counters["pages_sharing"].max_rel_diff == pytest.approx(1 / 201)
+    assert r.counters["pages_sharing"].worst_checkpoint == 3
+    assert not r.passed()  # 75 % exact is below 95 %
+    assert fidelity.disagreements(r) == [
+        "x: pages_sharing exact at 75 %, worst 0.50 % at full scan 3"]
+
+
+def test_time_and_cpu_errors() -> None:
+    a = trace([1.0, 2.0], [0, 0], cpu_ns_per_s=1e7)  # 1 % CPU
+    b = trace([1.1, 2.1], [0, 0], cpu_ns_per_s=1.2e7)  # ends 10 % and 5 % late, 1.2 % CPU
+    r = fidelity.compare("x", a, b)
+    assert r.time_rel_err == pytest.approx(0.1 / 1.1)
+    assert r.cpu_rel_err == pytest.approx(0.2 / 1.2)
+    assert r.cpu_pct == (pytest.approx(1.0), pytest.approx(1.2))
+
+
+def test_checkpoints_seen_on_one_side_are_noted() -> None:
+    a = trace([1.0, 2.0, 3.0], [0, 1, 2])
+    b = trace([1.0, 2.0], [0, 1])
+    r = fidelity.compare("x", a, b)
+    assert r.checkpoints == 2
+    assert any("one side only: [3]" in n for n in r.notes)
+    assert fidelity.suite_agreement([r, fidelity.compare("y", a, a)]) == 1.0
+
+
+def test_policy_for_kernel() -> None:
+    assert fidelity.policy_for_kernel("6.1.0-18-amd64") == "pre-6.12"
+    assert fidelity.policy_for_kernel("6.12.117") == "mainline"
+    assert fidelity.policy_for_kernel("6.18.44-fc-v657") == "mainline"
+
+
+def test_fit_recovers_prices_and_slack() -> None:
+    true = CostProfile(visit_ns=500.0, checksum_ns=700.0, split_ns=20000.0,
+                       sleep_slack_ns=4_000_000.0)
+    price = true.to_json()
+    rng = np.random.default_rng(1)
+    data = []
+    for i in range(60):
+        counts = {"visit_ns": float(rng.integers(100, 5000)),
+                  "checksum_ns": float(rng.integers(0, 5000)),
+                  "split_ns": float(rng.integers(0, 30))}
+        cpu = sum(n * price[k] for k, n in counts.items())
+        batches = int(rng.integers(1, 50))
+        wall = (cpu + batches * (20e6 + 4e6)) / 1e9
+        data.append(calibrate.Interval(f"s{i % 3}", counts, batches, cpu, wall, 20))
+    calibrate.PRIOR_WEIGHT, old = 1e-4, calibrate.PRIOR_WEIGHT
+    try:
+        fitted = calibrate.fit(data).to_json()
+    finally:
+        calibrate.PRIOR_WEIGHT = old
+    for k in ("visit_ns", "checksum_ns", "split_ns"):
+        assert fitted[k] == pytest.approx(price[k], rel=0.01)
+    assert fitted["sleep_slack_ns"] == pytest.approx(4e6)
+    r = calibrate.residuals(data, calibrate.fit(data))
+    assert r["intervals"] == 60
+
+
+def test_fit_without_checkpoints_is_refused() -> None:
+    with pytest.raises(ValueError, match="no full-scan intervals"):
+        calibrate.fit([])
