@@ -125,7 +125,19 @@ def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> P
     mib = KIB_PER_PAGE / 1024
     tmax = 0.0
     budget = None
+    # policies with the same curves share one line (and one legend entry)
+    groups: list[tuple[list[str], Trace]] = []
     for label, tr in traces:
+        same = next((g for g in groups if len(g[1]) == len(tr)
+                     and np.array_equal(freed_pages(g[1]), freed_pages(tr))
+                     and np.array_equal(ksm_accounted_pages(g[1]), ksm_accounted_pages(tr))), None)
+        if same is not None:
+            same[0].append(label)
+        else:
+            groups.append(([label], tr))
+    for labels, tr in groups:
+        label = ", ".join(labels)
+        label = label if len(label) < 60 else label[:57] + "..."
         line = ax.plot(tr.t, freed_pages(tr) * mib, label=f"{label}: freed", lw=1.8)[0]
         acct = ksm_accounted_pages(tr) * mib
         if np.any(acct > 0):
