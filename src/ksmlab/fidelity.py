@@ -14,19 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from .trace import Trace
+from .trace import KSM_COUNTERS, Trace
 
 # What the kernel counts, KSM's own and around it (issue 4's list, plus a few cheap ones)
 COMPARED = (
-    "pages_scanned",
-    "pages_shared",
-    "pages_sharing",
-    "pages_unshared",
-    "pages_volatile",
-    "pages_skipped",
-    "ksm_zero_pages",
-    "stable_node_chains",
-    "stable_node_dups",
+    *(c for c in KSM_COUNTERS if c not in ("full_scans", "general_profit")),
     "thp_split_page",
     "thp_split_page_failed",
     "RssAnon",

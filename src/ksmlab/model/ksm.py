@@ -295,13 +295,7 @@ class Ksm:
             if self._ksm_get_folio(node) is None:
                 return  # stale node: removed with all its items
             del node.hlist[item]
-            if node.hlist:
-                self.pages_sharing -= 1
-            else:
-                self.pages_shared -= 1
-            item.mm.ksm_merging_pages -= 1
-            item.head = None
-            item.flags = 0
+            self._unlink_stable(item, last=not node.hlist)
         elif item.flags & UNSTABLE_FLAG:
             age = (self.seqnr - item.seqnr) & SEQNR_MASK
             assert age <= 1
@@ -309,6 +303,18 @@ class Ksm:
                 rb_erase(self.unstable, item)
             self.pages_unshared -= 1
             item.flags = 0
+
+    def _unlink_stable(self, item: RmapItem, last: bool) -> None:
+        """The counters of one item leaving a stable node: the node's last item was
+        its pages_shared, any other a pages_sharing (remove_rmap_item_from_tree(),
+        remove_node_from_stable_tree())."""
+        if last:
+            self.pages_shared -= 1
+        else:
+            self.pages_sharing -= 1
+        item.mm.ksm_merging_pages -= 1
+        item.head = None
+        item.flags = 0
 
     def _ksm_get_folio(self, node: StableNode) -> Page | None:
         """ksm_get_folio(): the keyhole check; a stale node is removed."""
@@ -321,13 +327,7 @@ class Ksm:
     def _remove_node_from_stable_tree(self, node: StableNode) -> None:
         items = list(node.hlist)
         for k, it in enumerate(items):
-            if k < len(items) - 1:
-                self.pages_sharing -= 1
-            else:
-                self.pages_shared -= 1
-            it.mm.ksm_merging_pages -= 1
-            it.head = None
-            it.flags = 0
+            self._unlink_stable(it, last=k == len(items) - 1)
         node.hlist.clear()
         if node.chain is not None:
             # stable_node_dup_del()
