@@ -181,5 +181,38 @@ def test_set_event_changes_knobs_mid_run() -> None:
     tr = simulate(sc("seed-uzp0-nothp", event=ev), "mainline")
     assert tr["ksm_zero_pages"][-1] == 32768 and tr["pages_sharing"][-1] == 0
     ev = [{"action": "set", "at": 0.5, "knob": "ksm.pages_to_scan", "value": 1000}]
-    fast = simulate(sc("seed-uzp1-nothp", duration=4.0, event=ev), "mainline")
+    fast = simulate(sc("seed-uzp1-nothp", duration=4.0, event=ev, align_events=False), "mainline")
     assert fast["full_scans"][-1] >= 2 and fast["ksm_zero_pages"][-1] == 32768
+
+
+def _ends(tr: Trace) -> list[float]:
+    return sorted(float(tr.t[i]) for i in tr.checkpoints().values())
+
+
+def test_aligned_event_waits_for_the_next_full_scan_end() -> None:
+    ev = [{"action": "pressure", "at": 1.0}]
+    tr = simulate(sc("seed-uzp0", duration=9.0, event=ev), "mainline")
+    applied = next(e["t"] for e in tr.events if e["action"] == "pressure")
+    assert applied == min(t for t in _ends(tr) if t >= 1.0)  # the first scan ends at ~7.7 s
+    loose = simulate(sc("seed-uzp0", duration=9.0, event=ev, align_events=False), "mainline")
+    assert next(e["t"] for e in loose.events if e["action"] == "pressure") == 1.0
+
+
+def test_driven_khugepaged_wakes_every_period_at_full_scan_ends() -> None:
+    tr = simulate(scenario.load("khugepaged-recollapse"), "mainline")
+    wakes = [e for e in tr.events if e["action"] == "khugepaged"]
+    assert [w["at"] for w in wakes] == [3.0, 6.0, 9.0, 12.0, 15.0, 18.0]
+    ends = _ends(tr)
+    for w in wakes:
+        assert w["t"] == min(t for t in ends if t >= w["at"])
+    # each wake is one pass of 4096 pages = 8 PMDs; ranges KSM split collapse again
+    assert tr["khugepaged_pages_collapsed"][-1] > 0
+    assert tr["thp_split_page"][-1] > 32
+
+
+def test_parked_khugepaged_knob_cannot_change_mid_run() -> None:
+    ev = [{"action": "set", "at": 1.0, "knob": "thp.khugepaged.scan_sleep_millisecs",
+           "value": 100}]
+    with pytest.raises(ValueError, match="drives khugepaged"):
+        sc("seed-uzp0", event=ev)
+    assert sc("seed-uzp0", event=ev, drive_khugepaged=False).drive_khugepaged is False

@@ -19,6 +19,7 @@ PAGE_SIZE = 4096
 HPAGE_PMD_NR = 512  # subpages of a PMD-mapped THP on x86-64
 HPAGE_PMD_SIZE = PAGE_SIZE * HPAGE_PMD_NR
 MiB = 1 << 20
+KHUGEPAGED_PARKED_MS = 86_400_000  # a day: khugepaged's own timer never fires in a run
 
 
 class ScenarioError(ValueError):
@@ -227,7 +228,13 @@ class Scenario(_Strict):
     # true: while KSM runs, an event that falls due waits for the next full-scan end
     # and is applied while ksmd sleeps after it (fill_at too), so it meets the same
     # cursor position in the kernel and in the model; false: applied at its time
-    align_events: bool = False
+    align_events: bool = True
+    # true: the lab drives khugepaged.  The kernel's own timer is parked (its
+    # scan_sleep_millisecs set to a day for the run) and the lab wakes it every
+    # thp.khugepaged.scan_sleep_millisecs instead (aligned like events): the kernel's
+    # timer fires up to one timer-wheel granule late (256 ms at HZ=250 for 10 s) at a
+    # phase nobody can know, so its passes could not be placed against ksmd's scans.
+    drive_khugepaged: bool = True
     # duplicate pages take ids 1..duplicate_pool (cyclically within a chunk)
     duplicate_pool: int = Field(512, ge=1, le=1 << 20)
     ksm: KsmKnobs = KsmKnobs()
@@ -238,6 +245,10 @@ class Scenario(_Strict):
     @model_validator(mode="after")
     def _events_fit(self) -> Scenario:
         for e in self.event:
+            if (isinstance(e, SetKnob) and self.drive_khugepaged
+                    and e.knob == "thp.khugepaged.scan_sleep_millisecs"):
+                raise ValueError("thp.khugepaged.scan_sleep_millisecs cannot change mid-run "
+                                 "while the lab drives khugepaged (drive_khugepaged)")
             if e.at > self.duration:
                 raise ValueError(
                     f"event {e.action} at {e.at} s is after duration {self.duration} s"
@@ -248,6 +259,18 @@ class Scenario(_Strict):
                 if e.region >= len(self.process[e.process].region):
                     raise ValueError(f"write event names region {e.region}, which does not exist")
         return self
+
+    def khugepaged_wakes(self) -> list[float]:
+        """Times the lab wakes khugepaged (besides time 0), when it drives it."""
+        period = self.thp.khugepaged.scan_sleep_millisecs / 1000.0
+        if not self.drive_khugepaged or period <= 0:
+            return []
+        return [k * period for k in range(1, int(self.duration / period) + 1)]
+
+    def khugepaged_kernel_sleep_ms(self) -> int:
+        """What khugepaged/scan_sleep_millisecs is in the kernel during the run."""
+        return KHUGEPAGED_PARKED_MS if self.drive_khugepaged else (
+            self.thp.khugepaged.scan_sleep_millisecs)
 
     @property
     def total_pages(self) -> int:

@@ -109,6 +109,8 @@ def scenario_knobs(sc: Scenario) -> list[tuple[str, object]]:
     for name in ("enabled", "defrag", "use_zero_page", "shrink_underused"):
         out.append((f"transparent_hugepage/{name}", getattr(t, name)))
     for name, value in t.khugepaged.model_dump().items():
+        if name == "scan_sleep_millisecs":
+            value = sc.khugepaged_kernel_sleep_ms()  # parked while the lab drives it
         out.append((f"transparent_hugepage/khugepaged/{name}", value))
     return out
 
@@ -143,6 +145,8 @@ def _timeline(sc: Scenario) -> list[_Timed]:
         items.append(_Timed(sc.fill_at, 0, "fill"))
     if sc.ksm_start_at is not None:
         items.append(_Timed(sc.ksm_start_at, 1, "ksm_start"))
+    for at in sc.khugepaged_wakes():
+        items.append(_Timed(at, 1000, KhugepagedWake(action="khugepaged", at=at)))
     return sorted(items, key=lambda x: (x.at, x.order))
 
 

@@ -6,7 +6,7 @@ aligned (top-down, as mmap places them), madvises MADV_HUGEPAGE/NOHUGEPAGE and
 MADV_MERGEABLE, then writes every page in address order (or at ``fill_at``).
 Time 0 = all workloads ready.  ksmd runs batches of pages_to_scan separated by
 sleep_millisecs (+ the profile's wake-up slack) plus each batch's CPU cost;
-khugepaged wakes every scan_sleep_millisecs; events apply at their times;
+khugepaged wakes at time 0 and then as the lab drives it (or its own timer);
 samples are taken every sample_interval from 0 to duration inclusive (a sample
 due at the same time as an action sees the state before it).
 """
@@ -206,7 +206,9 @@ class Simulation:
         if self.khugepaged.slots:
             self.khugepaged.do_scan()
         self.khd_generation += 1
-        period = self.khugepaged.knobs.scan_sleep_millisecs / 1000.0
+        # the kernel's own timer: parked for the run when the lab drives khugepaged
+        period = (self.sc.khugepaged_kernel_sleep_ms() if self.sc.drive_khugepaged
+                  else self.khugepaged.knobs.scan_sleep_millisecs) / 1000.0
         self.push(t + max(period, 0.001), 5, "khugepaged", self.khd_generation)
 
     def _volatile(self, t: float) -> None:
@@ -261,6 +263,8 @@ class Simulation:
             push(sc.ksm_start_at, 2, "event", KsmStart(action="ksm_start", at=sc.ksm_start_at))
         for e in sc.event:
             push(e.at, 3, "event", e)
+        for at in sc.khugepaged_wakes():  # the lab's wake-ups (drive_khugepaged)
+            push(at, 7, "event", KhugepagedWake(action="khugepaged", at=at))
         if any(r.spec.volatile_pages_per_s > 0 for r in self.regions):
             push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
         if sc.thp.enabled != "never":
@@ -277,7 +281,7 @@ class Simulation:
                 self._fill()
                 return
             self._apply(payload, t)
-            self.events.append({"t": t, **_event_dict(payload)})
+            self.events.append({"t": round(t, 9), **_event_dict(payload)})
             if self.ksm.should_run() and not ksmd_pending:
                 push(t, 6, "ksmd")  # writing run wakes ksmd at once
                 ksmd_pending = True
