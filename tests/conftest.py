@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +133,20 @@ def _live_required() -> None:
         pytest.fail(f"KSMLAB_REQUIRE_LIVE=1 but {why}")
 
 
+def run_ksmlab(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m ksmlab ARGS``; past the timeout it gets SIGTERM (never SIGKILL, which
+    subprocess.run would send), so its own restore puts the knobs back."""
+    cmd = [sys.executable, "-m", "ksmlab", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+        pytest.fail(f"ksmlab {' '.join(args)} took over {timeout:.0f} s (ended by SIGTERM)")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def workload_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "ksmlab.live.workload"], capture_output=True,
                          text=True, check=False).stdout
@@ -152,5 +168,10 @@ def _machine_left_as_found() -> Iterator[None]:
         return
     after = read_all(real) if before else {}
     changed = {k: (v, after.get(k)) for k, v in before.items() if after.get(k) != v}
+    if changed:  # fail, but do not leave the machine so: undo it from the journal
+        from ksmlab.live.journal import Journal
+        from ksmlab.live.run import restore_journal
+
+        restore_journal(real, Journal(Path("/run/ksmlab")), lock)
     assert not changed, f"the test suite left knobs changed: {changed}"
     assert not workload_pids(), f"workload processes left: {workload_pids()}"

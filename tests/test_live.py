@@ -20,7 +20,7 @@ from ksmlab.live.journal import Journal
 from ksmlab.live.kernelfs import KernelFS
 from ksmlab.live.knobs import read_all
 
-from .conftest import workload_pids
+from .conftest import run_ksmlab, workload_pids
 
 pytestmark = pytest.mark.live
 KSMLAB = [sys.executable, "-m", "ksmlab"]
@@ -29,8 +29,7 @@ KSM = Path("/sys/kernel/mm/ksm")
 
 def run_json(*args: str) -> tuple[dict[str, object], float]:
     t0 = time.monotonic()
-    r = subprocess.run([*KSMLAB, "run", *args, "--json"], capture_output=True, text=True,
-                       timeout=180, check=False)
+    r = run_ksmlab(["run", *args, "--json"], timeout=180)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), time.monotonic() - t0
 
@@ -132,8 +131,7 @@ def test_signal_ends_the_run_and_restores(tmp_path: Path, sig: signal.Signals) -
 def test_second_live_run_is_refused(tmp_path: Path) -> None:
     p = start_slow(tmp_path)
     try:
-        r = subprocess.run([*KSMLAB, "run", "seed-uzp1"], capture_output=True, text=True,
-                           timeout=30, check=False)
+        r = run_ksmlab(["run", "seed-uzp1"], timeout=30)
         assert r.returncode == 2
         assert "another live run" in r.stderr
     finally:
@@ -150,8 +148,7 @@ def test_value_the_kernel_refuses(tmp_path: Path) -> None:
                  + '[[event]]\nat = 4.0\naction = "set"\nknob = "ksm.max_page_sharing"\n'
                  + "value = 32\n")
     before = read_all(KernelFS())
-    r = subprocess.run([*KSMLAB, "run", str(f)], capture_output=True, text=True, timeout=60,
-                       check=False)
+    r = run_ksmlab(["run", str(f)], timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
         "ksmlab: error: the kernel refused '32' for /sys/kernel/mm/ksm/max_page_sharing: "
@@ -165,8 +162,8 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
     """Issue 4's figures on a subset CI can afford (about a minute of live runs)."""
     from ksmlab import fidelity
 
-    r = subprocess.run([*KSMLAB, "validate", *fidelity.CI_SUBSET, "--json", "--out",
-                        str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    r = run_ksmlab(["validate", *fidelity.CI_SUBSET, "--json", "--out", str(tmp_path)],
+                   timeout=600)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     by_name = {s["name"]: s for s in d["scenarios"]}
