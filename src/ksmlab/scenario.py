@@ -169,7 +169,8 @@ class Write(_Event):
 
 
 class Pressure(_Event):
-    """Memory pressure: ``echo 2 > /proc/sys/vm/drop_caches`` runs the shrinkers."""
+    """Memory pressure: ``echo 3 > /proc/sys/vm/drop_caches`` drains the per-CPU LRU
+    batches and runs the shrinkers (the underused-THP one among them)."""
 
     action: Literal["pressure"]
 

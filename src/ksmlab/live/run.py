@@ -279,8 +279,12 @@ class LiveRun:
         elif isinstance(ev, SetKnob):
             ks.set(ev.sysfs_name, ev.value)
         elif isinstance(ev, Pressure):
-            # drop_caches runs shrink_slab, which includes the deferred-split shrinker
-            self.fs.write("proc/sys/vm/drop_caches", "2")
+            # drop_caches: bit 2 runs drop_slab(), which includes the deferred-split
+            # shrinker; bit 1 first does lru_add_drain_all() (fs/drop_caches.c), so no
+            # THP still sits in a per-CPU LRU batch, whose reference would make
+            # split_folio() fail the refcount check at random (ksmd drains the same
+            # way at every full-scan start)
+            self.fs.write("proc/sys/vm/drop_caches", "3")
         name = ev if isinstance(ev, str) else ev.action
         self.events.append({"t": round(t, 4), "action": name, "planned": item.at})
 
