@@ -216,3 +216,15 @@ def test_parked_khugepaged_knob_cannot_change_mid_run() -> None:
     with pytest.raises(ValueError, match="drives khugepaged"):
         sc("seed-uzp0", event=ev)
     assert sc("seed-uzp0", event=ev, drive_khugepaged=False).drive_khugepaged is False
+
+
+def test_pinned_event_replays_at_the_given_full_scan() -> None:
+    # the kernel applied the pressure after full scan 3, though its time (1 s) falls in
+    # scan 1 here: the model replays it at scan 3 (fidelity.pins() of a kernel trace)
+    ev = [{"action": "pressure", "at": 1.0}]
+    tr = simulate(sc("thp-z90-dup", duration=3.0, event=ev), "mainline",
+                  pins=[("pressure", 3)])
+    done = next(e for e in tr.events if e["action"] == "pressure")
+    assert done["full_scans"] == 3 and done["aligned"] is True
+    free = simulate(sc("thp-z90-dup", duration=3.0, event=ev), "mainline")
+    assert next(e for e in free.events if e["action"] == "pressure")["full_scans"] == 1

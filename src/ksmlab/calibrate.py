@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import lsq_linear
 
+from .fidelity import pins
 from .model.costs import DEFAULT_PROFILE, CostProfile
 from .model.run import Simulation
 from .scenario import Scenario
@@ -47,7 +48,7 @@ class Interval:
 def intervals(name: str, kernel: Trace, policy: str) -> list[Interval]:
     """Consecutive full-scan ends seen in both the kernel trace and the model."""
     sc = Scenario.model_validate(kernel.meta["scenario"])
-    sim = Simulation(sc, policy, DEFAULT_PROFILE)
+    sim = Simulation(sc, policy, DEFAULT_PROFILE, pins(kernel))
     sim.run()
     ck = {0: 0, **kernel.checkpoints()}  # 0: the run's start, before ksmd's first batch
     sim.at_scan_end[0] = ({}, 0)

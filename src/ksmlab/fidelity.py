@@ -111,6 +111,16 @@ def _cpu_pct(tr: Trace, upto: float) -> float | None:
     return float((cpu[i] - cpu[0]) / ((tr.t[i] - tr.t[0]) * 1e9) * 100)
 
 
+TIME_FLOOR_S = 1.0
+
+
+def pins(tr: Trace) -> list[tuple[str, int]]:
+    """(action, full_scans) of every event a trace applied at a full-scan end, in order:
+    the model replays them at the same full scans (``simulate(pins=...)``), so where an
+    event lands does not hang on a clock a few per cent apart."""
+    return [(str(e["action"]), int(e["full_scans"])) for e in tr.events if e.get("aligned")]
+
+
 def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     """``cand`` (the model) against ``ref`` (the kernel), checkpoint by checkpoint."""
     cr, cc = ref.checkpoints(), cand.checkpoints()
@@ -137,7 +147,10 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     t_err = None
     if ks:
         t0r, t0c = _start(ref), _start(cand)
-        errs = [rel_diff(float(ref.t[cr[k]]) - t0r, float(cand.t[cc[k]]) - t0c) for k in ks]
+        # relative to the time since KSM started, counted from at least a second: a scan
+        # that ends 1 ms after the start has no meaningful relative error
+        errs = [abs((float(cand.t[cc[k]]) - t0c) - (float(ref.t[cr[k]]) - t0r))
+                / max(float(ref.t[cr[k]]) - t0r, TIME_FLOOR_S) for k in ks]
         t_err = max(errs)
     upto = min(float(ref.t[-1]), float(cand.t[-1])) if len(ref) and len(cand) else 0.0
     pr, pc = _cpu_pct(ref, upto), _cpu_pct(cand, upto)

@@ -255,7 +255,8 @@ class LiveRun:
         name = f"{THP}/khugepaged/scan_sleep_millisecs"
         self.fs.write(name, self.fs.read(name))
 
-    def _apply(self, item: _Timed, ks: KnobSession, workloads: list[Workload], t: float) -> None:
+    def _apply(self, item: _Timed, ks: KnobSession, workloads: list[Workload], t: float,
+               scans: int | None = None, aligned: bool = False) -> None:
         ev = item.event
         if ev == "ksm_start" or isinstance(ev, KsmStart):
             ks.set("ksm/run", 1)
@@ -286,7 +287,9 @@ class LiveRun:
             # way at every full-scan start)
             self.fs.write("proc/sys/vm/drop_caches", "3")
         name = ev if isinstance(ev, str) else ev.action
-        self.events.append({"t": round(t, 4), "action": name, "planned": item.at})
+        # full_scans when applied: the model can replay an aligned event at the same scan
+        self.events.append({"t": round(t, 4), "action": name, "planned": item.at,
+                            "full_scans": scans, "aligned": aligned})
 
     def _loop(self, ks: KnobSession, sampler: Sampler, workloads: list[Workload]
               ) -> list[dict[str, float]]:
@@ -318,7 +321,7 @@ class LiveRun:
                 if sc.align_events and self.ksm_running:
                     held.append(item)
                 else:
-                    self._apply(item, ks, workloads, time.monotonic() - t0)
+                    self._apply(item, ks, workloads, time.monotonic() - t0, last_scans)
             scans = sampler.full_scans()
             if scans != last_scans:
                 last_scans = scans
@@ -331,7 +334,7 @@ class LiveRun:
                         for w in workloads:
                             w.command("volatile_scan", step=scans)
                     for item in held:
-                        self._apply(item, ks, workloads, time.monotonic() - t0)
+                        self._apply(item, ks, workloads, time.monotonic() - t0, scans, True)
                     held.clear()
             elif k * sc.sample_interval <= now:
                 take(boundary=False)

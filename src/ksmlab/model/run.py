@@ -14,7 +14,7 @@ due at the same time as an action sees the state before it).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +76,8 @@ class _Region:
 
 
 class Simulation:
-    def __init__(self, sc: Scenario, policy: str, profile: CostProfile) -> None:
+    def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
+                 pins: Sequence[tuple[str, int]] = ()) -> None:
         check_supported(sc)
         self.sc = sc
         self.policy = get_policy(policy)
@@ -95,8 +96,38 @@ class Simulation:
         # full_scans -> (cost counts, batches) at that full-scan end: for calibration
         self.at_scan_end: dict[int, tuple[dict[str, float], int]] = {}
         self.heap: list[tuple[float, int, int, str, object]] = []
+        self.pins = list(pins)
         self.seq = 0
         self._setup()
+
+    def _take_pinned(self) -> dict[int, list[tuple[str, object]]]:
+        """Move the fill/events that ``pins`` place at a full scan out of the clock.
+
+        ``pins`` (from a kernel trace: fidelity.pins()) lists (action, full_scans) of
+        each event the kernel applied at a full-scan end, in order; the n-th event of
+        an action here is matched with the n-th pin of that action."""
+        out: dict[int, list[tuple[str, object]]] = {}
+        if not self.pins:
+            return out
+        wanted: dict[tuple[str, int], int] = {}
+        seen: dict[str, int] = {}
+        for action, scans in self.pins:
+            wanted[(action, seen.get(action, 0))] = scans
+            seen[action] = seen.get(action, 0) + 1
+        keep, count = [], dict.fromkeys(seen, 0)
+        for item in sorted(self.heap):
+            _t, _prio, _seq, kind, payload = item
+            action = "fill" if kind == "fill" else str(getattr(payload, "action", ""))
+            if kind in ("fill", "event") and action in count:
+                n = count[action]
+                count[action] += 1
+                if (action, n) in wanted:
+                    out.setdefault(wanted[(action, n)], []).append((kind, payload))
+                    continue
+            keep.append(item)
+        self.heap[:] = keep
+        heapq.heapify(self.heap)
+        return out
 
     def push(self, t: float, prio: int, kind: str, payload: object = None) -> None:
         heapq.heappush(self.heap, (t, prio, self.seq, kind, payload))
@@ -272,16 +303,19 @@ class Simulation:
             push(0.0, 5, "khugepaged", self.khd_generation)
         per_scan = any(r.spec.volatile_pages_per_scan for r in self.regions)
         held: list[tuple[str, object]] = []  # align_events: due, waiting for a scan end
+        at_scan = self._take_pinned()  # replayed at the full scan the kernel applied them
         ksmd_pending = False
         rows: list[Mapping[str, float]] = []
 
-        def act(kind: str, payload: object, t: float) -> None:
+        def act(kind: str, payload: object, t: float, aligned: bool = False) -> None:
             nonlocal ksmd_pending
+            mark = {"full_scans": self.ksm.seqnr, "aligned": aligned}
             if kind == "fill":
                 self._fill()
+                self.events.append({"t": round(t, 9), "action": "fill", **mark})
                 return
             self._apply(payload, t)
-            self.events.append({"t": round(t, 9), **_event_dict(payload)})
+            self.events.append({"t": round(t, 9), **_event_dict(payload), **mark})
             if self.ksm.should_run() and not ksmd_pending:
                 push(t, 6, "ksmd")  # writing run wakes ksmd at once
                 ksmd_pending = True
@@ -329,8 +363,8 @@ class Simulation:
                         self.ksm.seqnr, (dict(self.cpu.counts), self.batches))
                     if per_scan:
                         self._volatile_scan(self.ksm.seqnr)
-                    for kind_, payload_ in held:
-                        act(kind_, payload_, end)
+                    for kind_, payload_ in at_scan.pop(self.ksm.seqnr, []) + held:
+                        act(kind_, payload_, end, aligned=True)
                     held.clear()
         meta = {
             "source": "model",
@@ -360,7 +394,12 @@ def simulate(
     duration: float | None = None,
     profile: CostProfile | None = None,
     progress: Callable[[float], None] | None = None,
+    pins: Sequence[tuple[str, int]] = (),
 ) -> Trace:
-    """Run ``scenario`` under kernel ``policy``; deterministic."""
+    """Run ``scenario`` under kernel ``policy``; deterministic.
+
+    ``pins``: (action, full_scans) of events to apply at those full-scan ends rather
+    than at the first one after their time (a kernel trace's ``fidelity.pins()``).
+    """
     sc = scenario.with_duration(duration)
-    return Simulation(sc, policy, profile or DEFAULT_PROFILE).run(progress)
+    return Simulation(sc, policy, profile or DEFAULT_PROFILE, pins).run(progress)
