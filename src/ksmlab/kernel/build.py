@@ -222,7 +222,8 @@ PATCH = ["patch", "-p1", "--batch", "--no-backup-if-mismatch", "-s"]
 
 
 def patch_applies(tree: Path, text: str, reverse: bool = False) -> tuple[bool, str]:
-    r = _run([*PATCH, "--dry-run", "-f", *(["-R"] if reverse else ["-N"])], tree, stdin=text)
+    r = _run([*PATCH[:-1], "--dry-run", "-f", *(["-R"] if reverse else ["-N"])], tree,
+             stdin=text)
     return r.returncode == 0, (r.stdout + r.stderr).strip()
 
 

@@ -27,7 +27,7 @@ from ..live.run import MEMORY_MARGIN_MIB
 from ..scenario import Scenario
 from ..trace import Trace
 from .build import NICE, Log, build, cache_dir, get_variant, kernel_dir
-from .rootfs import ensure_rootfs
+from .rootfs import ensure_rootfs, plan, staged_size
 
 QEMU = "qemu-system-x86_64"
 GUEST_OVERHEAD_MIB = 192  # kernel, the initramfs while it unpacks, CPython + numpy
@@ -100,13 +100,13 @@ def run(scenario: str, variant_name: str, duration: float | None = None,
     sc = sc.with_duration(duration)
     if shutil.which(QEMU) is None:
         raise KernelRunError(f"{QEMU} is missing: apt-get install qemu-system-x86")
-    initrd, rootfs_bytes = ensure_rootfs()
-    mem = guest_mib(sc, rootfs_bytes)
+    mem = guest_mib(sc, staged_size(plan()))
     if mem > max_guest_mib():
         raise KernelRunError(
             f"scenario {sc.name} ({sc.total_mib} MiB) needs a {mem} MiB guest, more than "
             f"{max_guest_mib()} MiB (KSMLAB_GUEST_MAX_MIB); scale it down "
             "(see kernel/scenarios/)")
+    initrd, _ = ensure_rootfs()
     t_build = time.monotonic()
     built = build(variant.name, log=say)
     build_s = time.monotonic() - t_build
@@ -130,16 +130,17 @@ def run(scenario: str, variant_name: str, duration: float | None = None,
     say(f"booting {built.meta['release']} under qemu (TCG, {mem} MiB, 2 vCPUs); "
         f"{sc.name} runs {sc.duration:.0f} s inside")
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(rundir / "qemu.err", "w"))
     timeout = BOOT_TIMEOUT_S + 3 * sc.duration
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # our own child, by pid
-        proc.wait()
-        raise KernelRunError(f"the guest did not finish in {timeout:.0f} s; see {console}"
-                             ) from None
+    with open(rundir / "qemu.err", "w") as qerr:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=qerr)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # our own child, by pid
+            proc.wait()
+            raise KernelRunError(f"the guest did not finish in {timeout:.0f} s; see {console}"
+                                 ) from None
     wall = time.monotonic() - t0
     rc_file = share / "job.rc"
     if not rc_file.exists():

@@ -183,29 +183,35 @@ def plan() -> Plan:
     return Plan(files, INIT)
 
 
+def stage(root: Path, p: Plan) -> Path:
+    """Write the guest's file tree under ``root`` (what the initramfs holds)."""
+    for d in ("bin", "usr/bin", "proc", "sys", "dev", "tmp", "run", "share", "root",
+              "etc", "lib64"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for src, dst in p.files:
+        t = root / dst
+        t.parent.mkdir(parents=True, exist_ok=True)
+        if not t.exists():
+            shutil.copy2(src, t)
+    (root / "usr/bin/python3").symlink_to("python3.11")
+    (root / "init").write_text(p.init)
+    (root / "init").chmod(0o755)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    return root
+
+
 def assemble(dest: Path, p: Plan) -> Path:
-    """Write the staging tree and pack it (cpio newc, gzip) into ``dest``."""
+    """Stage the tree and pack it (cpio newc, gzip) into ``dest``, atomically."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=dest.parent))
+    root = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=dest.parent))
     try:
-        for d in ("bin", "usr/bin", "proc", "sys", "dev", "tmp", "run", "share", "root",
-                  "etc", "lib64"):
-            (stage / d).mkdir(parents=True, exist_ok=True)
-        for src, dst in p.files:
-            t = stage / dst
-            t.parent.mkdir(parents=True, exist_ok=True)
-            if not t.exists():
-                shutil.copy2(src, t)
-        (stage / "usr/bin/python3").symlink_to("python3.11")
-        (stage / "init").write_text(p.init)
-        (stage / "init").chmod(0o755)
-        (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        (stage / "etc/group").write_text("root:x:0:\n")
+        stage(root, p)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as out:
-            find = subprocess.Popen(["find", ".", "-mindepth", "1"], cwd=stage,
+            find = subprocess.Popen(["find", ".", "-mindepth", "1"], cwd=root,
                                     stdout=subprocess.PIPE)
-            cpio = subprocess.Popen([*NICE, "cpio", "-o", "-H", "newc", "--quiet"], cwd=stage,
+            cpio = subprocess.Popen([*NICE, "cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
                                     stdin=find.stdout, stdout=subprocess.PIPE)
             assert find.stdout is not None and cpio.stdout is not None
             find.stdout.close()
@@ -217,7 +223,7 @@ def assemble(dest: Path, p: Plan) -> Path:
         os.rename(tmp, dest)
         return dest
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def staged_size(p: Plan) -> int:
