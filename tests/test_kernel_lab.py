@@ -203,8 +203,8 @@ def test_rootfs_stages_and_debian_python_imports_ksmlab(tmp_path: Path) -> None:
     assert not any("/matplotlib/" in d for d in dsts)
     root = rootfs.stage(tmp_path / "root", p)
     site = root / rootfs.GUEST_SITE
-    code = ("import sys; sys.path.insert(0, %r); import numpy, pydantic, typer, rich; "
-            "import ksmlab.kernel.guest, ksmlab.live.run; print(ksmlab.__file__)" % str(site))
+    code = (f"import sys; sys.path.insert(0, {str(site)!r}); import numpy, pydantic, typer, "
+            "rich; import ksmlab.kernel.guest, ksmlab.live.run; print(ksmlab.__file__)")
     r = subprocess.run([str(rootfs.PYTHON), "-S", "-c", code], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-500:]

@@ -126,6 +126,14 @@ def config_fragment() -> Path:
     return kernel_dir() / "config" / "ksmlab-guest.config"
 
 
+def config_text(src: Source) -> str:
+    """The fragment for a source: ksmlab-guest.config, then ksmlab-guest-<series>.config
+    if there is one (options only that series needs)."""
+    text = config_fragment().read_text()
+    extra = kernel_dir() / "config" / f"ksmlab-guest-{src.series}.config"
+    return text + extra.read_text() if extra.exists() else text
+
+
 def fragment_options(text: str) -> dict[str, str]:
     """CONFIG_X=v lines of a fragment (comments and blank lines ignored)."""
     out: dict[str, str] = {}
@@ -148,7 +156,7 @@ def _sha(*parts: str) -> str:
 def build_key(variant: Variant) -> str:
     """Hash of source version, config fragment and patch: the image's cache key."""
     return _sha(BUILD_FORMAT, variant.source.package, variant.source.version(),
-                config_fragment().read_text(), variant.patch_text())[:16]
+                config_text(variant.source), variant.patch_text())[:16]
 
 
 def image_dir(variant: Variant) -> Path:
@@ -257,9 +265,9 @@ def set_patch(tree: Path, text: str, log: Log) -> None:
         raise KernelBuildError(f"applying the patch failed: {r.stdout.strip()[:200]}")
 
 
-def configure(tree: Path, log: Log, log_file: Path) -> None:
+def configure(tree: Path, src: Source, log: Log, log_file: Path) -> None:
     """tinyconfig + the fragment, unless the tree already has this configuration."""
-    frag = config_fragment().read_text()
+    frag = config_text(src)
     marker = tree / ".ksmlab-config"
     want = _sha(frag)
     if marker.exists() and marker.read_text() == want and (tree / ".config").exists():
@@ -302,7 +310,7 @@ def build(name: str, log: Log | None = None, jobs: int = 2) -> Built:
             return hit
         tree = ensure_tree(src, say)
         set_patch(tree, variant.patch_text(), say)
-        configure(tree, say, log_file)
+        configure(tree, src, say, log_file)
         local = f"-ksmlab-{variant.name}"
         say(f"make -j{jobs} bzImage (nice 19; log {log_file})")
         r = _run([*NICE, "make", f"-j{jobs}", f"LOCALVERSION={local}", "bzImage"], tree,
@@ -318,7 +326,7 @@ def build(name: str, log: Log | None = None, jobs: int = 2) -> Built:
             "source_package_version": src.package_version(), "source_version": src.version(),
             "release": release, "patch": variant.patch,
             "patch_sha256": _sha(variant.patch_text()) if variant.patch else None,
-            "config_sha256": _sha(config_fragment().read_text()),
+            "config_sha256": _sha(config_text(src)),
             "build_seconds": round(seconds, 1),
             "built": datetime.now(UTC).isoformat(timespec="seconds"),
         }
