@@ -170,13 +170,27 @@ def validate_cmd(scenario: ScenarioArg, kernel: KernelOpt,
 
 
 @kernel_app.command()
-def results(json_out: JsonOpt = False) -> None:
+def results(json_out: JsonOpt = False,
+            markdown: Annotated[bool, typer.Option("--markdown", help="a markdown table")
+                                ] = False) -> None:
     """Recorded validations (the kernel-confirmed index); nothing is built."""
     from .validate import read_index
 
     idx = read_index()
     if json_out:
         print(json.dumps({"results": idx}))
+        return
+    if markdown:
+        print("| scenario | variant (policy) | guest kernel | verdict kernel | verdict model "
+              "| checkpoints agreeing | confirmed |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
+            n = r["checkpoints"]
+            print(f"| {r['scenario']} | `{r['variant']}` | {r['release']} | "
+                  f"{', '.join(r['verdicts_kernel']) or 'none'} | "
+                  f"{', '.join(r['verdicts_model']) or 'none'} | "
+                  f"{round(r['agreement'] * n)}/{n} ({r['agreement']:.0%}) | "
+                  f"{'yes' if r['confirmed'] else 'NO'} |")
         return
     for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
         print(f"{r['scenario']:<16} {r['variant']:<20} {r['release']:<36} "

@@ -4,7 +4,9 @@ Time under TCG emulation is not the host's time (ksmd's pace is set by
 ``sleep_millisecs`` but everything between the sleeps runs slower), so the two
 traces are compared in **full-scan units**: at every full-scan boundary k
 (``full_scans`` reaching k), each trace's state just before it (its last
-sample with ``full_scans`` < k, i.e. the end of scan k-1) is compared:
+sample with ``full_scans`` = k-1, i.e. at the end of scan k) is compared, for
+every boundary that both traces observed (when several scans end inside one
+sample interval, the inner boundaries have no sample of their own):
 
 - memory freed (RssAnon drop + pages_sharing, :func:`metrics.freed_pages`),
 - memory KSM accounts for (pages_sharing + ksm_zero_pages),
@@ -114,7 +116,9 @@ def compare(kernel: Trace, model: Trace) -> tuple[list[Checkpoint], float]:
     sk, sm = _series(kernel), _series(model)
     out: list[Checkpoint] = []
     for k, a, b in zip(range(1, kmax + 1), ik, im, strict=True):
-        if a < 0 or b < 0:
+        # observed in both: a sample during scan k (full_scans == k-1) exists in each trace;
+        # several boundaries inside one sample interval leave the inner ones unobserved
+        if a < 0 or b < 0 or fk[a] != k - 1 or fm[b] != k - 1:
             continue
         vals = {n: (round(float(sk[n][a]), 2), round(float(sm[n][b]), 2)) for n in sk}
         agree = all(abs(x - y) <= tol for x, y in vals.values())
