@@ -127,10 +127,23 @@ def run_cmd(scenario: ScenarioArg, kernel: KernelOpt, duration: DurationOpt = No
     print(f"trace: {gr.trace_path}")
 
 
+def _latest_trace(scenario: str, variant: str) -> Path:
+    from .build import cache_dir
+    from .qemu import resolve_scenario
+
+    name = resolve_scenario(scenario)[0].name
+    found = sorted((cache_dir() / "runs").glob(f"*-{variant}-{name}-*/"
+                                               f"{name}-kernel-{variant}.trace.json.gz"))
+    if not found:
+        _fail(f"no trace of {name} on {variant} in the cache: run `ksmlab kernel run`")
+    return found[-1]
+
+
 @kernel_app.command("validate")
 def validate_cmd(scenario: ScenarioArg, kernel: KernelOpt,
                  trace: Annotated[Path | None, typer.Option(
-                     "--trace", help="a trace from `ksmlab kernel run` (default: run now)")
+                     "--trace", help="a trace from `ksmlab kernel run`, or 'latest' (the newest "
+                     "in the cache); default: run now")
                  ] = None,
                  duration: DurationOpt = None, json_out: JsonOpt = False) -> None:
     """The model under the variant's policy against the patched kernel's trace, at every
@@ -143,6 +156,8 @@ def validate_cmd(scenario: ScenarioArg, kernel: KernelOpt,
             gr = run(scenario, kernel, duration, None, log=_log)
             tr, path = gr.trace, gr.trace_path
         else:
+            if str(trace) == "latest":
+                trace = _latest_trace(scenario, kernel)
             tr, path = Trace.load(trace), trace
         if tr.meta.get("guest", {}).get("variant") != kernel:
             _fail(f"{path} is not a trace of variant {kernel}")

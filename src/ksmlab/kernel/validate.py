@@ -97,11 +97,14 @@ def _before_boundaries(full_scans: Array, kmax: int) -> list[int]:
     return [int(np.searchsorted(fs, k, side="left")) - 1 for k in range(1, kmax + 1)]
 
 
-def _series(tr: Trace) -> dict[str, Array]:
+def _series(tr: Trace, zero_counted: bool = True) -> dict[str, Array]:
+    """The compared figures in MiB.  ``zero_counted=False`` (a kernel without the
+    ksm_zero_pages counter, before 6.10): KSM's account is pages_sharing alone."""
     mib = KIB_PER_PAGE / 1024
+    ksm = metrics.ksm_accounted_pages(tr) if zero_counted else tr["pages_sharing"]
     return {
         "freed": metrics.freed_pages(tr) * mib,
-        "ksm": metrics.ksm_accounted_pages(tr) * mib,
+        "ksm": ksm * mib,
         "thp": tr["AnonHugePages"] / 1024,
     }
 
@@ -113,7 +116,8 @@ def compare(kernel: Trace, model: Trace) -> tuple[list[Checkpoint], float]:
         model["full_scans"])
     kmax = int(min(fk[-1], fm[-1]))
     ik, im = _before_boundaries(fk, kmax), _before_boundaries(fm, kmax)
-    sk, sm = _series(kernel), _series(model)
+    zero_counted = "ksm_zero_pages" not in kernel.meta.get("absent_counters", [])
+    sk, sm = _series(kernel, zero_counted), _series(model, zero_counted)
     out: list[Checkpoint] = []
     for k, a, b in zip(range(1, kmax + 1), ik, im, strict=True):
         # observed in both: a sample during scan k (full_scans == k-1) exists in each trace;
