@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def from_scratch(variant: str) -> float:
         os.environ["KSMLAB_KERNEL_CACHE"] = d
         try:
             t0 = time.monotonic()
-            kbuild.build(variant, log=print)
+            kbuild.build(variant, log=lambda m: print(m, file=sys.stderr))
             return time.monotonic() - t0
         finally:
             if old is None:
