@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, metrics, report
 from . import scenario as scenario_mod
+from .kernel.cli import kernel_app
 from .live.journal import Journal, RunLock
 from .live.kernelfs import KernelFS
 from .live.knobs import KnobError, RestoreError
@@ -70,6 +71,9 @@ def _warn_journal(ctx: typer.Context) -> None:
         names = ", ".join(n for n, _ in rec.saved)
         err.print(f"ksmlab: warning: a killed run (pid {rec.pid}) left knobs changed ({names}); "
                   "run `ksmlab restore`", markup=False, soft_wrap=True)
+
+
+app.add_typer(kernel_app, name="kernel")  # patched kernels under qemu (ksmlab.kernel)
 
 
 @app.callback()

@@ -42,6 +42,18 @@ MEMORY_MARGIN_MIB = 256
 POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full scan
 
 
+# Knobs that older or smaller kernels lack; a run goes on without them (with a note):
+# the kernel then behaves as the comment says.  (Guest kernels of `ksmlab kernel`:
+# 6.1 has none of the first three, and a kernel without CONFIG_NUMA has no
+# merge_across_nodes.)
+OPTIONAL_KNOBS = {
+    "ksm/advisor_mode": "no advisor (6.8+), pages_to_scan is fixed",
+    "ksm/smart_scan": "no smart scan (6.7+): every page is scanned every time",
+    "transparent_hugepage/shrink_underused": "no underused-THP shrinker (6.12+)",
+    "ksm/merge_across_nodes": "one NUMA node (CONFIG_NUMA=n): nothing to merge across",
+}
+
+
 class LiveError(RuntimeError):
     """A live run that cannot start or go on; the message is one line (exit code 2)."""
 
@@ -200,6 +212,9 @@ class LiveRun:
         with KnobSession(self.fs, self.journal) as ks:
             try:
                 for name, value in scenario_knobs(self.sc):
+                    if name in OPTIONAL_KNOBS and not self.fs.exists(f"sys/kernel/mm/{name}"):
+                        self.notes.append(f"this kernel has no {name}: {OPTIONAL_KNOBS[name]}")
+                        continue
                     ks.set(name, value)
             except (KernelWriteError, KnobError) as e:
                 raise LiveError(str(e)) from None

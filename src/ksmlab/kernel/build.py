@@ -1,0 +1,356 @@
+"""Build a patched guest kernel (bzImage) for one variant, into a cache.
+
+Layout of the cache (``KSMLAB_KERNEL_CACHE``, default /var/cache/ksmlab)::
+
+    trees/<version>/             one build tree per source version (in-place build)
+      .ksmlab-applied.patch      the patch now applied to the tree (if any)
+      .ksmlab-config             hash of the config fragment the tree is configured with
+    trees/<version>.lock         flock: one build per tree at a time
+    kernels/<key>/bzImage        published images, key = hash(source, config, patch)
+    kernels/<key>/meta.json
+    logs/<variant>-<key>.log     the make output of the last build of that key
+
+A build applies the variant's patch to the tree after reversing the one left
+applied by the previous build, so switching variants recompiles only the files
+the two patches touch.  The image is copied to a temporary folder and renamed
+into ``kernels/`` only once complete: an interrupted or failed build leaves
+no entry there, and the tree is put right by the next build (the patch marker
+is written before a patch is applied and removed only after it is reversed).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BUILD_FORMAT = "ksmlab-kernel-build/1"  # part of every key: bump to rebuild everything
+NICE = ["nice", "-n", "19"]
+
+
+class KernelBuildError(RuntimeError):
+    """A build that cannot be done; the message is one line."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KSMLAB_KERNEL_CACHE", "/var/cache/ksmlab"))
+
+
+def kernel_dir() -> Path:
+    """The repository's kernel/ folder (config fragment, patches, scenarios)."""
+    env = os.environ.get("KSMLAB_KERNEL_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "kernel"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A Debian linux-source package."""
+
+    series: str  # "6.12"
+    package: str  # "linux-source-6.12"
+
+    @property
+    def tarball(self) -> Path:
+        return Path(f"/usr/src/{self.package}.tar.xz")
+
+    def package_version(self) -> str | None:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", self.package],
+                           capture_output=True, text=True)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+
+    def version(self) -> str:
+        """Upstream version, e.g. 6.12.117 (from the installed package)."""
+        pv = self.package_version()
+        if pv is None or not self.tarball.exists():
+            raise KernelBuildError(
+                f"{self.package} is not installed: apt-get install {self.package}")
+        return pv.split("-")[0].split("+")[0]
+
+
+SOURCES = {
+    "6.12": Source("6.12", "linux-source-6.12"),
+    "6.1": Source("6.1", "linux-source-6.1"),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    policy: str  # the model's policy this kernel implements
+    source: Source
+    patch: str | None  # file name in kernel/patches/
+
+    def patch_path(self) -> Path | None:
+        return None if self.patch is None else kernel_dir() / "patches" / self.patch
+
+    def patch_text(self) -> str:
+        p = self.patch_path()
+        if p is None:
+            return ""
+        if not p.exists():
+            raise KernelBuildError(f"patch {p} is missing")
+        return p.read_text()
+
+
+_PATCHED = ("v1", "v1-p2", "v1-p3", "rfc", "ksm-split-no-remap", "ksm-skip-huge",
+            "ksm-accounted-remap")
+VARIANTS: dict[str, Variant] = {
+    "6.12": Variant("6.12", "6.12", SOURCES["6.12"], None),
+    "pre-6.12": Variant("pre-6.12", "pre-6.12", SOURCES["6.1"], None),
+    **{n: Variant(n, n, SOURCES["6.12"], f"{n}.patch") for n in _PATCHED},
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise KernelBuildError(
+            f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def config_fragment() -> Path:
+    return kernel_dir() / "config" / "ksmlab-guest.config"
+
+
+def config_text(src: Source) -> str:
+    """The fragment for a source: ksmlab-guest.config, then ksmlab-guest-<series>.config
+    if there is one (options only that series needs)."""
+    text = config_fragment().read_text()
+    extra = kernel_dir() / "config" / f"ksmlab-guest-{src.series}.config"
+    return text + extra.read_text() if extra.exists() else text
+
+
+def fragment_options(text: str) -> dict[str, str]:
+    """CONFIG_X=v lines of a fragment (comments and blank lines ignored)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k] = v
+    return out
+
+
+def _sha(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def build_key(variant: Variant) -> str:
+    """Hash of source version, config fragment and patch: the image's cache key."""
+    return _sha(BUILD_FORMAT, variant.source.package, variant.source.version(),
+                config_text(variant.source), variant.patch_text())[:16]
+
+
+def image_dir(variant: Variant) -> Path:
+    return cache_dir() / "kernels" / build_key(variant)
+
+
+@dataclass(frozen=True)
+class Built:
+    variant: str
+    key: str
+    bzimage: Path
+    meta: dict[str, Any]
+    cached: bool  # True: found in the cache, nothing built
+    seconds: float
+
+
+def cached_image(variant: Variant) -> Built | None:
+    d = image_dir(variant)
+    img, meta = d / "bzImage", d / "meta.json"
+    if img.exists() and meta.exists():
+        return Built(variant.name, d.name, img, json.loads(meta.read_text()), True, 0.0)
+    return None
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+Log = Callable[[str], None]
+
+
+def _run(cmd: list[str], cwd: Path, log_file: Path | None = None, stdin: str | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    if log_file is not None:
+        with open(log_file, "a") as lf:
+            lf.write(f"$ {' '.join(cmd)}\n")
+            lf.flush()
+            return subprocess.run(cmd, cwd=cwd, stdout=lf, stderr=subprocess.STDOUT, text=True,
+                                  input=stdin)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, input=stdin)
+
+
+def ensure_tree(src: Source, log: Log) -> Path:
+    """The build tree of a source version, unpacked from the Debian tarball if needed."""
+    version = src.version()
+    tree = cache_dir() / "trees" / version
+    if (tree / "Makefile").exists():
+        return tree
+    log(f"unpacking {src.tarball} (about 15 s)")
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".unpack-{version}-", dir=tree.parent))
+    try:
+        r = _run([*NICE, "tar", "xJf", str(src.tarball), "-C", str(tmp)], tree.parent)
+        if r.returncode != 0:
+            raise KernelBuildError(f"unpacking {src.tarball} failed: {r.stderr.strip()[:200]}")
+        (top,) = list(tmp.iterdir())
+        top.rename(tree)  # atomic publish of a complete tree
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tree
+
+
+PATCH = ["patch", "-p1", "--batch", "--no-backup-if-mismatch", "-s"]
+
+
+def patch_applies(tree: Path, text: str, reverse: bool = False) -> tuple[bool, str]:
+    r = _run([*PATCH[:-1], "--dry-run", "-f", *(["-R"] if reverse else ["-N"])], tree,
+             stdin=text)
+    return r.returncode == 0, (r.stdout + r.stderr).strip()
+
+
+def set_patch(tree: Path, text: str, log: Log) -> None:
+    """Leave exactly ``text`` applied to the tree (reversing the previous patch)."""
+    marker = tree / ".ksmlab-applied.patch"
+    if marker.exists():
+        old = marker.read_text()
+        if old == text:
+            return
+        ok, _ = patch_applies(tree, old, reverse=True)
+        if ok:
+            log("reversing the previous variant's patch")
+            r = _run([*PATCH, "-R"], tree, stdin=old)
+            if r.returncode != 0:
+                raise KernelBuildError(f"reversing the patch in {tree} failed: {r.stdout}")
+        elif not patch_applies(tree, old)[0]:
+            raise KernelBuildError(
+                f"{tree} is neither with nor without its recorded patch; remove the tree "
+                "and build again")
+        # else: an interrupted build had not applied it yet
+        marker.unlink()
+    if not text:
+        return
+    ok, why = patch_applies(tree, text)
+    if not ok:
+        raise KernelBuildError(f"the patch does not apply: {why.splitlines()[-1] if why else ''}")
+    marker.write_text(text)  # before applying: an interruption is then undone next time
+    r = _run(PATCH, tree, stdin=text)
+    if r.returncode != 0:
+        raise KernelBuildError(f"applying the patch failed: {r.stdout.strip()[:200]}")
+
+
+def configure(tree: Path, src: Source, log: Log, log_file: Path) -> None:
+    """tinyconfig + the fragment, unless the tree already has this configuration."""
+    frag = config_text(src)
+    marker = tree / ".ksmlab-config"
+    want = _sha(frag)
+    if marker.exists() and marker.read_text() == want and (tree / ".config").exists():
+        return
+    log("configuring: make tinyconfig + kernel/config/ksmlab-guest.config")
+    marker.unlink(missing_ok=True)
+    for step in (["make", "tinyconfig"], None, ["make", "olddefconfig"]):
+        if step is None:
+            with open(tree / ".config", "a") as f:
+                f.write("\n# ksmlab-guest.config\n" + frag)
+            continue
+        r = _run([*NICE, *step], tree, log_file)
+        if r.returncode != 0:
+            raise KernelBuildError(f"{' '.join(step)} failed (see {log_file})")
+    have = (tree / ".config").read_text().splitlines()
+    missing = [f"{k}={v}" for k, v in fragment_options(frag).items()
+               if v != "n" and f"{k}={v}" not in have]
+    if missing:
+        raise KernelBuildError(f"the config lost {', '.join(missing[:4])} (dependencies?)")
+    marker.write_text(want)
+
+
+def build(name: str, log: Log | None = None, jobs: int = 2) -> Built:
+    """The bzImage of a variant: from the cache, or built (incrementally) and published."""
+    say: Log = log or (lambda s: None)
+    variant = get_variant(name)
+    hit = cached_image(variant)
+    if hit is not None:
+        return hit
+    key = build_key(variant)
+    src = variant.source
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_file = logs / f"{variant.name}-{key}.log"
+    log_file.write_text("")
+    t0 = time.monotonic()
+    with _locked(cache_dir() / "trees" / f"{src.version()}.lock"):
+        hit = cached_image(variant)  # another build may have made it meanwhile
+        if hit is not None:
+            return hit
+        tree = ensure_tree(src, say)
+        set_patch(tree, variant.patch_text(), say)
+        configure(tree, src, say, log_file)
+        local = f"-ksmlab-{variant.name}"
+        say(f"make -j{jobs} bzImage (nice 19; log {log_file})")
+        r = _run([*NICE, "make", f"-j{jobs}", f"LOCALVERSION={local}", "bzImage"], tree,
+                 log_file)
+        if r.returncode != 0:
+            tail = log_file.read_text().strip().splitlines()[-3:]
+            raise KernelBuildError(f"build of {variant.name} failed: {' | '.join(tail)}")
+        release = (tree / "include" / "config" / "kernel.release").read_text().strip()
+        seconds = time.monotonic() - t0
+        meta = {
+            "format": BUILD_FORMAT, "variant": variant.name, "policy": variant.policy,
+            "key": key, "source_package": src.package,
+            "source_package_version": src.package_version(), "source_version": src.version(),
+            "release": release, "patch": variant.patch,
+            "patch_sha256": _sha(variant.patch_text()) if variant.patch else None,
+            "config_sha256": _sha(config_text(src)),
+            "build_seconds": round(seconds, 1),
+            "built": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        final = cache_dir() / "kernels" / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+        try:
+            shutil.copy2(tree / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+            shutil.copy2(tree / ".config", tmp / "config")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            os.rename(tmp, final)  # publish: the entry exists only when complete
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / "meta.json").exists():
+                raise
+        return Built(variant.name, key, final / "bzImage", meta, False, seconds)
+
+
+def list_images() -> list[dict[str, Any]]:
+    """Every published image, newest first (meta.json of each)."""
+    out = []
+    for m in (cache_dir() / "kernels").glob("*/meta.json"):
+        try:
+            out.append(json.loads(m.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(out, key=lambda m: str(m.get("built", "")), reverse=True)

@@ -1,0 +1,217 @@
+"""``ksmlab kernel``: build patched kernels, run scenarios inside them, validate.
+
+Registered in ksmlab/cli.py with ``app.add_typer(kernel_app, name="kernel")``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from ..scenario import ScenarioError
+from ..trace import Trace, TraceError
+from .build import VARIANTS, KernelBuildError, build, list_images
+from .qemu import KernelRunError
+from .rootfs import RootfsError
+
+EXAMPLES = """\b
+Examples:
+  ksmlab kernel variants                         the kernels and their patches
+  ksmlab kernel build ksm-split-no-remap         build (or find in the cache)
+  ksmlab kernel run seed-uzp1-64m --kernel 6.12  the live lab inside a 6.12 guest
+  ksmlab kernel validate seed-uzp0-64m --kernel v1
+  ksmlab kernel results                          what patched kernels confirmed
+"""
+
+kernel_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    help="Patched kernels under qemu (TCG): build, run a scenario inside, validate the model.",
+    epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True, highlight=False)
+
+KernelOpt = Annotated[str, typer.Option("--kernel", "-k", help="variant (ksmlab kernel variants)")]
+ScenarioArg = Annotated[str, typer.Argument(
+    help="built-in name, a name in kernel/scenarios/ (scaled for the guest), or a .toml")]
+DurationOpt = Annotated[float | None, typer.Option("--duration", "-d", help="seconds")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="folder for the trace")]
+
+_ERRORS = (KernelBuildError, KernelRunError, RootfsError, ScenarioError, TraceError, ValueError)
+
+
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    err.print(f"ksmlab: error: {msg}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _log(msg: str) -> None:
+    err.print(f"ksmlab: {msg}", markup=False, soft_wrap=True)
+
+
+@kernel_app.command()
+def variants(json_out: JsonOpt = False) -> None:
+    """The kernel variants: source, patch, and the model policy each implements."""
+    items = [{"variant": v.name, "policy": v.policy, "source": v.source.package,
+              "patch": f"kernel/patches/{v.patch}" if v.patch else None}
+             for v in VARIANTS.values()]
+    if json_out:
+        print(json.dumps({"variants": items}))
+        return
+    for it in items:
+        print(f"{it['variant']:<22} {it['source']:<19} {it['patch'] or '(no patch)'}")
+
+
+@kernel_app.command("build")
+def build_cmd(variant: Annotated[str, typer.Argument(help="variant, or 'all'")],
+              jobs: Annotated[int, typer.Option("--jobs", "-j")] = 2,
+              json_out: JsonOpt = False) -> None:
+    """Build a variant's bzImage into the cache (free if already there)."""
+    names = list(VARIANTS) if variant == "all" else [variant]
+    out = []
+    for n in names:
+        try:
+            b = build(n, log=_log, jobs=jobs)
+        except _ERRORS as e:
+            _fail(str(e))
+        out.append({"variant": n, "key": b.key, "bzimage": str(b.bzimage), "cached": b.cached,
+                    "seconds": round(b.seconds, 1), "release": b.meta.get("release")})
+        if not json_out:
+            how = "cached" if b.cached else f"built in {b.seconds:.0f} s"
+            print(f"{n}: {b.meta.get('release')} {how}: {b.bzimage}")
+    if json_out:
+        print(json.dumps({"builds": out}))
+
+
+@kernel_app.command()
+def images(json_out: JsonOpt = False) -> None:
+    """The images in the cache."""
+    ims = list_images()
+    if json_out:
+        print(json.dumps({"images": ims}))
+        return
+    for m in ims:
+        print(f"{m['key']} {m['variant']:<22} {m['release']:<34} {m['built']}")
+
+
+@kernel_app.command("run")
+def run_cmd(scenario: ScenarioArg, kernel: KernelOpt, duration: DurationOpt = None,
+            out: OutOpt = None, json_out: JsonOpt = False) -> None:
+    """Boot the variant under qemu and run the live lab inside on the scenario."""
+    from .. import metrics
+    from .qemu import run
+
+    try:
+        gr = run(scenario, kernel, duration, out, log=_log)
+    except _ERRORS as e:
+        _fail(str(e))
+    s = metrics.summarize(gr.trace)
+    g = gr.trace.meta["guest"]
+    if json_out:
+        print(json.dumps({"scenario": gr.trace.meta["scenario"]["name"], **g,
+                          **s.to_json(), "files": {"trace": str(gr.trace_path),
+                                                   "console": str(gr.console)}}))
+        return
+    from ..report import summary_text
+
+    print(summary_text(s, f"{gr.trace.meta['scenario']['name']} on Linux {g['release']} "
+                          f"(guest, {kernel}, TCG)"))
+    print(f"timings: {gr.timings}")
+    if gr.dmesg_problems:
+        print("dmesg: " + " | ".join(gr.dmesg_problems))
+    print(f"trace: {gr.trace_path}")
+
+
+def _latest_trace(scenario: str, variant: str) -> Path:
+    from .build import cache_dir
+    from .qemu import resolve_scenario
+
+    name = resolve_scenario(scenario)[0].name
+    found = sorted((cache_dir() / "runs").glob(f"*-{variant}-{name}-*/"
+                                               f"{name}-kernel-{variant}.trace.json.gz"))
+    if not found:
+        _fail(f"no trace of {name} on {variant} in the cache: run `ksmlab kernel run`")
+    return found[-1]
+
+
+@kernel_app.command("validate")
+def validate_cmd(scenario: ScenarioArg, kernel: KernelOpt,
+                 trace: Annotated[Path | None, typer.Option(
+                     "--trace", help="a trace from `ksmlab kernel run`, or 'latest' (the newest "
+                     "in the cache); default: run now")
+                 ] = None,
+                 duration: DurationOpt = None, json_out: JsonOpt = False) -> None:
+    """The model under the variant's policy against the patched kernel's trace, at every
+    full-scan boundary (time in full-scan units: the guest runs under emulation)."""
+    from .qemu import run
+    from .validate import record, validate
+
+    try:
+        if trace is None:
+            gr = run(scenario, kernel, duration, None, log=_log)
+            tr, path = gr.trace, gr.trace_path
+        else:
+            if str(trace) == "latest":
+                trace = _latest_trace(scenario, kernel)
+            tr, path = Trace.load(trace), trace
+        if tr.meta.get("guest", {}).get("variant") != kernel:
+            _fail(f"{path} is not a trace of variant {kernel}")
+        v = validate(tr, str(path))
+    except _ERRORS as e:
+        _fail(str(e))
+    record(v)
+    if json_out:
+        print(json.dumps(v.to_json()))
+        return
+    n = len(v.checkpoints)
+    print(f"{v.scenario} on {v.release} ({v.accelerator}) vs model `{v.policy}`")
+    print(f"  checkpoints (full-scan boundaries): {n}, agreeing: "
+          f"{round(v.agreement * n)} ({v.agreement:.0%}), tolerance {v.tolerance_mib} MiB")
+    print(f"  verdicts: kernel {v.verdicts_kernel or ['none']}, model "
+          f"{v.verdicts_model or ['none']}")
+    print(f"  first full scan: {v.seconds_per_scan['kernel']} s in the guest (TCG), "
+          f"{v.seconds_per_scan['model']} s in the model; compared in full-scan units")
+    for c in [c for c in v.checkpoints if not c.agree][:5]:
+        print(f"  disagree at scan {c.k}: freed {c.freed} ksm {c.ksm} thp {c.thp} "
+              "(kernel, model MiB)")
+    print(f"  {'CONFIRMED' if v.confirmed else 'NOT CONFIRMED'}")
+    if not v.confirmed:
+        raise typer.Exit(1)
+
+
+@kernel_app.command()
+def results(json_out: JsonOpt = False,
+            markdown: Annotated[bool, typer.Option("--markdown", help="a markdown table")
+                                ] = False) -> None:
+    """Recorded validations (the kernel-confirmed index); nothing is built."""
+    from .validate import read_index
+
+    idx = read_index()
+    if json_out:
+        print(json.dumps({"results": idx}))
+        return
+    if markdown:
+        print("| scenario | variant (policy) | guest kernel | verdict kernel | verdict model "
+              "| checkpoints agreeing | confirmed |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
+            n = r["checkpoints"]
+            print(f"| {r['scenario']} | `{r['variant']}` | {r['release']} | "
+                  f"{', '.join(r['verdicts_kernel']) or 'none'} | "
+                  f"{', '.join(r['verdicts_model']) or 'none'} | "
+                  f"{round(r['agreement'] * n)}/{n} ({r['agreement']:.0%}) | "
+                  f"{'yes' if r['confirmed'] else 'NO'} |")
+        return
+    for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
+        print(f"{r['scenario']:<16} {r['variant']:<20} {r['release']:<36} "
+              f"{r['agreement']:>5.0%} {'confirmed' if r['confirmed'] else 'NOT confirmed'}")
+
+
+def main() -> None:  # pragma: no cover - `python -m ksmlab.kernel.cli`
+    kernel_app()
+    sys.exit(0)

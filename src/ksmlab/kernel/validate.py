@@ -1,0 +1,208 @@
+"""The model under a variant's policy against that patched kernel's trace.
+
+Time under TCG emulation is not the host's time (ksmd's pace is set by
+``sleep_millisecs`` but everything between the sleeps runs slower), so the two
+traces are compared in **full-scan units**: at every full-scan boundary k
+(``full_scans`` reaching k), each trace's state just before it (its last
+sample with ``full_scans`` = k-1, i.e. at the end of scan k) is compared, for
+every boundary that both traces observed (when several scans end inside one
+sample interval, the inner boundaries have no sample of their own):
+
+- memory freed (RssAnon drop + pages_sharing, :func:`metrics.freed_pages`),
+- memory KSM accounts for (pages_sharing + ksm_zero_pages),
+- memory still in THPs (AnonHugePages).
+
+A checkpoint agrees when all three are within ``max(2 MiB, 5 % of the
+scenario's memory)``.  The kernel confirms the policy when at least 95 % of the
+checkpoints agree and both traces reach the same verdicts (bypass, collapse,
+or none).
+
+Confirmed results go to a small JSON index in the kernel cache
+(``results/index.json``), read by :func:`confirmed` without building anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import metrics
+from ..scenario import Scenario
+from ..trace import Trace
+from .build import cache_dir
+
+AGREE_FRACTION = 0.95
+TOL_MIB = 2.0
+TOL_FRACTION = 0.05
+KIB_PER_PAGE = 4
+
+
+@dataclass
+class Checkpoint:
+    k: int  # full-scan boundary
+    t_kernel: float  # seconds (emulated guest) at the kernel's sample
+    t_model: float
+    freed: tuple[float, float]  # MiB: (kernel, model)
+    ksm: tuple[float, float]
+    thp: tuple[float, float]
+    agree: bool
+
+
+@dataclass
+class Validation:
+    scenario: str
+    stands_for: str  # the built-in scenario a scaled one stands for
+    variant: str
+    policy: str
+    release: str
+    accelerator: str
+    checkpoints: list[Checkpoint]
+    agreement: float  # fraction of checkpoints that agree
+    verdicts_kernel: list[str]
+    verdicts_model: list[str]
+    tolerance_mib: float
+    seconds_per_scan: dict[str, float]  # kernel (emulated) and model, first full scan
+    confirmed: bool
+    trace: str
+    date: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["checkpoints"] = len(self.checkpoints)
+        d["disagree"] = [asdict(c) for c in self.checkpoints if not c.agree][:20]
+        d["time_axis"] = "full-scan units (guest time runs under TCG emulation)"
+        return d
+
+
+def stands_for(scenario_name: str) -> str:
+    """``seed-uzp1-64m`` (a scaled copy for the guest) stands for ``seed-uzp1``."""
+    return re.sub(r"-\d+m$", "", scenario_name)
+
+
+Array = npt.NDArray[np.float64]
+
+
+def _before_boundaries(full_scans: Array, kmax: int) -> list[int]:
+    """For k = 1..kmax: index of the last sample with full_scans < k (-1 if none)."""
+    fs = np.asarray(full_scans)
+    return [int(np.searchsorted(fs, k, side="left")) - 1 for k in range(1, kmax + 1)]
+
+
+def _series(tr: Trace, zero_counted: bool = True) -> dict[str, Array]:
+    """The compared figures in MiB.  ``zero_counted=False`` (a kernel without the
+    ksm_zero_pages counter, before 6.10): KSM's account is pages_sharing alone."""
+    mib = KIB_PER_PAGE / 1024
+    ksm = metrics.ksm_accounted_pages(tr) if zero_counted else tr["pages_sharing"]
+    return {
+        "freed": metrics.freed_pages(tr) * mib,
+        "ksm": ksm * mib,
+        "thp": tr["AnonHugePages"] / 1024,
+    }
+
+
+def compare(kernel: Trace, model: Trace) -> tuple[list[Checkpoint], float]:
+    sc = Scenario.model_validate(kernel.meta["scenario"])
+    tol = max(TOL_MIB, TOL_FRACTION * sc.total_mib)
+    fk, fm = np.maximum.accumulate(kernel["full_scans"]), np.maximum.accumulate(
+        model["full_scans"])
+    kmax = int(min(fk[-1], fm[-1]))
+    ik, im = _before_boundaries(fk, kmax), _before_boundaries(fm, kmax)
+    zero_counted = "ksm_zero_pages" not in kernel.meta.get("absent_counters", [])
+    sk, sm = _series(kernel, zero_counted), _series(model, zero_counted)
+    out: list[Checkpoint] = []
+    for k, a, b in zip(range(1, kmax + 1), ik, im, strict=True):
+        # observed in both: a sample during scan k (full_scans == k-1) exists in each trace;
+        # several boundaries inside one sample interval leave the inner ones unobserved
+        if a < 0 or b < 0 or fk[a] != k - 1 or fm[b] != k - 1:
+            continue
+        vals = {n: (round(float(sk[n][a]), 2), round(float(sm[n][b]), 2)) for n in sk}
+        agree = all(abs(x - y) <= tol for x, y in vals.values())
+        out.append(Checkpoint(k, round(float(kernel.t[a]), 2), round(float(model.t[b]), 2),
+                              vals["freed"], vals["ksm"], vals["thp"], agree))
+    return out, tol
+
+
+def _first_scan_s(tr: Trace) -> float:
+    fs = tr["full_scans"]
+    i = np.flatnonzero(fs >= 1)
+    return round(float(tr.t[i[0]]), 2) if i.size else float("nan")
+
+
+def validate(kernel: Trace, trace_path: str = "") -> Validation:
+    """Compare a labelled guest trace with the model under the variant's policy."""
+    from ..model import simulate
+
+    guest = kernel.meta.get("guest")
+    if not guest:
+        raise ValueError("not a patched-kernel trace (no meta.guest); use `ksmlab kernel run`")
+    sc = Scenario.model_validate(kernel.meta["scenario"])
+    model = simulate(sc, guest["policy"])
+    cps, tol = compare(kernel, model)
+    agree = sum(c.agree for c in cps) / len(cps) if cps else 0.0
+    vk = sorted(v.name for v in metrics.summarize(kernel).verdicts)
+    vm = sorted(v.name for v in metrics.summarize(model).verdicts)
+    return Validation(
+        scenario=sc.name, stands_for=stands_for(sc.name), variant=guest["variant"],
+        policy=guest["policy"], release=str(guest.get("release")),
+        accelerator=str(guest.get("accelerator")), checkpoints=cps, agreement=round(agree, 4),
+        verdicts_kernel=vk, verdicts_model=vm, tolerance_mib=round(tol, 2),
+        seconds_per_scan={"kernel": _first_scan_s(kernel), "model": _first_scan_s(model)},
+        confirmed=bool(cps) and agree >= AGREE_FRACTION and vk == vm, trace=trace_path,
+    )
+
+
+# ---- the index of results ------------------------------------------------------------
+
+def index_path() -> Path:
+    return cache_dir() / "results" / "index.json"
+
+
+def read_index() -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("results", {}) if isinstance(data, dict) else {}
+
+
+def record(v: Validation) -> None:
+    """Add (or replace) the result of (variant, scenario) in the index, atomically."""
+    p = index_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_index()
+        d = v.to_json()
+        d.pop("disagree", None)
+        results[f"{v.variant}|{v.scenario}"] = d
+        tmp = p.with_name(f".index.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": "ksmlab-kernel-results/1", "results": results},
+                                  indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, p)
+
+
+def confirmed(policy: str, scenario: str) -> bool | None:
+    """Did a patched-kernel run confirm the model's ``policy`` on ``scenario``?
+
+    True/False from the newest recorded result for a variant implementing that
+    policy on that scenario or a scaled copy of it (``seed-uzp1-64m`` counts for
+    ``seed-uzp1``); None when no kernel run was recorded.  Reads only the index.
+    """
+    best: dict[str, Any] | None = None
+    for r in read_index().values():
+        if r.get("policy") != policy:
+            continue
+        if scenario not in (r.get("scenario"), r.get("stands_for")):
+            continue
+        if best is None or str(r.get("date", "")) > str(best.get("date", "")):
+            best = r
+    return None if best is None else bool(best.get("confirmed"))
