@@ -95,6 +95,11 @@ def test_compare_table_fits_80_columns() -> None:
     text = report.compare_table([("ksm-split-no-remap", s), ("mainline", s)], "text", "x" * 90)
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "bypass" in text
+    confirmed = {"mainline": True, "v1": False}.get
+    lines = report.compare_table([("mainline", s), ("v1", s), ("rfc", s)], "text",
+                                 confirmed=confirmed).splitlines()
+    assert lines[1].split()[8] == "yes" and lines[2].split()[8] == "NO"
+    assert lines[3].split()[8] == "-"  # no patched-kernel run on record
     md = report.compare_table([("mainline", s)], "markdown")
     assert md.splitlines()[0].startswith("| policy |")
     assert all(len(line) <= 80 for line in report.summary_text(s, "t").splitlines())

@@ -259,6 +259,14 @@ def _profile(path: Path | None) -> CostProfile:
         raise UserError(str(e)) from None
 
 
+def kernel_confirmed(scenario: str) -> Callable[[str], bool | None]:
+    """Per policy: did a patched kernel confirm the model on ``scenario``? (cached
+    results of `ksmlab kernel validate`; nothing is built or booted here)"""
+    from .kernel.validate import confirmed
+
+    return lambda policy: confirmed(policy, scenario)
+
+
 def _policy(get: Callable[[str], object], name: str) -> None:
     try:
         get(name)
@@ -286,7 +294,8 @@ def compare(scenario: ScenarioArg,
     prof = _profile(profile)
     results = [(n, simulate(sc, n, profile=prof)) for n in names]
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
-    print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}"))
+    print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}",
+                               kernel_confirmed(sc.name)))
     if out is not None:
         report.plot_freed(results, out / f"{sc.name}-compare.png", sc.name)
 

@@ -16,6 +16,7 @@ SEEDS = ("seed-uzp1", "seed-uzp0")
 
 
 def run_demo(out: Path, live: bool, err: Console) -> None:
+    from .cli import kernel_confirmed
     from .model import POLICIES, simulate
 
     out.mkdir(parents=True, exist_ok=True)
@@ -32,10 +33,13 @@ def run_demo(out: Path, live: bool, err: Console) -> None:
         with err.status(f"{name}: model under {len(POLICIES)} policies"):
             model = [(p, simulate(sc, p)) for p in POLICIES]
         rows = [(p, metrics.summarize(tr)) for p, tr in model]
-        table = report.compare_table(rows, "text", f"{name}: {sc.description} (model)")
+        confirmed = kernel_confirmed(name)
+        table = report.compare_table(rows, "text", f"{name}: {sc.description} (model)",
+                                     confirmed)
         print(table)
         (out / f"{name}-compare.txt").write_text(table + "\n")
-        (out / f"{name}-compare.md").write_text(report.compare_table(rows, "markdown", name))
+        (out / f"{name}-compare.md").write_text(
+            report.compare_table(rows, "markdown", name, confirmed))
         curves: list[tuple[str, Trace]] = list(model)
         if live_ok:
             from .live.run import LiveRun

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +59,20 @@ COMPARE_COLUMNS = (  # header, key, width (0: last, free), format; 80 columns in
     ("cpu%", "ksmd_cpu_pct", 4, ".1f"),
     ("THPs", "thps_kept", 4, ".0f"),
     ("splits", "thp_split_page", 6, "d"),
+    ("krnl", "kernel", 4, None),
     ("verdict", "verdict", 0, None),
 )
 
 
-def compare_rows(results: Sequence[tuple[str, Summary]]) -> list[dict[str, Any]]:
+def compare_rows(results: Sequence[tuple[str, Summary]],
+                 confirmed: Callable[[str], bool | None] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, s in results:
         d = s.to_json()
         d["policy"] = name
+        ok = confirmed(name) if confirmed else None
+        d["kernel_confirmed"] = ok
+        d["kernel"] = "-" if ok is None else ("yes" if ok else "NO")
         d["verdict"] = ",".join(_abbrev(v) for v in d["verdicts"]) or "-"
         rows.append(d)
     return rows
@@ -77,8 +82,11 @@ def _abbrev(v: str) -> str:
     return {"rate-limit-bypass": "bypass", "merge-collapse": "collapse"}.get(v, v)
 
 
-def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str = "") -> str:
-    rows = compare_rows(results)
+def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str = "",
+                  confirmed: Callable[[str], bool | None] | None = None) -> str:
+    """One row per policy; ``confirmed(policy)`` says whether a patched kernel agreed
+    with the model on this scenario (cached `ksmlab kernel validate` results)."""
+    rows = compare_rows(results, confirmed)
     if fmt == "json":
         return json.dumps({"title": title, "rows": rows}, indent=1)
     if fmt == "markdown":
@@ -102,8 +110,9 @@ def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str =
             cells.append(f"{c[:w]:<{w}}" if w else c)
         lines.append(" ".join(cells).rstrip())
     lines.append("freed/by KSM in MiB; t90% s to free 90 %; ratio = peak freeing rate / KSM")
-    lines.append("budget; cpu% = ksmd; THPs kept at the end; verdict: bypass = rate-limit")
-    lines.append("bypass, collapse = merge collapse.")
+    lines.append("budget; cpu% = ksmd; THPs kept at the end; krnl: a patched kernel confirmed")
+    lines.append("the model here (ksmlab kernel validate; - = not run); verdict: bypass =")
+    lines.append("rate-limit bypass, collapse = merge collapse.")
     return "\n".join(line[:WIDTH] for line in lines)
 
 
