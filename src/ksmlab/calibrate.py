@@ -32,6 +32,7 @@ from .scenario import Scenario
 from .trace import Trace
 
 PRIOR_WEIGHT = 0.2  # how hard the hand-set priors pull, against relative errors per scenario
+WHOLE_RUN_WEIGHT = 2.0  # a scenario's whole-run CPU, against its scans' errors together
 FIXED = ("sleep_slack_ns",)  # not a CPU cost: fitted from wall time instead
 
 
@@ -76,8 +77,15 @@ def fit(data: list[Interval], base: CostProfile | None = None) -> CostProfile:
     # relative errors: each row divided by the kernel's CPU over the interval, and
     # each scenario weighing as much as any other however many scans it has
     per = {s: sum(1 for iv in rows if iv.scenario == s) for s in {iv.scenario for iv in rows}}
-    weight = np.array([1.0 / np.sqrt(per[iv.scenario]) for iv in rows])
-    a = np.array([[iv.counts.get(n, 0.0) / iv.kernel_cpu_ns for n in names] for iv in rows])
+    # plus one row per scenario for its whole run: what `validate` compares (ksmd CPU %)
+    whole = [Interval(sc, {n: sum(iv.counts.get(n, 0.0) for iv in rows if iv.scenario == sc)
+                           for n in names}, 1,
+                      sum(iv.kernel_cpu_ns for iv in rows if iv.scenario == sc), 0.0, 0)
+             for sc in sorted(per)]
+    weight = np.array([1.0 / np.sqrt(per[iv.scenario]) for iv in rows]
+                      + [WHOLE_RUN_WEIGHT] * len(whole))
+    a = np.array([[iv.counts.get(n, 0.0) / iv.kernel_cpu_ns for n in names]
+                  for iv in rows + whole])
     a = a * weight[:, None]
     b = weight
     # prior rows: (p - p0) / p0 * weight, as x = p / p0 scales

@@ -363,8 +363,8 @@ def validate(
 
 @app.command()
 def calibrate(
-    scenarios: Annotated[list[str] | None, typer.Argument(help="default: the validation suite")]
-    = None,
+    scenarios: Annotated[list[str] | None, typer.Argument(
+        help="names, files, or 'all' (the validation suite, also the default)")] = None,
     traces: Annotated[Path | None, typer.Option(
         help="use kernel traces saved by `ksmlab validate --out DIR` instead of running live")]
     = None,
@@ -380,7 +380,7 @@ def calibrate(
     from .model import get_policy
     from .model.costs import CostProfile
 
-    names = scenarios or list(fidelity.SUITE)
+    names = list(fidelity.SUITE) if scenarios in (None, [], ["all"]) else list(scenarios)
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
     kernels: list[tuple[str, Trace]] = []
