@@ -307,8 +307,17 @@ def validate(
     = None,
     profile: Annotated[Path | None, typer.Option(help="cost profile JSON")] = None,
     out: OutOpt = None, json_out: JsonOpt = False,
+    kernel: Annotated[str | None, typer.Option(
+        help="a patched kernel variant: run it under qemu instead (ksmlab kernel validate)")]
+    = None,
 ) -> None:
     """Live run and model run of each scenario, compared at every full-scan end."""
+    if kernel is not None:
+        from .kernel.cli import validate_cmd
+
+        for name in scenarios:
+            validate_cmd(name, kernel, json_out=json_out)
+        return
     from . import fidelity
     from .live.run import Interrupted, LiveError, LiveRun
     from .model import get_policy, simulate
