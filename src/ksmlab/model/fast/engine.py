@@ -381,7 +381,7 @@ class FastSimulation:
                 self.P = grow_pool(self.P, max(2 * room_k, int(G[NK]) + 2 * pts),
                                    max(2 * room_n, int(G[NN]) + 4 * pts))
                 self.khugepaged.P = self.P
-            res = ksmd_until(self.S, self.R, self.V, self.P, G, self.F, self.C, t_next, t_end,
+            res = _direct(ksmd_until)(self.S, self.R, self.V, self.P, G, self.F, self.C, t_next, t_end,
                              len(self.P.kcid), len(self.P.nkpage))
             if res == KSMD_GROW:
                 continue
@@ -470,6 +470,22 @@ class FastSimulation:
             "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
         }
         return Trace.from_rows(meta, rows, self.events)
+
+
+def _direct(disp: Any) -> Any:
+    """The compiled entry point of a numba dispatcher with one signature: calls
+    skip numba's per-call type dispatch (slow on tuples of arrays)."""
+    hit = _ENTRY.get(id(disp))
+    if hit is not None:
+        return hit
+    ov = getattr(disp, "overloads", None)
+    if ov is not None and len(ov) == 1:
+        _ENTRY[id(disp)] = next(iter(ov.values())).entry_point
+        return _ENTRY[id(disp)]
+    return disp
+
+
+_ENTRY: dict[int, Any] = {}
 
 
 def G_should_run(G: np.ndarray[Any, Any]) -> bool:
