@@ -38,7 +38,7 @@ mixes = st.lists(
 regions = st.fixed_dictionaries({
     "size_mib": st.sampled_from([2, 2, 2, 4]),
     "thp": st.sampled_from(["hugepage", "nohugepage", "default"]),
-    "mergeable": st.booleans(),
+    "mergeable": st.sampled_from([True, True, True, True, False]),
     "content": mixes,
     "seed": st.integers(0, 3),
     "volatile_pages_per_s": st.sampled_from([0.0, 0.0, 0.0, 150.0]),
@@ -46,7 +46,7 @@ regions = st.fixed_dictionaries({
 
 processes = st.lists(st.fixed_dictionaries({
     "count": st.sampled_from([1, 1, 2]),
-    "merge": st.sampled_from(["madvise", "madvise", "prctl", "none"]),
+    "merge": st.sampled_from(["madvise", "madvise", "madvise", "prctl", "prctl", "none"]),
     "region": st.lists(regions, min_size=1, max_size=2),
 }), min_size=1, max_size=2)
 
@@ -72,8 +72,8 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     for _ in range(n_ev):
         at = draw(st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.8, 1.2])) * duration
-        kind = draw(st.sampled_from(["ksm_start", "ksm_stop", "ksm_unmerge", "write", "write",
-                                     "pressure", "pressure", "set", "set"]))
+        kind = draw(st.sampled_from(["ksm_start", "ksm_start", "ksm_stop", "ksm_unmerge", "write",
+                                     "write", "pressure", "pressure", "set", "set", "set"]))
         ev: dict[str, Any] = {"action": kind, "at": min(at, duration)}
         if kind == "write":
             p = draw(st.integers(0, len(procs) - 1))
@@ -91,12 +91,12 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "name": "fuzz",
         "duration": duration,
         "sample_interval": draw(st.sampled_from([0.05, 0.1])),
-        "ksm_start_at": draw(st.sampled_from([0.0, 0.0, 0.3, None])),
+        "ksm_start_at": draw(st.sampled_from([0.0, 0.0, 0.0, 0.1, 0.3, None])),
         "fill_at": fill_at,
         "duplicate_pool": draw(st.sampled_from([1, 7, 512])),
         "ksm": {
-            "pages_to_scan": draw(st.sampled_from([1, 16, 64, 200])),
-            "sleep_millisecs": draw(st.sampled_from([2, 10, 20])),
+            "pages_to_scan": draw(st.sampled_from([1, 16, 64, 200, 400, 400])),
+            "sleep_millisecs": draw(st.sampled_from([2, 5, 10, 20])),
             "use_zero_pages": draw(st.sampled_from([0, 1])),
             "smart_scan": draw(st.sampled_from([0, 1])),
             "max_page_sharing": draw(st.sampled_from([2, 3, 16, 256])),
