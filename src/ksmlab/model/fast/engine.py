@@ -147,6 +147,12 @@ class FastSimulation:
         if sc.fill_at is None:
             self._fill(progress_setup)
 
+    def full_scans(self) -> int:
+        return int(self.G[SEQNR])
+
+    def pages_scanned(self) -> int:
+        return int(self.G[PAGES_SCANNED])
+
     # ---- set-up --------------------------------------------------------------
     def _build(self, progress: Callable[[int, int], None] | None) -> None:
         sc = self.sc
@@ -381,11 +387,11 @@ class FastSimulation:
                 self.P = grow_pool(self.P, max(2 * room_k, int(G[NK]) + 2 * pts),
                                    max(2 * room_n, int(G[NN]) + 4 * pts))
                 self.khugepaged.P = self.P
-            res = _direct(ksmd_until)(self.S, self.R, self.V, self.P, G, self.F, self.C, t_next, t_end,
-                             len(self.P.kcid), len(self.P.nkpage))
+            res = _direct(ksmd_until)(self.S, self.R, self.V, self.P, G, self.F, self.C,
+                                      t_next, t_end, len(self.P.kcid), len(self.P.nkpage))
             if res == KSMD_GROW:
                 continue
-            return res != KSMD_IDLE
+            return bool(res != KSMD_IDLE)
 
     # ---- the timeline ----------------------------------------------------------
     def run(self, progress: Callable[[float], None] | None = None) -> Trace:

@@ -10,9 +10,8 @@ treated as unlinked (``ndead``), which is what the exact model makes eager.
 
 from __future__ import annotations
 
-from numba import njit
-
 from . import rbtree as rb
+from .jit import jit
 from .pages import break_ksm, split_folio
 from .state import (
     ANON_RSS,
@@ -20,9 +19,11 @@ from .state import (
     C_BATCH,
     C_BREAK_COW,
     C_CHECKSUM,
+    C_FREE_PAGE,
     C_MEMCMP,
     C_MERGE,
     C_PTE_SKIP,
+    C_REMAP_PTE,
     C_RMAP_ALLOC,
     C_RMAP_FREE,
     C_SCAN_START,
@@ -34,8 +35,6 @@ from .state import (
     C_VISIT,
     C_ZT_DATA,
     C_ZT_ZERO,
-    C_REMAP_PTE,
-    C_FREE_PAGE,
     CHAINS,
     CPU,
     CUR_ADDR,
@@ -94,32 +93,32 @@ HPAGE = 512
 KSMD_OK, KSMD_IDLE, KSMD_GROW = 0, 1, 2
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _cid(S: Slots, P: Pool, h: int) -> int:
     if h >= 0:
         return int(P.kcid[h])
     return int(S.scid[-h - 1])
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _in_thp(S: Slots, R: Ranges, h: int) -> bool:
     return h < 0 and R.pmd[(-h - 1) // HPAGE] == PMD_THP
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _same_folio(S: Slots, R: Ranges, a: int, b: int) -> bool:
     return (_in_thp(S, R, a) and _in_thp(S, R, b)
             and (-a - 1) // HPAGE == (-b - 1) // HPAGE)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _maps(S: Slots, s: int, h: int) -> bool:
     if h >= 0:
-        return S.pte[s] == h
+        return bool(S.pte[s] == h)
     return S.pte[s] == OWN and s == -h - 1
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _handle_at(S: Slots, s: int) -> int:
     p = S.pte[s]
     if p >= 0:
@@ -129,13 +128,13 @@ def _handle_at(S: Slots, s: int) -> int:
     return NOPAGE
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _vma_ok(R: Ranges, V: Vmas, s: int) -> bool:
     v = R.vma[s // HPAGE]
-    return V.merge[v] != 0 and V.anon[v] != 0
+    return bool(V.merge[v] != 0 and V.anon[v] != 0)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _head(S: Slots, P: Pool, i: int) -> int:
     """item.head, or -1 (an item of a removed node counts as unlinked)."""
     if S.iflags[i] & STABLE and not P.ndead[S.ileft[i]]:
@@ -143,19 +142,19 @@ def _head(S: Slots, P: Pool, i: int) -> int:
     return -1
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _scan_thp(G: I64) -> bool:
-    return (G[SCAN_THP_P] if G[PRESSURE] > 0 else G[SCAN_THP_NP]) != 0
+    return bool((G[SCAN_THP_P] if G[PRESSURE] > 0 else G[SCAN_THP_NP]) != 0)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _is_candidate(P: Pool, G: I64, n: int, offset: int) -> bool:
     c = P.nhl[n]
-    return c > 0 and c + offset < G[K_MPS]
+    return bool(c > 0 and c + offset < G[K_MPS])
 
 
 # ---- stable nodes ---------------------------------------------------------
-@njit(cache=True, _nrt=False)
+@jit()
 def _remove_node(S: Slots, P: Pool, G: I64, n: int) -> None:
     c = P.nhl[n]
     if c > 0:
@@ -173,7 +172,7 @@ def _remove_node(S: Slots, P: Pool, G: I64, n: int) -> None:
     P.ndead[n] = 1
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _dup_unlink(P: Pool, ch: int, n: int) -> None:
     pv = P.nprev[n]
     nx = P.nnext[n]
@@ -187,7 +186,7 @@ def _dup_unlink(P: Pool, ch: int, n: int) -> None:
     P.nnext[n] = -1
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _dup_push_front(P: Pool, ch: int, n: int) -> None:
     f = P.nfirst[ch]
     P.nnext[n] = f
@@ -197,7 +196,7 @@ def _dup_push_front(P: Pool, ch: int, n: int) -> None:
     P.nfirst[ch] = n
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
     kp = P.nkpage[n]
     if kp < 0 or P.kmap[kp] <= 0 or P.knode[kp] != n:
@@ -206,7 +205,7 @@ def _get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
     return int(kp)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _remove_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
     f = S.iflags[i]
     if f & STABLE:
@@ -234,7 +233,7 @@ def _remove_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
         S.iflags[i] = EXISTS
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _alloc_node(P: Pool, G: I64, kp: int, chain: bool) -> int:
     n = G[NN]
     G[NN] += 1
@@ -255,7 +254,7 @@ def _alloc_node(P: Pool, G: I64, kp: int, chain: bool) -> int:
     return int(n)
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, chain: int,
                      prune: bool) -> tuple[int, int, int]:
     interval = G[K_PRUNE] / 1000.0
@@ -270,14 +269,13 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, chain: int,
     while d >= 0:
         nx = P.nnext[d]
         kp = _get_folio(S, P, G, d)
-        if kp >= 0:
-            if found < 0 or (_is_candidate(P, G, d, 0) and (
-                    not _is_candidate(P, G, found, 0) or P.nhl[d] > found_len)):
-                found = int(d)
-                found_len = P.nhl[d]
-                tree_page = kp
-                if not prune and _is_candidate(P, G, found, 0):
-                    break
+        if kp >= 0 and (found < 0 or (_is_candidate(P, G, d, 0) and (
+                not _is_candidate(P, G, found, 0) or P.nhl[d] > found_len))):
+            found = int(d)
+            found_len = P.nhl[d]
+            tree_page = kp
+            if not prune and _is_candidate(P, G, found, 0):
+                break
         d = nx
     if found < 0:
         rb.erase(G, ROOT_S, P.nleft, P.nright, P.npar, P.nred, chain)
@@ -301,14 +299,14 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, chain: int,
     return tree_page, found, chain
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _chain(S: Slots, P: Pool, G: I64, F: F64, n: int, prune: bool) -> tuple[int, int, int]:
     if not P.nchain[n]:
         return _get_folio(S, P, G, n), n, n
     return _stable_node_dup(S, P, G, F, n, prune)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _stable_tree_search(S: Slots, P: Pool, G: I64, F: F64, C: F64, h: int) -> int:
     if h >= 0 and P.knode[h] >= 0:
         return h
@@ -345,7 +343,7 @@ def _stable_tree_search(S: Slots, P: Pool, G: I64, F: F64, C: F64, h: int) -> in
     return result
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _chain_add_dup(P: Pool, G: I64, dup: int, chain: int) -> None:
     P.nchainof[dup] = chain
     _dup_push_front(P, chain, dup)
@@ -353,7 +351,7 @@ def _chain_add_dup(P: Pool, G: I64, dup: int, chain: int) -> None:
     G[DUPS] += 1
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _stable_tree_insert(S: Slots, P: Pool, G: I64, F: F64, C: F64, kp: int) -> int:
     c = int(P.kcid[kp])
     levels = 0
@@ -400,7 +398,7 @@ def _stable_tree_insert(S: Slots, P: Pool, G: I64, F: F64, C: F64, kp: int) -> i
     return new
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _stable_tree_append(S: Slots, P: Pool, G: I64, i: int, n: int) -> None:
     P.nhl[n] += 1
     S.ileft[i] = n
@@ -412,7 +410,7 @@ def _stable_tree_append(S: Slots, P: Pool, G: I64, i: int, n: int) -> None:
 
 
 # ---- unstable tree ----------------------------------------------------------
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64,
                             i: int, h: int) -> tuple[int, int]:
     """(tree item slot, its page) or (-1, NOPAGE)."""
@@ -430,7 +428,7 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
             levels += 1
             tp = _handle_at(S, n) if _vma_ok(R, V, n) else NOPAGE
             if tp == NOPAGE:
-                if G[SKIP_ZP] and _vma_ok_any(R, n) and (S.pte[n] == ZERO or S.pte[n] == KZERO):
+                if G[SKIP_ZP] and (S.pte[n] == ZERO or S.pte[n] == KZERO):
                     _remove_from_tree(S, P, G, n)
                     restart = True
                     break
@@ -466,13 +464,8 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
     return res_i, res_h
 
 
-@njit(cache=True, _nrt=False, inline="always")
-def _vma_ok_any(R: Ranges, n: int) -> bool:
-    return True
-
-
 # ---- merging ----------------------------------------------------------------
-@njit(cache=True, _nrt=False)
+@jit()
 def _ksm_split(S: Slots, R: Ranges, G: I64, C: F64, F: F64, r: int, keep: int,
                extra: int) -> bool:
     budget = max(0, G[BUDGET])
@@ -488,13 +481,13 @@ def _ksm_split(S: Slots, R: Ranges, G: I64, C: F64, F: F64, r: int, keep: int,
     return True
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _put_mapping(P: Pool, h: int) -> None:
     if h >= 0:
         P.kmap[h] -= 1
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _merge_one_page(S: Slots, R: Ranges, P: Pool, G: I64, F: F64, C: F64, s: int, h: int,
                     kpage: int, extra: int) -> int:
     """try_to_merge_one_page() for the item at slot ``s``: 0 or -1."""
@@ -537,7 +530,7 @@ def _merge_one_page(S: Slots, R: Ranges, P: Pool, G: I64, F: F64, C: F64, s: int
     return 0
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _merge_with_ksm_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64,
                          s: int, h: int, kpage: int, extra: int) -> int:
     if not _vma_ok(R, V, s):
@@ -549,7 +542,7 @@ def _merge_with_ksm_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, 
     return 0
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64,
                         i: int) -> None:
     h = _handle_at(S, i)
@@ -606,14 +599,14 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
 
 
 # ---- the cursor ---------------------------------------------------------------
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _flush_frees(G: I64, F: F64, C: F64) -> None:
     for _ in range(G[PENDING_FREE]):
         F[CPU] += C[C_RMAP_FREE]
     G[PENDING_FREE] = 0
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _drop_item(S: Slots, P: Pool, G: I64, i: int) -> None:
     """An item passed over: unlinked now, its free charged at the next flush."""
     _remove_from_tree(S, P, G, i)
@@ -622,7 +615,7 @@ def _drop_item(S: Slots, P: Pool, G: I64, i: int) -> None:
     G[PENDING_FREE] += 1
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _should_skip(S: Slots, P: Pool, G: I64, i: int, h: int) -> bool:
     if not G[K_SMART] or h >= 0:
         return False
@@ -640,7 +633,7 @@ def _should_skip(S: Slots, P: Pool, G: I64, i: int, h: int) -> bool:
     return True
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: int) -> int:
     scan_thp = _scan_thp(G)
     skip_ns = C[C_PTE_SKIP]
@@ -680,7 +673,7 @@ def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: i
                     continue
                 F[CPU] += skipped * skip_ns
                 G[CUR_ADDR] = i + 1
-                return i
+                return int(i)
             if S.iflags[i] & EXISTS:
                 _drop_item(S, P, G, i)
             skipped += 1
@@ -690,7 +683,7 @@ def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: i
     return -1
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _scan_get_next(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> int:
     if G[NSLOTS] == 0:
         return -1
@@ -723,7 +716,7 @@ def _scan_get_next(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64
             return -1
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def do_scan(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> bool:
     G[BUDGET] = G[K_PTS]
     while G[BUDGET] > 0:
@@ -737,7 +730,7 @@ def do_scan(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> bo
     return False
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def ksmd_until(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, t_next: float,
                t_end: float, room_k: int, room_n: int) -> int:
     """Run ksmd's batches while its wake-up time is before ``t_next`` (the next

@@ -5,8 +5,8 @@ remap, write faults, break_ksm, the deferred-split shrinker.  Mirrors
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from .jit import jit
 from .state import (
     ANON_RSS,
     DEFER_ON,
@@ -40,14 +40,14 @@ from .state import (
 HPAGE = 512
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def thp_allowed(V: Vmas, G: I64, v: int) -> bool:
     if V.nohuge[v]:
         return False
-    return G[THP_ALLOWED_ALWAYS] != 0 or (G[THP_ALLOWED_MADV] != 0 and V.huge[v] != 0)
+    return bool(G[THP_ALLOWED_ALWAYS] != 0 or (G[THP_ALLOWED_MADV] != 0 and V.huge[v] != 0))
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def deferred_split_folio(R: Ranges, G: I64, r: int) -> None:
     if not G[DEFER_ON]:
         return
@@ -56,7 +56,7 @@ def deferred_split_folio(R: Ranges, G: I64, r: int) -> None:
         R.qseq[r] = G[DEFER_SEQ]
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def split_folio(S: Slots, R: Ranges, G: I64, r: int, mode: int, extra: int, keep: int,
                 budget: int) -> tuple[bool, int, int, int, int]:
     """split_huge_page() of the THP of range ``r``: (ok, zero_tested, data_tested,
@@ -97,7 +97,7 @@ def split_folio(S: Slots, R: Ranges, G: I64, r: int, mode: int, extra: int, keep
     return True, zt, dt, rem, krem
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def write_fault(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, s: int, code: int) -> None:
     p = S.pte[s]
     if p == NONE:
@@ -123,7 +123,7 @@ def write_fault(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, s: int, code: int
         S.scid[s] = code
         G[ANON_RSS] += 1
         return
-    if p == ZERO or p == KZERO:
+    if p in (ZERO, KZERO):
         if p == KZERO:
             G[KSM_ZERO] -= 1
         S.pte[s] = OWN
@@ -138,14 +138,14 @@ def write_fault(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, s: int, code: int
     S.scid[s] = code
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def write_many(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, slots: I64,
                codes: I64) -> None:
     for j in range(len(slots)):
         write_fault(S, R, V, P, G, slots[j], codes[j])
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def break_ksm(S: Slots, P: Pool, G: I64, s: int) -> None:
     p = S.pte[s]
     if p >= 0:
@@ -159,7 +159,7 @@ def break_ksm(S: Slots, P: Pool, G: I64, s: int) -> None:
         G[ANON_RSS] += 1
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def thp_underused(S: Slots, r: int, max_none: int) -> bool:
     if max_none == HPAGE - 1:
         return False
@@ -177,7 +177,7 @@ def thp_underused(S: Slots, r: int, max_none: int) -> bool:
     return False
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def deferred_split_scan(S: Slots, R: Ranges, V: Vmas, G: I64, order: I64, max_none: int,
                         mode_m: int, mode_nm: int) -> int:
     """The shrinker over the queue (``order``: queued ranges, oldest first)."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit
+
+from .jit import jit
 
 I32 = npt.NDArray[np.int32]
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _change_child(g: I64, root: int, left: I32, right: I32, old: int, new: int,
                   parent: int) -> None:
     if parent < 0:
@@ -29,7 +30,7 @@ def _change_child(g: I64, root: int, left: I32, right: I32, old: int, new: int,
         right[parent] = new
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def rotate_left(g: I64, root: int, left: I32, right: I32, par: I32, x: int) -> None:
     y = right[x]
     right[x] = left[y]
@@ -42,7 +43,7 @@ def rotate_left(g: I64, root: int, left: I32, right: I32, par: I32, x: int) -> N
     par[x] = y
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def rotate_right(g: I64, root: int, left: I32, right: I32, par: I32, x: int) -> None:
     y = left[x]
     left[x] = right[y]
@@ -55,7 +56,7 @@ def rotate_right(g: I64, root: int, left: I32, right: I32, par: I32, x: int) -> 
     par[x] = y
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def link_node(g: I64, root: int, left: I32, right: I32, par: I32, red: U8, node: int,
               parent: int, is_left: bool) -> None:
     par[node] = parent
@@ -70,7 +71,7 @@ def link_node(g: I64, root: int, left: I32, right: I32, par: I32, red: U8, node:
         right[parent] = node
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def insert_color(g: I64, root: int, left: I32, right: I32, par: I32, red: U8,
                  node: int) -> None:
     while True:
@@ -110,19 +111,19 @@ def insert_color(g: I64, root: int, left: I32, right: I32, par: I32, red: U8,
         return
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _transplant(g: I64, root: int, left: I32, right: I32, par: I32, u: int, v: int) -> None:
     _change_child(g, root, left, right, u, v, par[u])
     if v >= 0:
         par[v] = par[u]
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@jit(inline=True)
 def _red(red: U8, n: int) -> bool:
     return n >= 0 and red[n] != 0
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def erase(g: I64, root: int, left: I32, right: I32, par: I32, red: U8, z: int) -> None:
     y_red = red[z] != 0
     if left[z] < 0:
@@ -157,7 +158,7 @@ def erase(g: I64, root: int, left: I32, right: I32, par: I32, red: U8, z: int) -
         _erase_color(g, root, left, right, par, red, x, xp)
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def _erase_color(g: I64, root: int, left: I32, right: I32, par: I32, red: U8, x: int,
                  xp: int) -> None:
     while x != g[root] and not _red(red, x):
@@ -210,7 +211,7 @@ def _erase_color(g: I64, root: int, left: I32, right: I32, par: I32, red: U8, x:
         red[x] = 0
 
 
-@njit(cache=True, _nrt=False)
+@jit()
 def replace_node(g: I64, root: int, left: I32, right: I32, par: I32, red: U8, victim: int,
                  new: int) -> None:
     par[new] = par[victim]

@@ -11,7 +11,7 @@ compiled calls.  Content ids are coded in 32 bits keeping their order:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -162,10 +162,10 @@ def new_pool(nk: int, nn: int) -> Pool:
 def grow_pool(p: Pool, nk: int, nn: int) -> Pool:
     """A pool with room for ``nk`` KSM pages and ``nn`` nodes, contents kept."""
     fresh = new_pool(nk, nn)
-    out = []
-    for name, old, new in zip(Pool._fields, p, fresh, strict=True):
-        n = len(old)
-        new[:n] = old
-        del name
+    out: list[npt.NDArray[Any]] = []
+    for name in Pool._fields:
+        old: npt.NDArray[Any] = getattr(p, name)
+        new: npt.NDArray[Any] = getattr(fresh, name)
+        new[: len(old)] = old
         out.append(new)
-    return Pool(*out)
+    return Pool._make(out)

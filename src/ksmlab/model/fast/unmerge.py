@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from . import rbtree as rb
+from .jit import jit
 from .ksmd import _get_folio, _remove_from_tree
 from .pages import break_ksm
 from .state import (
@@ -27,10 +28,9 @@ from .state import (
     Slots,
     Vmas,
 )
-from . import rbtree as rb
 
 
-@njit(cache=True)
+@jit(nrt=True)
 def unmerge_all(S: Slots, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> None:
     for cs in range(G[NSLOTS]):
         m = V.ksm_slots[cs]
