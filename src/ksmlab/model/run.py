@@ -354,13 +354,35 @@ def _event_dict(e: object) -> dict[str, Any]:
     return dict(dump(mode="json")) if dump is not None else {"action": repr(e)}
 
 
+ENGINES = ("auto", "fast", "exact")
+
+
 def simulate(
     scenario: Scenario,
     policy: str,
     duration: float | None = None,
     profile: CostProfile | None = None,
     progress: Callable[[float], None] | None = None,
+    engine: str = "auto",
 ) -> Trace:
-    """Run ``scenario`` under kernel ``policy``; deterministic."""
+    """Run ``scenario`` under kernel ``policy``; deterministic.
+
+    ``engine``: ``"fast"`` (arrays + compiled ksmd, :mod:`ksmlab.model.fast`),
+    ``"exact"`` (this module's objects), or ``"auto"``: the fast engine unless
+    the scenario is outside what it represents.  Both give the same trace.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     sc = scenario.with_duration(duration)
-    return Simulation(sc, policy, profile or DEFAULT_PROFILE).run(progress)
+    prof = profile or DEFAULT_PROFILE
+    get_policy(policy)
+    check_supported(sc)
+    if engine != "exact":
+        from .fast import FastSimulation, unsupported
+
+        why = unsupported(sc)
+        if why is None:
+            return FastSimulation(sc, policy, prof).run(progress)
+        if engine == "fast":
+            raise ModelUnsupported(f"fast engine: {why}")
+    return Simulation(sc, policy, prof).run(progress)
