@@ -382,7 +382,12 @@ def simulate(
 
         why = unsupported(sc)
         if why is None:
-            return FastSimulation(sc, policy, prof).run(progress)
-        if engine == "fast":
+            try:
+                return FastSimulation(sc, policy, prof).run(progress)
+            except ModelUnsupported:
+                # a limit met only while running (32-bit content codes used up)
+                if engine == "fast":
+                    raise
+        elif engine == "fast":
             raise ModelUnsupported(f"fast engine: {why}")
     return Simulation(sc, policy, prof).run(progress)

@@ -9,6 +9,7 @@ in the exact model (same heap priorities, same float time arithmetic).
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from ... import content
 from ...scenario import (
     HPAGE_PMD_NR,
+    KhugepagedWake,
     KsmStart,
     KsmStop,
     KsmUnmerge,
@@ -25,12 +27,12 @@ from ...scenario import (
     SetKnob,
     Write,
 )
-from ...trace import COLUMNS, MONOTONIC, VMSTAT_COUNTERS, Trace
+from ...trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
 from ..costs import CostProfile
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
 from ..run import VOLATILE_TICK, ModelUnsupported, _event_dict, check_supported
 from .khugepaged import FastKhugepaged
-from .ksmd import KSMD_GROW, KSMD_IDLE, ksmd_until
+from .ksmd import KSMD_GROW, KSMD_IDLE, KSMD_SCAN_END, ksmd_until
 from .pages import deferred_split_scan, queued_order, thp_allowed, write_many
 from .state import (
     ANON_RSS,
@@ -51,6 +53,7 @@ from .state import (
     K_SMART,
     K_UZP,
     KSM_ZERO,
+    FRESH_CODE,
     MAX_FRESH,
     MAX_UNIQUE,
     N_F,
@@ -81,6 +84,7 @@ from .state import (
     SEQNR,
     SKIP_ZP,
     T_KSMD,
+    T_SCAN_END,
     THP_ALLOWED_ALWAYS,
     THP_ALLOWED_MADV,
     THP_RANGES,
@@ -105,18 +109,30 @@ def unsupported(sc: Scenario) -> str | None:
         return "duplicate_pool too large for 32-bit content codes"
     if sc.total_pages >= min(MAX_UNIQUE, 1 << 31) - HPAGE_PMD_NR:
         return "too many pages for 32-bit slot numbers"
-    fresh = 0
+    if len(sc.event) >= content.VOLATILE_TAG:
+        return "so many events that write tags meet the volatile_pages_per_scan tags"
+    fresh = _fresh_room(sc)
     for e in sc.event:
         if isinstance(e, Write):
-            pages = sc.process[e.process].region[e.region].pages
-            fresh += max(1, round(e.fraction * pages))
+            fresh += _write_count(sc, e)
             if sc.fill_at is not None and e.at < sc.fill_at:
                 return "a write event before fill_at"
-    vol = sum(p.count * sum(r.volatile_pages_per_s for r in p.region) for p in sc.process)
-    fresh += int(vol * (sc.duration + 1)) * 2 + 1000
     if fresh >= MAX_FRESH:
         return "too many fresh page contents for 32-bit content codes"
     return None
+
+
+def _fresh_room(sc: Scenario) -> int:
+    """Codes reserved for the volatile writer's fresh ids (volatile_pages_per_s)."""
+    ticks = int(sc.duration / VOLATILE_TICK) + 2
+    per_tick = sum(p.count * sum(min(r.pages, math.ceil(r.volatile_pages_per_s * VOLATILE_TICK))
+                                 for r in p.region) for p in sc.process)
+    return ticks * per_tick
+
+
+def _write_count(sc: Scenario, e: Write) -> int:
+    """Pages a ``write`` event rewrites (content.write_targets())."""
+    return max(1, round(e.fraction * sc.process[e.process].region[e.region].pages))
 
 
 class FastSimulation:
@@ -134,6 +150,20 @@ class FastSimulation:
         self.ksm_running = False
         self.fresh = 0
         self.events: list[dict[str, Any]] = []
+        # 32-bit codes of written ids (content.written_ids(): FRESH_BASE + tag << 40 +
+        # page), in id order: after the volatile writer's fresh ids, one block per
+        # write event in tag order, then one block per volatile_pages_per_scan step
+        # (steps come in increasing order)
+        code = _fresh_room(sc)
+        self.write_code: dict[int, int] = {}  # id(event) -> its block
+        for e in sc.event:
+            if isinstance(e, Write) and e.content != "zero":
+                self.write_code[id(e)] = code
+                code += _write_count(sc, e)
+        self.next_code = code
+        self.heap: list[tuple[float, int, int, str, object]] = []
+        self.seq = 0
+        self.khd_generation = 0
         self.C = np.array([getattr(profile, f) for f in COST_FIELDS], np.float64)
         self.G = np.zeros(N_G, np.int64)
         self.F = np.zeros(N_F, np.float64)
@@ -141,7 +171,8 @@ class FastSimulation:
         for k in (CUR_SLOT, CUR_ADDR, CUR_PREV, ROOT_S, ROOT_U):
             G[k] = -1
         self._build(progress_setup)
-        self.khugepaged = FastKhugepaged(self.S, self.R, self.V, G, sc.thp.khugepaged)
+        self.khugepaged = FastKhugepaged(self.S, self.R, self.V, G, sc.thp.khugepaged,
+                                         self.policy.khugepaged_needs_writable)
         self.khugepaged.P = self.P
         self._params()
         if sc.fill_at is None:
@@ -273,7 +304,7 @@ class FastSimulation:
         codes = code_of(np.asarray(cids, dtype=np.uint64)).astype(np.int64)
         write_many(self.S, self.R, self.V, self.P, self.G, slots.astype(np.int64), codes)
 
-    def _apply(self, e: object) -> None:
+    def _apply(self, e: object, t: float) -> None:
         G = self.G
         if isinstance(e, KsmStart):
             G[RUN] = 1
@@ -291,11 +322,12 @@ class FastSimulation:
             targets = content.write_targets(e.fraction, pages, e.seed,
                                             salt=e.process * 1000 + e.region)
             if e.content == "zero":
-                cids = np.zeros(len(targets), np.uint64)
-            else:
-                cids = content.fresh_ids(self.fresh, len(targets))
-                self.fresh += len(targets)
-            self._write(targets + b, cids)
+                codes = np.zeros(len(targets), np.int64)
+            else:  # content.written_ids(ref, tag, targets): increasing with the target
+                codes = FRESH_CODE + self.write_code[id(e)] + np.arange(
+                    len(targets), dtype=np.int64)
+            write_many(self.S, self.R, self.V, self.P, G, (targets + b).astype(np.int64),
+                       codes)
         elif isinstance(e, Pressure):
             self._params()
             deferred_split_scan(self.S, self.R, self.V, G, queued_order(self.R),
@@ -304,6 +336,8 @@ class FastSimulation:
             G[PRESSURE] = 2 if G[CUR_SLOT] < 0 else 3
         elif isinstance(e, SetKnob):
             self._set_knob(e)
+        elif isinstance(e, KhugepagedWake):
+            self._khugepaged_pass(t)
         else:  # pragma: no cover - check_supported() refuses these
             raise ModelUnsupported(f"event {e!r} is not modelled")
         self._params()
@@ -339,8 +373,45 @@ class FastSimulation:
             self.fresh += len(targets)
             self._write(np.asarray(targets, np.int64) + int(self.V.base[v]), cids)
 
+    def _volatile_scan(self, step: int) -> None:
+        """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
+        slots: list[np.ndarray[Any, Any]] = []
+        keys: list[np.ndarray[Any, Any]] = []
+        for v, ref, _rng in self.regions:
+            if ref.spec.volatile_pages_per_scan:
+                idx = content.volatile_targets(ref, step)
+                slots.append(idx + int(self.V.base[v]))
+                keys.append(idx + ref.first_page)
+        if not slots:
+            return
+        # the ids written_ids(ref, VOLATILE_TAG + step, idx) within one step are in
+        # the order of the global page index ref.first_page + idx: code them by rank
+        at = np.concatenate(slots).astype(np.int64)
+        k = len(at)
+        if self.next_code + k >= MAX_FRESH:
+            raise ModelUnsupported("fast engine: volatile_pages_per_scan wrote more "
+                                   "contents than 32-bit content codes hold")
+        rank = np.empty(k, np.int64)
+        rank[np.argsort(np.concatenate(keys), kind="stable")] = np.arange(k, dtype=np.int64)
+        codes = FRESH_CODE + self.next_code + rank
+        self.next_code += k
+        write_many(self.S, self.R, self.V, self.P, self.G, at, codes)
+
+    def _khugepaged_pass(self, t: float) -> None:
+        if self.khugepaged.slots:
+            self.khugepaged.do_scan()
+        self.khd_generation += 1
+        # the kernel's own timer: parked for the run when the lab drives khugepaged
+        period = (self.sc.khugepaged_kernel_sleep_ms() if self.sc.drive_khugepaged
+                  else self.khugepaged.knobs.scan_sleep_millisecs) / 1000.0
+        self.push(t + max(period, 0.001), 5, "khugepaged", self.khd_generation)
+
+    def push(self, t: float, prio: int, kind: str, payload: object = None) -> None:
+        heapq.heappush(self.heap, (t, prio, self.seq, kind, payload))
+        self.seq += 1
+
     # ---- samples -------------------------------------------------------------
-    def _sample(self, t: float) -> dict[str, float]:
+    def _sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
         G = self.G
         shared, sharing = int(G[PAGES_SHARED]), int(G[PAGES_SHARING])
         unshared, rmap = int(G[PAGES_UNSHARED]), int(G[RMAP_ITEMS])
@@ -349,6 +420,7 @@ class FastSimulation:
         merging = shared + sharing
         row: dict[str, float] = {
             "t": round(t, 9),
+            FULL_SCAN_END: float(full_scan_end),
             "pages_scanned": int(G[PAGES_SCANNED]),
             "pages_shared": shared,
             "pages_sharing": sharing,
@@ -377,8 +449,9 @@ class FastSimulation:
         return {c: row[c] for c in COLUMNS}
 
     # ---- ksmd ----------------------------------------------------------------
-    def _ksmd(self, t_next: float, t_end: float) -> bool:
-        """ksmd's batches up to the next action; False once it waits for run=1."""
+    def _ksmd(self, t_next: float, inclusive: bool, t_end: float) -> int:
+        """ksmd's batches up to the next action (KSMD_OK), or to the end of a full
+        scan (KSMD_SCAN_END); KSMD_IDLE once it waits for run=1."""
         while True:
             G = self.G
             pts = int(G[K_PTS])
@@ -388,26 +461,21 @@ class FastSimulation:
                                    max(2 * room_n, int(G[NN]) + 4 * pts))
                 self.khugepaged.P = self.P
             res = _direct(ksmd_until)(self.S, self.R, self.V, self.P, G, self.F, self.C,
-                                      t_next, t_end, len(self.P.kcid), len(self.P.nkpage))
+                                      t_next, inclusive, t_end, len(self.P.kcid),
+                                      len(self.P.nkpage))
             if res == KSMD_GROW:
                 continue
-            return bool(res != KSMD_IDLE)
+            return int(res)
 
     # ---- the timeline ----------------------------------------------------------
     def run(self, progress: Callable[[float], None] | None = None) -> Trace:
         sc = self.sc
+        G, F = self.G, self.F
         dur = sc.duration
         t_end = dur + 1e-9
         n_samples = int(dur / sc.sample_interval + 1e-9) + 1
-        heap: list[tuple[float, int, int, str, object]] = []
-        seq = 0
-
-        def push(t: float, prio: int, kind: str, payload: object = None) -> None:
-            nonlocal seq
-            heapq.heappush(heap, (t, prio, seq, kind, payload))
-            seq += 1
-
-        # samples are generated lazily (a 1 TiB host has many of them)
+        heap, push = self.heap, self.push
+        # samples (priority 0) are generated lazily (a 1 TiB host has many of them)
         next_sample = 0
         if sc.fill_at is not None:
             push(sc.fill_at, 1, "fill")
@@ -415,53 +483,73 @@ class FastSimulation:
             push(sc.ksm_start_at, 2, "event", KsmStart(action="ksm_start", at=sc.ksm_start_at))
         for e in sc.event:
             push(e.at, 3, "event", e)
+        for at in sc.khugepaged_wakes():  # the lab's wake-ups (drive_khugepaged)
+            push(at, 7, "event", KhugepagedWake(action="khugepaged", at=at))
         if any(ref.spec.volatile_pages_per_s > 0 for _v, ref, _r in self.regions):
             push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
         if sc.thp.enabled != "never":
-            push(sc.thp.khugepaged.scan_sleep_millisecs / 1000.0, 5, "khugepaged")
-        ksmd_pending = False
+            push(0.0, 5, "khugepaged", self.khd_generation)
+        per_scan = any(ref.spec.volatile_pages_per_scan for _v, ref, _r in self.regions)
+        held: list[tuple[str, object]] = []  # align_events: due, waiting for a scan end
+        ksmd_pending = False  # ksmd's entry (priority 6) is at F[T_KSMD]
         rows: list[Mapping[str, float]] = []
+
+        def act(kind: str, payload: object, t: float) -> None:
+            nonlocal ksmd_pending
+            if kind == "fill":
+                self._fill()
+                return
+            self._apply(payload, t)
+            self.events.append({"t": round(t, 9), **_event_dict(payload)})
+            if G_should_run(G) and not ksmd_pending:
+                F[T_KSMD] = t  # writing run wakes ksmd at once
+                ksmd_pending = True
+
         while True:
             ts = next_sample * sc.sample_interval if next_sample < n_samples else None
             th = heap[0][0] if heap else None
-            if ts is None and th is None:
-                nxt = None
-            elif th is None or (ts is not None and ts <= th):
-                nxt = ts  # a sample (priority 0) goes first at equal times
+            if th is None or (ts is not None and ts <= th):
+                nxt, prio = ts, 0  # a sample (priority 0) goes first at equal times
             else:
-                nxt = th
+                nxt, prio = th, heap[0][1]
             if ksmd_pending:
                 t_next = float("inf") if nxt is None else nxt
-                ksmd_pending = self._ksmd(t_next, t_end)
-                if ksmd_pending and self.F[T_KSMD] <= t_end and self.F[T_KSMD] < t_next:
-                    raise AssertionError("ksmd stopped early")  # pragma: no cover
-                if ksmd_pending and self.F[T_KSMD] > t_end and (nxt is None or nxt > t_end):
+                res = self._ksmd(t_next, prio > 6, t_end)
+                ksmd_pending = res != KSMD_IDLE
+                if res == KSMD_SCAN_END:
+                    end = float(F[T_SCAN_END])
+                    if end <= t_end:
+                        # the live lab samples right at each full-scan end, then does
+                        # the per-scan writes and the held events
+                        rows.append(self._sample(end, full_scan_end=True))
+                        if per_scan:
+                            self._volatile_scan(int(G[SEQNR]))
+                        for kind_, payload_ in held:
+                            act(kind_, payload_, end)
+                        held.clear()
+                    continue
+                if ksmd_pending and F[T_KSMD] > t_end and (nxt is None or nxt > t_end):
                     break
             if nxt is None or nxt > t_end:
                 break
-            if ts is not None and nxt == ts and (th is None or ts <= th):
+            if prio == 0 and ts is not None:
                 rows.append(self._sample(ts))
                 next_sample += 1
                 if progress is not None:
                     progress(ts)
                 continue
             t, _prio, _s, kind, payload = heapq.heappop(heap)
-            if kind == "fill":
-                self._fill()
-            elif kind == "event":
-                self._apply(payload)
-                self.events.append({"t": t, **_event_dict(payload)})
-                if G_should_run(self.G) and not ksmd_pending:
-                    self.F[T_KSMD] = t
-                    ksmd_pending = True
+            if kind in ("fill", "event"):
+                if sc.align_events and G_should_run(G):
+                    held.append((kind, payload))
+                else:
+                    act(kind, payload, t)
             elif kind == "volatile":
                 self._volatile()
                 push(t + VOLATILE_TICK, 4, "volatile")
             elif kind == "khugepaged":
-                if self.khugepaged.slots:
-                    self.khugepaged.do_scan()
-                khd = self.khugepaged.knobs.scan_sleep_millisecs / 1000.0
-                push(t + max(khd, 0.001), 5, "khugepaged")
+                if payload == self.khd_generation:  # else re-armed by a wake-up since
+                    self._khugepaged_pass(t)
         meta = {
             "source": "model",
             "policy": self.policy.name,
@@ -475,6 +563,7 @@ class FastSimulation:
             "profile": self.profile.to_json(),
             "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
         }
+        rows.sort(key=lambda r: r["t"])  # boundary samples were taken between ticks
         return Trace.from_rows(meta, rows, self.events)
 
 

@@ -29,8 +29,10 @@ from .state import (
 
 
 class FastKhugepaged:
-    def __init__(self, S: Slots, R: Ranges, V: Vmas, G: I64, knobs: KhugepagedKnobs) -> None:
+    def __init__(self, S: Slots, R: Ranges, V: Vmas, G: I64, knobs: KhugepagedKnobs,
+                 needs_writable: bool) -> None:
         self.S, self.R, self.V, self.G = S, R, V, G
+        self.needs_writable = needs_writable  # Policy.khugepaged_needs_writable
         self.P: Pool | None = None  # set by the engine (the pool is replaced as it grows)
         self.knobs = knobs
         self.slots: list[int] = []  # mm indices
@@ -97,8 +99,8 @@ class FastKhugepaged:
         ksm = pte[pte >= 0]
         if int(np.count_nonzero(self.P.kmap[ksm] > 1)) > MAX_PTES_SHARED:
             return False
-        if not np.any(pte == OWN):
-            return False  # SCAN_PAGE_RO
+        if self.needs_writable and not np.any(pte == OWN):
+            return False  # SCAN_PAGE_RO (6.12; gone in later trees)
         self._collapse(r)
         return True
 

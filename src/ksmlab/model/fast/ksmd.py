@@ -76,6 +76,7 @@ from .state import (
     SKIP_ZP,
     STABLE,
     T_KSMD,
+    T_SCAN_END,
     UNSTABLE,
     ZERO,
     Pool,
@@ -90,7 +91,7 @@ ZEROPAGE = NOPAGE + 2
 HPAGE = 512
 
 # ksmd_until() results
-KSMD_OK, KSMD_IDLE, KSMD_GROW = 0, 1, 2
+KSMD_OK, KSMD_IDLE, KSMD_GROW, KSMD_SCAN_END = 0, 1, 2, 3
 
 
 @jit(inline=True)
@@ -473,8 +474,12 @@ def _ksm_split(S: Slots, R: Ranges, G: I64, C: F64, F: F64, r: int, keep: int,
     if not ok:
         F[CPU] += C[C_SPLIT_FAILED]
         return False
-    F[CPU] += (C[C_SPLIT] + zt * C[C_ZT_ZERO] + dt * C[C_ZT_DATA]
-               + (512 - rem) * C[C_REMAP_PTE] + rem * (C[C_REMAP_PTE] + C[C_FREE_PAGE]))
+    # CpuMeter.charge() one cost at a time (the float sum's order matters)
+    F[CPU] += C[C_SPLIT]
+    F[CPU] += zt * C[C_ZT_ZERO]
+    F[CPU] += dt * C[C_ZT_DATA]
+    F[CPU] += 512 * C[C_REMAP_PTE]
+    F[CPU] += rem * C[C_FREE_PAGE]
     if krem:
         G[BUDGET] -= krem
         G[PAGES_SCANNED] += krem
@@ -732,23 +737,29 @@ def do_scan(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> bo
 
 @jit()
 def ksmd_until(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, t_next: float,
-               t_end: float, room_k: int, room_n: int) -> int:
+               inclusive: bool, t_end: float, room_k: int, room_n: int) -> int:
     """Run ksmd's batches while its wake-up time is before ``t_next`` (the next
-    other action) and not after ``t_end``.  KSMD_GROW: the pools need room."""
+    other action; at ``t_next`` too when ``inclusive``: that action's heap priority
+    is after ksmd's) and not after ``t_end``.  KSMD_GROW: the pools need room;
+    KSMD_SCAN_END: the last batch ended a full scan, at F[T_SCAN_END]."""
     t = F[T_KSMD]
     need = G[K_PTS]
-    while t < t_next and t <= t_end:
+    while (t < t_next or (inclusive and t == t_next)) and t <= t_end:
         if G[RUN] != 1 or G[NSLOTS] == 0:
             return KSMD_IDLE
         if G[NK] + need > room_k or G[NN] + 2 * need > room_n:
             return KSMD_GROW
         before = F[CPU]
+        scans = G[SEQNR]
         F[NOW] = t
         do_scan(S, R, V, P, G, F, C)
         F[CPU] += C[C_BATCH]
         busy = (F[CPU] - before) / 1e9
         ms = G[K_SLEEP]
         slack = C[C_SLACK] / 1e9 if ms else 0.0
+        F[T_SCAN_END] = t + busy
         t = t + busy + ms / 1000.0 + slack
         F[T_KSMD] = t
+        if G[SEQNR] > scans:
+            return KSMD_SCAN_END
     return KSMD_OK

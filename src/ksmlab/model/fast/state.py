@@ -47,7 +47,7 @@ MAX_FRESH = (1 << 32) - 2 - FRESH_CODE
  REMAP_KSM, SCAN_THP_P, SCAN_THP_NP, SKIP_ZP, THP_ALLOWED_ALWAYS, THP_ALLOWED_MADV,
  DEFER_ON, N_G) = range(50)
 # float64 globals
-CPU, NOW, T_KSMD, N_F = range(4)
+CPU, NOW, T_KSMD, T_SCAN_END, N_F = range(5)
 
 VMSTAT = ("thp_fault_alloc", "thp_fault_fallback", "thp_collapse_alloc", "thp_split_page",
           "thp_split_page_failed", "thp_deferred_split_page", "thp_underused_split_page",
