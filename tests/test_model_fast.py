@@ -42,6 +42,7 @@ regions = st.fixed_dictionaries({
     "content": mixes,
     "seed": st.integers(0, 3),
     "volatile_pages_per_s": st.sampled_from([0.0, 0.0, 0.0, 150.0]),
+    "volatile_pages_per_scan": st.sampled_from([0, 0, 0, 1, 40]),
 })
 
 processes = st.lists(st.fixed_dictionaries({
@@ -68,12 +69,20 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     duration = draw(st.sampled_from([0.3, 0.6, 1.0]))
     procs = draw(processes)
     fill_at = draw(st.sampled_from([None, None, None, 0.2]))
+    align = draw(st.sampled_from([True, True, False]))
+    if fill_at is not None:  # the exact model cannot run these (see unsupported())
+        for p in procs:
+            for r in p["region"]:
+                r["volatile_pages_per_scan"] = 0
+                if align:
+                    r["volatile_pages_per_s"] = 0.0
     n_ev = draw(st.integers(0, 4))
     events: list[dict[str, Any]] = []
     for _ in range(n_ev):
         at = draw(st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.8, 1.2])) * duration
         kind = draw(st.sampled_from(["ksm_start", "ksm_start", "ksm_stop", "ksm_unmerge", "write",
-                                     "write", "pressure", "pressure", "set", "set", "set"]))
+                                     "write", "pressure", "pressure", "set", "set", "set",
+                                     "khugepaged"]))
         ev: dict[str, Any] = {"action": kind, "at": min(at, duration)}
         if kind == "write":
             p = draw(st.integers(0, len(procs) - 1))
@@ -94,6 +103,8 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "ksm_start_at": draw(st.sampled_from([0.0, 0.0, 0.0, 0.1, 0.3, None])),
         "fill_at": fill_at,
         "duplicate_pool": draw(st.sampled_from([1, 7, 512])),
+        "align_events": align,
+        "drive_khugepaged": draw(st.sampled_from([True, True, False])),
         "ksm": {
             "pages_to_scan": draw(st.sampled_from([1, 16, 64, 200, 400, 400])),
             "sleep_millisecs": draw(st.sampled_from([2, 5, 10, 20])),
