@@ -393,15 +393,17 @@ class FastSimulation:
             return
         # the ids written_ids(ref, VOLATILE_TAG + step, idx) within one step are in
         # the order of the global page index ref.first_page + idx: code them by rank
+        # (a step's block: steps are 1, 2, ... and start again after run=2; each
+        # writes the same number of pages)
         at = np.concatenate(slots).astype(np.int64)
         k = len(at)
-        if self.next_code + k >= MAX_FRESH:
+        first = self.next_code + (step - 1) * k
+        if first + k >= MAX_FRESH:
             raise ModelUnsupported("fast engine: volatile_pages_per_scan wrote more "
                                    "contents than 32-bit content codes hold")
         rank = np.empty(k, np.int64)
         rank[np.argsort(np.concatenate(keys), kind="stable")] = np.arange(k, dtype=np.int64)
-        codes = FRESH_CODE + self.next_code + rank
-        self.next_code += k
+        codes = FRESH_CODE + first + rank
         write_many(self.S, self.R, self.V, self.P, self.G, at, codes)
 
     def _khugepaged_pass(self, t: float) -> None:
