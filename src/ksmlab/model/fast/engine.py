@@ -46,6 +46,7 @@ from .state import (
     DEFER_SEQ,
     DUP_MAX,
     DUPS,
+    FRESH_CODE,
     K_MPS,
     K_PRUNE,
     K_PTS,
@@ -53,7 +54,6 @@ from .state import (
     K_SMART,
     K_UZP,
     KSM_ZERO,
-    FRESH_CODE,
     MAX_FRESH,
     MAX_UNIQUE,
     N_F,
@@ -556,9 +556,8 @@ class FastSimulation:
             elif kind == "volatile":
                 self._volatile()
                 push(t + VOLATILE_TICK, 4, "volatile")
-            elif kind == "khugepaged":
-                if payload == self.khd_generation:  # else re-armed by a wake-up since
-                    self._khugepaged_pass(t)
+            elif kind == "khugepaged" and payload == self.khd_generation:
+                self._khugepaged_pass(t)  # (a stale entry: re-armed by a wake-up since)
         meta = {
             "source": "model",
             "policy": self.policy.name,
