@@ -33,7 +33,13 @@ from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
 from ..run import VOLATILE_TICK, ModelUnsupported, _event_dict, check_supported
 from .khugepaged import FastKhugepaged
 from .ksmd import KSMD_GROW, KSMD_IDLE, KSMD_SCAN_END, ksmd_until
-from .pages import deferred_split_scan, queued_order, thp_allowed, write_many
+from .pages import (
+    deferred_split_scan,
+    queued_order,
+    store_codes,
+    thp_allowed,
+    write_many,
+)
 from .state import (
     ANON_RSS,
     CHAINS,
@@ -278,7 +284,7 @@ class FastSimulation:
             b, n = int(V.base[v]), int(V.n[v])
             V.anon[v] = 1
             S.pte[b : b + n] = OWN
-            S.scid[b : b + n] = code_of(content.region_ids(self.sc, ref))
+            store_codes(content.region_ids(self.sc, ref), S.scid[b : b + n])
             rs = slice(b // HPAGE_PMD_NR, (b + n) // HPAGE_PMD_NR)
             nr = n // HPAGE_PMD_NR
             if thp_allowed(V, G, v):

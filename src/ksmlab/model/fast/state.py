@@ -22,6 +22,7 @@ I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 U32 = npt.NDArray[np.uint32]
+U64 = npt.NDArray[np.uint64]
 F64 = npt.NDArray[np.float64]
 
 # PTE kinds (pte >= 0: a KSM page of the pool)
