@@ -21,6 +21,9 @@ def test_every_builtin_loads() -> None:
     for n in names:
         sc = scenario.load(n)
         assert sc.name == n
+        if n == "host-1t":  # model only (1 TiB): the live lab refuses it on MemAvailable
+            assert sc.total_mib == 1 << 20 and sc.process[0].count == 256
+            continue
         assert sc.total_mib <= 1024  # live runs stay under 1 GiB
 
 

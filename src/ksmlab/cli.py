@@ -48,6 +48,8 @@ ScenarioArg = Annotated[str, typer.Argument(help="built-in name (ksmlab scenario
 DurationOpt = Annotated[float | None, typer.Option("--duration", "-d", help="seconds")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="folder for trace and plot")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="model engine: auto (fast where it applies), fast or exact")]
 
 
 class UserError(Exception):
@@ -235,13 +237,14 @@ def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
 def sim(scenario: ScenarioArg,
         policy: Annotated[str, typer.Option("--policy", "-p", help="see ksmlab policies")],
         duration: DurationOpt = None, out: OutOpt = None, json_out: JsonOpt = False,
-        profile: ProfileOpt = None) -> None:
+        profile: ProfileOpt = None, engine: EngineOpt = "auto") -> None:
     """Run a scenario in the model under one kernel policy (no root needed)."""
     from .model import get_policy, simulate
 
     sc = _load(scenario, duration)
     _policy(get_policy, policy)
-    tr = simulate(sc, policy, profile=_profile(profile))
+    _engine(engine)
+    tr = simulate(sc, policy, profile=_profile(profile), engine=engine)
     summary = metrics.summarize(tr)
     _emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out, {"policy": policy})
 
@@ -274,6 +277,13 @@ def _policy(get: Callable[[str], object], name: str) -> None:
         raise UserError(str(e)) from None
 
 
+def _engine(name: str) -> None:
+    from .model.run import ENGINES
+
+    if name not in ENGINES:
+        fail(f"--engine {name}: use {', '.join(ENGINES)}")
+
+
 Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
 
 
@@ -281,7 +291,7 @@ Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
 def compare(scenario: ScenarioArg,
             policies: Annotated[str, typer.Option("--policies", help="A,B,... or all")] = "all",
             duration: DurationOpt = None, fmt: Fmt = "text", out: OutOpt = None,
-            profile: ProfileOpt = None) -> None:
+            profile: ProfileOpt = None, engine: EngineOpt = "auto") -> None:
     """The same scenario under several policies, side by side."""
     from .model import POLICIES, get_policy, simulate
 
@@ -291,8 +301,9 @@ def compare(scenario: ScenarioArg,
     names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
     for n in names:
         _policy(get_policy, n)
+    _engine(engine)
     prof = _profile(profile)
-    results = [(n, simulate(sc, n, profile=prof)) for n in names]
+    results = [(n, simulate(sc, n, profile=prof, engine=engine)) for n in names]
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
     print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}",
                                kernel_confirmed(sc.name)))

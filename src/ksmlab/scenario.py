@@ -219,7 +219,8 @@ Event = Annotated[
 class Scenario(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
-    duration: float = Field(gt=0.0, le=3600.0, description="seconds after the workload is ready")
+    # up to a day: a model run of a large host needs hours of simulated time
+    duration: float = Field(gt=0.0, le=86400.0, description="seconds after the workload is ready")
     sample_interval: float = Field(0.1, ge=0.01, le=1.0)
     # KSM's run=1 at this time (None: only by a ksm_start event)
     ksm_start_at: float | None = Field(0.0, ge=0.0)

@@ -388,6 +388,9 @@ def _event_dict(e: object) -> dict[str, Any]:
     return dict(dump(mode="json")) if dump is not None else {"action": repr(e)}
 
 
+ENGINES = ("auto", "fast", "exact")
+
+
 def simulate(
     scenario: Scenario,
     policy: str,
@@ -395,11 +398,34 @@ def simulate(
     profile: CostProfile | None = None,
     progress: Callable[[float], None] | None = None,
     pins: Sequence[tuple[str, int]] = (),
+    engine: str = "auto",
 ) -> Trace:
     """Run ``scenario`` under kernel ``policy``; deterministic.
 
+    ``engine``: ``"fast"`` (arrays + compiled ksmd, :mod:`ksmlab.model.fast`),
+    ``"exact"`` (this module's objects), or ``"auto"``: the fast engine unless
+    the scenario is outside what it represents.  Both give the same trace.
     ``pins``: (action, full_scans) of events to apply at those full-scan ends rather
-    than at the first one after their time (a kernel trace's ``fidelity.pins()``).
+    than at the first one after their time (a kernel trace's ``fidelity.pins()``);
+    a replay of a kernel run, done by the exact engine.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     sc = scenario.with_duration(duration)
-    return Simulation(sc, policy, profile or DEFAULT_PROFILE, pins).run(progress)
+    prof = profile or DEFAULT_PROFILE
+    get_policy(policy)
+    check_supported(sc)
+    if engine != "exact":
+        from .fast import FastSimulation, unsupported
+
+        why = "pinned events (a replay of a kernel run)" if pins else unsupported(sc)
+        if why is None:
+            try:
+                return FastSimulation(sc, policy, prof).run(progress)
+            except ModelUnsupported:
+                # a limit met only while running (32-bit content codes used up)
+                if engine == "fast":
+                    raise
+        elif engine == "fast":
+            raise ModelUnsupported(f"fast engine: {why}")
+    return Simulation(sc, policy, prof, pins).run(progress)

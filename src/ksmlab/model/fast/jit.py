@@ -1,0 +1,29 @@
+"""The one decorator of the fast engine's compiled code.
+
+Compiled functions take tuples of many arrays; without NRT (numba's reference
+counting) a call does not incref/decref every array of every tuple, which
+made calls cost microseconds.  The compiled code never allocates (except
+where ``nrt=True``).  ``inline`` inlines at numba's IR level (the hot path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numba
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def jit(inline: bool = False, nrt: bool = False) -> Callable[[Fn], Fn]:
+    opts: dict[str, Any] = {"cache": True}
+    if not nrt:
+        opts["_nrt"] = False
+    if inline:
+        opts["inline"] = "always"
+
+    def deco(fn: Fn) -> Fn:
+        return cast(Fn, numba.njit(**opts)(fn))
+
+    return deco

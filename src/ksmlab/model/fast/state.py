@@ -1,0 +1,172 @@
+"""Array state of the fast engine: one slot per simulated 4 KiB page.
+
+Per slot (29 bytes): the PTE (``pte``: NONE, ZERO, KZERO, OWN or the index
+of a KSM page), the content code of the slot's own private page (``scid``)
+and the slot's rmap item (flags, seqnr, age, remaining_skips, oldchecksum,
+and the unstable-tree links; a stable item keeps its stable node in
+``ileft``).  KSM pages and stable nodes live in small pools that grow between
+compiled calls.  Content ids are coded in 32 bits keeping their order:
+0..2**20 as themselves, unique ids after them, fresh ids from 2**31.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from ...content import FRESH_BASE, UNIQUE_BASE
+
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+U8 = npt.NDArray[np.uint8]
+U32 = npt.NDArray[np.uint32]
+U64 = npt.NDArray[np.uint64]
+F64 = npt.NDArray[np.float64]
+
+# PTE kinds (pte >= 0: a KSM page of the pool)
+NONE, ZERO, KZERO, OWN = -1, -2, -3, -4
+# rmap item flags
+EXISTS, UNSTABLE, STABLE = 1, 2, 4
+PMD_NONE, PMD_THP, PMD_TABLE = 0, 1, 2
+
+# content codes
+DUP_MAX = 1 << 20
+UNIQ_CODE = DUP_MAX + 1
+FRESH_CODE = 1 << 31
+MAX_UNIQUE = FRESH_CODE - UNIQ_CODE
+MAX_FRESH = (1 << 32) - 2 - FRESH_CODE
+
+# int64 globals
+(PAGES_SCANNED, PAGES_SHARED, PAGES_SHARING, PAGES_UNSHARED, PAGES_SKIPPED, RMAP_ITEMS,
+ CHAINS, DUPS, SEQNR, KSM_ZERO, ANON_RSS, NR_THP, THP_RANGES,
+ V_FAULT_ALLOC, V_FAULT_FALLBACK, V_COLLAPSE_ALLOC, V_SPLIT_PAGE, V_SPLIT_FAILED,
+ V_DEFERRED, V_UNDERUSED, V_SPLIT_PMD, V_ZERO_PAGE_ALLOC, V_SWPOUT_FALLBACK,
+ RUN, CUR_SLOT, CUR_ADDR, CUR_PREV, PRESSURE, BUDGET, NK, NN, ROOT_S, ROOT_U,
+ K_PTS, K_UZP, K_SMART, K_MPS, K_SLEEP, K_PRUNE, NSLOTS, DEFER_SEQ, PENDING_FREE,
+ REMAP_KSM, SCAN_THP_P, SCAN_THP_NP, SKIP_ZP, THP_ALLOWED_ALWAYS, THP_ALLOWED_MADV,
+ DEFER_ON, N_G) = range(50)
+# float64 globals
+CPU, NOW, T_KSMD, T_SCAN_END, N_F = range(5)
+
+VMSTAT = ("thp_fault_alloc", "thp_fault_fallback", "thp_collapse_alloc", "thp_split_page",
+          "thp_split_page_failed", "thp_deferred_split_page", "thp_underused_split_page",
+          "thp_split_pmd", "thp_zero_page_alloc", "thp_swpout_fallback")
+VMSTAT_G = dict(zip(VMSTAT, range(V_FAULT_ALLOC, V_SWPOUT_FALLBACK + 1), strict=True))
+
+COST_FIELDS = ("visit_ns", "pte_skip_ns", "rmap_alloc_ns", "rmap_free_ns", "checksum_ns",
+               "stable_level_ns", "unstable_level_ns", "memcmp_equal_ns", "merge_ns",
+               "break_cow_ns", "split_ns", "zero_test_zero_ns", "zero_test_data_ns",
+               "remap_pte_ns", "free_page_ns", "split_failed_ns", "scan_start_ns",
+               "batch_overhead_ns", "sleep_slack_ns")
+(C_VISIT, C_PTE_SKIP, C_RMAP_ALLOC, C_RMAP_FREE, C_CHECKSUM, C_STABLE_LEVEL,
+ C_UNSTABLE_LEVEL, C_MEMCMP, C_MERGE, C_BREAK_COW, C_SPLIT, C_ZT_ZERO, C_ZT_DATA,
+ C_REMAP_PTE, C_FREE_PAGE, C_SPLIT_FAILED, C_SCAN_START, C_BATCH, C_SLACK) = range(19)
+
+# remap modes (policies.Remap)
+R_NONE, R_CLEAN, R_KSM = 0, 1, 2
+
+
+class Slots(NamedTuple):
+    pte: I32
+    scid: U32
+    iflags: U8
+    iseq: U8
+    iage: U8
+    iskip: U8
+    ired: U8
+    ichk: U32
+    ileft: I32
+    iright: I32
+    ipar: I32
+
+
+class Ranges(NamedTuple):
+    """Per 2 MiB range: PMD state, deferred-queue position, owning VMA."""
+
+    pmd: U8
+    qseq: I64
+    vma: I32
+
+
+class Vmas(NamedTuple):
+    """Per VMA (sorted by mm, then start) and per mm."""
+
+    base: I64
+    n: I64
+    merge: U8
+    anon: U8
+    huge: U8
+    nohuge: U8
+    mm_first: I64
+    mm_count: I64
+    ksm_slots: I64
+
+
+class Pool(NamedTuple):
+    """KSM pages (k*) and stable nodes (n*)."""
+
+    kcid: U32
+    kmap: I32
+    knode: I32
+    nkpage: I32
+    nchain: U8
+    nhl: I32
+    ndead: U8
+    nchainof: I32
+    nfirst: I32
+    nnext: I32
+    nprev: I32
+    ndups: I32
+    nprune: F64
+    nleft: I32
+    nright: I32
+    npar: I32
+    nred: U8
+
+
+def code_of(ids: npt.NDArray[np.uint64]) -> U32:
+    """Content ids -> 32-bit codes in the same order."""
+    out = ids.astype(np.uint64, copy=True)
+    uniq = (ids >= UNIQUE_BASE) & (ids < FRESH_BASE)
+    fresh = ids >= FRESH_BASE
+    out[uniq] = ids[uniq] - np.uint64(UNIQUE_BASE) + np.uint64(UNIQ_CODE)
+    out[fresh] = ids[fresh] - np.uint64(FRESH_BASE) + np.uint64(FRESH_CODE)
+    return out.astype(np.uint32)
+
+
+def new_slots(n: int) -> Slots:
+    return Slots(
+        pte=np.full(n, NONE, np.int32), scid=np.zeros(n, np.uint32),
+        iflags=np.zeros(n, np.uint8), iseq=np.zeros(n, np.uint8), iage=np.zeros(n, np.uint8),
+        iskip=np.zeros(n, np.uint8), ired=np.zeros(n, np.uint8), ichk=np.zeros(n, np.uint32),
+        ileft=np.full(n, -1, np.int32), iright=np.full(n, -1, np.int32),
+        ipar=np.full(n, -1, np.int32),
+    )
+
+
+def new_pool(nk: int, nn: int) -> Pool:
+    return Pool(
+        kcid=np.zeros(nk, np.uint32), kmap=np.zeros(nk, np.int32),
+        knode=np.full(nk, -1, np.int32),
+        nkpage=np.full(nn, -1, np.int32), nchain=np.zeros(nn, np.uint8),
+        nhl=np.zeros(nn, np.int32), ndead=np.zeros(nn, np.uint8),
+        nchainof=np.full(nn, -1, np.int32), nfirst=np.full(nn, -1, np.int32),
+        nnext=np.full(nn, -1, np.int32), nprev=np.full(nn, -1, np.int32),
+        ndups=np.zeros(nn, np.int32), nprune=np.zeros(nn, np.float64),
+        nleft=np.full(nn, -1, np.int32), nright=np.full(nn, -1, np.int32),
+        npar=np.full(nn, -1, np.int32), nred=np.zeros(nn, np.uint8),
+    )
+
+
+def grow_pool(p: Pool, nk: int, nn: int) -> Pool:
+    """A pool with room for ``nk`` KSM pages and ``nn`` nodes, contents kept."""
+    fresh = new_pool(nk, nn)
+    out: list[npt.NDArray[Any]] = []
+    for name in Pool._fields:
+        old: npt.NDArray[Any] = getattr(p, name)
+        new: npt.NDArray[Any] = getattr(fresh, name)
+        new[: len(old)] = old
+        out.append(new)
+    return Pool._make(out)

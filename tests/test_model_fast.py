@@ -1,0 +1,161 @@
+"""Differential tests: the fast engine gives the exact model's trace, column by
+column and sample by sample, on random small scenarios under every policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ksmlab.model import POLICIES, ModelUnsupported, simulate
+from ksmlab.model.fast import unsupported
+from ksmlab.scenario import Scenario, builtin_names, load
+from ksmlab.trace import COLUMNS, Trace
+
+EXAMPLES = int(__import__("os").environ.get("KSMLAB_FAST_EXAMPLES", "1000"))
+
+
+def assert_same(a: Trace, b: Trace) -> None:
+    for c in COLUMNS:
+        x, y = np.asarray(a[c]), np.asarray(b[c])
+        assert x.shape == y.shape, f"{c}: {x.shape} samples vs {y.shape}"
+        bad = np.flatnonzero(x != y)
+        assert bad.size == 0, f"{c} differs first at sample {bad[0]}: {x[bad[0]]} vs {y[bad[0]]}"
+    assert a.events == b.events
+    assert a.meta == b.meta
+
+
+mixes = st.lists(
+    st.tuples(st.sampled_from([0.0, 0.02, 0.3, 0.5, 0.98, 1.0]),
+              st.sampled_from([0.0, 0.1, 0.25, 0.5]),
+              st.sampled_from([1.0, 3.0])),
+    min_size=1, max_size=3,
+).map(lambda ms: [{"zero": z, "duplicate": min(d, 1.0 - z), "weight": w} for z, d, w in ms])
+
+regions = st.fixed_dictionaries({
+    "size_mib": st.sampled_from([2, 2, 2, 4]),
+    "thp": st.sampled_from(["hugepage", "nohugepage", "default"]),
+    "mergeable": st.sampled_from([True, True, True, True, False]),
+    "content": mixes,
+    "seed": st.integers(0, 3),
+    "volatile_pages_per_s": st.sampled_from([0.0, 0.0, 0.0, 150.0]),
+    "volatile_pages_per_scan": st.sampled_from([0, 0, 0, 1, 40]),
+})
+
+processes = st.lists(st.fixed_dictionaries({
+    "count": st.sampled_from([1, 1, 2]),
+    "merge": st.sampled_from(["madvise", "madvise", "madvise", "prctl", "prctl", "none"]),
+    "region": st.lists(regions, min_size=1, max_size=2),
+}), min_size=1, max_size=2)
+
+SET_KNOBS: dict[str, Any] = {
+    "ksm.pages_to_scan": st.sampled_from([1, 20, 100]),
+    "ksm.sleep_millisecs": st.sampled_from([1, 5, 20]),
+    "ksm.use_zero_pages": st.sampled_from([0, 1]),
+    "ksm.smart_scan": st.sampled_from([0, 1]),
+    "ksm.max_page_sharing": st.sampled_from([2, 3, 256]),
+    "thp.shrink_underused": st.sampled_from([0, 1]),
+    "thp.enabled": st.sampled_from(["always", "madvise", "never"]),
+    "thp.khugepaged.max_ptes_none": st.sampled_from([0, 256, 511]),
+    "thp.khugepaged.pages_to_scan": st.sampled_from([512, 4096]),
+}
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict[str, Any]:
+    duration = draw(st.sampled_from([0.3, 0.6, 1.0]))
+    procs = draw(processes)
+    fill_at = draw(st.sampled_from([None, None, None, 0.2]))
+    align = draw(st.sampled_from([True, True, False]))
+    if fill_at is not None:  # the exact model cannot run these (see unsupported())
+        for p in procs:
+            for r in p["region"]:
+                r["volatile_pages_per_scan"] = 0
+                if align:
+                    r["volatile_pages_per_s"] = 0.0
+    n_ev = draw(st.integers(0, 4))
+    events: list[dict[str, Any]] = []
+    for _ in range(n_ev):
+        at = draw(st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.8, 1.2])) * duration
+        kind = draw(st.sampled_from(["ksm_start", "ksm_start", "ksm_stop", "ksm_unmerge", "write",
+                                     "write", "pressure", "pressure", "set", "set", "set",
+                                     "khugepaged"]))
+        ev: dict[str, Any] = {"action": kind, "at": min(at, duration)}
+        if kind == "write":
+            p = draw(st.integers(0, len(procs) - 1))
+            ev.update(process=p, region=draw(st.integers(0, len(procs[p]["region"]) - 1)),
+                      fraction=draw(st.sampled_from([0.01, 0.2, 1.0])),
+                      content=draw(st.sampled_from(["zero", "unique"])),
+                      seed=draw(st.integers(0, 3)))
+            if fill_at is not None:
+                ev["at"] = max(ev["at"], fill_at)
+        elif kind == "set":
+            knob = draw(st.sampled_from(sorted(SET_KNOBS)))
+            ev.update(knob=knob, value=draw(SET_KNOBS[knob]))
+        events.append(ev)
+    return {
+        "name": "fuzz",
+        "duration": duration,
+        "sample_interval": draw(st.sampled_from([0.05, 0.1])),
+        "ksm_start_at": draw(st.sampled_from([0.0, 0.0, 0.0, 0.1, 0.3, None])),
+        "fill_at": fill_at,
+        "duplicate_pool": draw(st.sampled_from([1, 7, 512])),
+        "align_events": align,
+        "drive_khugepaged": draw(st.sampled_from([True, True, False])),
+        "ksm": {
+            "pages_to_scan": draw(st.sampled_from([1, 16, 64, 200, 400, 400])),
+            "sleep_millisecs": draw(st.sampled_from([2, 5, 10, 20])),
+            "use_zero_pages": draw(st.sampled_from([0, 1])),
+            "smart_scan": draw(st.sampled_from([0, 1])),
+            "max_page_sharing": draw(st.sampled_from([2, 3, 16, 256])),
+            "stable_node_chains_prune_millisecs": draw(st.sampled_from([50, 2000])),
+        },
+        "thp": {
+            "enabled": draw(st.sampled_from(["always", "madvise", "madvise", "never"])),
+            "shrink_underused": draw(st.sampled_from([0, 1])),
+            "khugepaged": {
+                "max_ptes_none": draw(st.sampled_from([0, 64, 511, 511])),
+                "pages_to_scan": draw(st.sampled_from([512, 4096])),
+                "scan_sleep_millisecs": draw(st.sampled_from([50, 200, 10000])),
+            },
+        },
+        "process": procs,
+        "event": events,
+    }
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=scenarios(), policy=st.sampled_from(sorted(POLICIES)))
+def test_fast_equals_exact_random(data: dict[str, Any], policy: str) -> None:
+    sc = Scenario.model_validate(data)
+    assert unsupported(sc) is None
+    exact = simulate(sc, policy, engine="exact")
+    fast = simulate(sc, policy, engine="fast")
+    assert_same(exact, fast)
+
+
+@pytest.mark.parametrize("name", [n for n in builtin_names() if n != "host-1t"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_fast_equals_exact_builtins(name: str, policy: str) -> None:
+    sc = load(name).with_duration(8.0)
+    assert_same(simulate(sc, policy, engine="exact"), simulate(sc, policy, engine="fast"))
+
+
+def test_auto_is_fast_and_engine_checked() -> None:
+    sc = load("seed-uzp1").with_duration(1.0)
+    assert_same(simulate(sc, "mainline"), simulate(sc, "mainline", engine="exact"))
+    with pytest.raises(ValueError, match="unknown engine"):
+        simulate(sc, "mainline", engine="turbo")
+
+
+def test_fallback_outside_the_fast_engine() -> None:
+    sc = load("seed-uzp1").with_duration(1.0)
+    big = Scenario.model_validate({**sc.model_dump(), "duplicate_pool": 1 << 20})
+    assert unsupported(big) is not None
+    with pytest.raises(ModelUnsupported, match="fast engine"):
+        simulate(big, "mainline", engine="fast")
+    assert_same(simulate(big, "mainline"), simulate(big, "mainline", engine="exact"))
