@@ -148,9 +148,8 @@ def bench_ksmd() -> dict[str, Any]:
                                  "content": {"zero": 0.5, "duplicate": 0.25}}]}],
     })
     tr = LiveRun(sc).run()
-    d = tr.since_start()
-    visits = float(d["pages_scanned"][-1])
-    cpu_ns = float(d["ksmd_cpu_ns"][-1])
+    visits = float(tr.since_start("pages_scanned")[-1])
+    cpu_ns = float(tr.since_start("ksmd_cpu_ns")[-1])
     return {"visits": int(visits), "cpu_s": round(cpu_ns / 1e9, 3),
             "ns_per_visit": round(cpu_ns / visits, 1) if visits else None,
             "visits_per_s": round(visits / (cpu_ns / 1e9)) if cpu_ns else None}
