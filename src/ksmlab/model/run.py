@@ -366,21 +366,25 @@ class Simulation:
                     for kind_, payload_ in at_scan.pop(self.ksm.seqnr, []) + held:
                         act(kind_, payload_, end, aligned=True)
                     held.clear()
-        meta = {
-            "source": "model",
-            "policy": self.policy.name,
-            "scenario": sc.model_dump(mode="json"),
-            "kernel": f"model:{self.policy.name}",
-            "knobs": {
-                "ksm": sc.ksm.model_dump(mode="json"),
-                "thp": sc.thp.model_dump(mode="json"),
-            },
-            "sample_interval": sc.sample_interval,
-            "profile": self.profile.to_json(),
-            "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
-        }
-        rows.sort(key=lambda r: r["t"])  # boundary samples were taken between ticks
-        return Trace.from_rows(meta, rows, self.events)
+        return model_trace(sc, self.policy.name, self.profile, rows, self.events)
+
+
+def model_trace(sc: Scenario, policy: str, profile: CostProfile,
+                rows: list[Mapping[str, float]], events: list[dict[str, Any]]) -> Trace:
+    """The trace of a model run (either engine): samples in time order, the meta
+    the live lab writes too, counters starting from 0 (a zero baseline)."""
+    meta = {
+        "source": "model",
+        "policy": policy,
+        "scenario": sc.model_dump(mode="json"),
+        "kernel": f"model:{policy}",
+        "knobs": {"ksm": sc.ksm.model_dump(mode="json"), "thp": sc.thp.model_dump(mode="json")},
+        "sample_interval": sc.sample_interval,
+        "profile": profile.to_json(),
+        "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
+    }
+    rows.sort(key=lambda r: r["t"])  # boundary samples were taken between ticks
+    return Trace.from_rows(meta, rows, events)
 
 
 def _event_dict(e: object) -> dict[str, Any]:

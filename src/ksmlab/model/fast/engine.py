@@ -27,10 +27,10 @@ from ...scenario import (
     SetKnob,
     Write,
 )
-from ...trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
+from ...trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace
 from ..costs import CostProfile
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
-from ..run import VOLATILE_TICK, ModelUnsupported, _event_dict, check_supported
+from ..run import VOLATILE_TICK, ModelUnsupported, _event_dict, check_supported, model_trace
 from .khugepaged import FastKhugepaged
 from .ksmd import KSMD_GROW, KSMD_IDLE, KSMD_SCAN_END, ksmd_until
 from .pages import (
@@ -566,21 +566,7 @@ class FastSimulation:
                 push(t + VOLATILE_TICK, 4, "volatile")
             elif kind == "khugepaged" and payload == self.khd_generation:
                 self._khugepaged_pass(t)  # (a stale entry: re-armed by a wake-up since)
-        meta = {
-            "source": "model",
-            "policy": self.policy.name,
-            "scenario": sc.model_dump(mode="json"),
-            "kernel": f"model:{self.policy.name}",
-            "knobs": {
-                "ksm": sc.ksm.model_dump(mode="json"),
-                "thp": sc.thp.model_dump(mode="json"),
-            },
-            "sample_interval": sc.sample_interval,
-            "profile": self.profile.to_json(),
-            "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
-        }
-        rows.sort(key=lambda r: r["t"])  # boundary samples were taken between ticks
-        return Trace.from_rows(meta, rows, self.events)
+        return model_trace(sc, self.policy.name, self.profile, rows, self.events)
 
 
 def _direct(disp: Any) -> Any:
