@@ -147,6 +147,27 @@ def run_ksmlab(args: list[str], timeout: float) -> subprocess.CompletedProcess[s
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def end_run(p: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 90) -> None:
+    """Send ``sig`` to a live run and wait; if it does not end, SIGTERM, then SIGKILL and
+    the journal's restore, so a failing test never leaves a run holding the lock."""
+    p.send_signal(sig)
+    try:
+        p.wait(timeout=timeout)
+        return
+    except subprocess.TimeoutExpired:
+        p.terminate()
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        from ksmlab.live.journal import Journal, RunLock
+        from ksmlab.live.run import restore_journal
+
+        restore_journal(KernelFS(), Journal(Path("/run/ksmlab")), RunLock(Path("/run/ksmlab")))
+    pytest.fail(f"the run did not end within {timeout:.0f} s of signal {sig}")
+
+
 def workload_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "ksmlab.live.workload"], capture_output=True,
                          text=True, check=False).stdout

@@ -220,7 +220,7 @@ def _start_child(fake: FakeKernel) -> subprocess.Popen[str]:
 def test_signal_restores(fake: FakeKernel, sig: signal.Signals) -> None:
     p = _start_child(fake)
     p.send_signal(sig)
-    p.wait(timeout=10)
+    p.wait(timeout=60)
     assert p.returncode != 0
     assert fake.value(f"{KSM}/pages_to_scan") == "100"
     assert fake.value(f"{KSM}/use_zero_pages") == "0"
@@ -231,7 +231,7 @@ def test_signal_restores(fake: FakeKernel, sig: signal.Signals) -> None:
 def test_sigkill_leaves_a_journal_that_restore_undoes(fake: FakeKernel) -> None:
     p = _start_child(fake)
     p.kill()
-    p.wait(timeout=10)
+    p.wait(timeout=60)
     time.sleep(0.05)
     assert fake.value(f"{KSM}/run") == "1"  # left changed ...
     rec = Journal().read()

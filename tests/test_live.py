@@ -20,7 +20,7 @@ from ksmlab.live.journal import Journal
 from ksmlab.live.kernelfs import KernelFS
 from ksmlab.live.knobs import read_all
 
-from .conftest import run_ksmlab, workload_pids
+from .conftest import end_run, run_ksmlab, workload_pids
 
 pytestmark = pytest.mark.live
 KSMLAB = [sys.executable, "-m", "ksmlab"]
@@ -120,8 +120,7 @@ def test_sigkill_then_restore(tmp_path: Path) -> None:
 def test_signal_ends_the_run_and_restores(tmp_path: Path, sig: signal.Signals) -> None:
     before = read_all(KernelFS())
     p = start_slow(tmp_path)
-    p.send_signal(sig)
-    p.wait(timeout=30)
+    end_run(p, sig)
     assert p.returncode == 128 + sig, p.stderr.read() if p.stderr else ""
     assert read_all(KernelFS()) == before
     assert not workload_pids()
@@ -135,8 +134,7 @@ def test_second_live_run_is_refused(tmp_path: Path) -> None:
         assert r.returncode == 2
         assert "another live run" in r.stderr
     finally:
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=30)
+        end_run(p)
 
 
 def test_value_the_kernel_refuses(tmp_path: Path) -> None:
