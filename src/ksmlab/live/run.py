@@ -72,6 +72,10 @@ def _terminate_unwinds() -> Iterator[None]:
         raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # a process started in the background by a shell (or under nohup) inherits SIGINT
+    # ignored, and Python then raises no KeyboardInterrupt: a live run must still end
+    # (and restore) on Ctrl-C, so it takes SIGINT back for its duration
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
