@@ -139,3 +139,20 @@ def save(doc: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def holdout(kernels: list[tuple[str, Trace]], policy: str
+            ) -> list[tuple[str, float | None, float | None]]:
+    """Fit on every other scenario, judge the rest, then the other way round:
+    (scenario, ksmd CPU relative error, time relative error) of each held-out run."""
+    from .fidelity import compare
+    from .model import simulate
+
+    out = []
+    for fit_on, judge in ((kernels[0::2], kernels[1::2]), (kernels[1::2], kernels[0::2])):
+        profile = fit([iv for name, tr in fit_on for iv in intervals(name, tr, policy)])
+        for name, tr in judge:
+            sc = Scenario.model_validate(tr.meta["scenario"])
+            r = compare(name, tr, simulate(sc, policy, profile=profile, pins=pins(tr)))
+            out.append((name, r.cpu_rel_err, r.time_rel_err))
+    return out

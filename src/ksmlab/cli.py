@@ -270,6 +270,10 @@ def kernel_confirmed(scenario: str) -> Callable[[str], bool | None]:
     return lambda policy: confirmed(policy, scenario)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f} %"
+
+
 def _policy(get: Callable[[str], object], name: str) -> None:
     try:
         get(name)
@@ -392,6 +396,8 @@ def calibrate(
         "ksmlab-out/profile.json"),
     policy: Annotated[str | None, typer.Option(help="default: the one matching this kernel")]
     = None,
+    holdout: Annotated[bool, typer.Option(
+        help="also fit on half the scenarios and judge the other half (and back)")] = False,
 ) -> None:
     """Fit the model's cost profile (CPU per operation, sleep slack) to live traces."""
     from . import calibrate as cal
@@ -437,6 +443,10 @@ def calibrate(
         print(f"  {k:<22} {v:>12.1f} ns")
     print(f"profile: {out} (use it with --profile, or ship it as "
           "src/ksmlab/model/profiles/default.json)")
+    if holdout:
+        print("held out (fitted on the other half): scenario, ksmd CPU error, time error")
+        for name, cpu, t in cal.holdout(kernels, pol):
+            print(f"  {name:<24} {_pct(cpu):>7} {_pct(t):>7}")
 
 
 @app.command()

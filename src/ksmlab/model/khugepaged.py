@@ -12,11 +12,18 @@ churn loop.
 
 from __future__ import annotations
 
-from ..scenario import HPAGE_PMD_NR, KhugepagedKnobs
+from ..scenario import HPAGE_PMD_NR, KhugepagedKnobs, Scenario
 from .memory import PMD_TABLE, PMD_THP, Mm, Page, System, Thp, Vma, ZeroPte, put_mapping
 from .thp import deferred_split_folio
 
 MAX_PTES_SHARED = 256  # khugepaged/max_ptes_shared default
+
+
+def timer_period_s(sc: Scenario, knobs: KhugepagedKnobs) -> float:
+    """khugepaged's own timer after a pass: parked for the run when the lab drives it,
+    else the current scan_sleep_millisecs (a `set` event may have changed it)."""
+    ms = sc.khugepaged_kernel_sleep_ms() if sc.drive_khugepaged else knobs.scan_sleep_millisecs
+    return max(ms / 1000.0, 0.001)
 
 
 class Khugepaged:

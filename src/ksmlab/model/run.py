@@ -34,7 +34,7 @@ from ..scenario import (
 )
 from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter
-from .khugepaged import Khugepaged
+from .khugepaged import Khugepaged, timer_period_s
 from .ksm import Ksm
 from .memory import PMD_THP, Mm, System, Vma
 from .policies import get_policy
@@ -237,10 +237,8 @@ class Simulation:
         if self.khugepaged.slots:
             self.khugepaged.do_scan()
         self.khd_generation += 1
-        # the kernel's own timer: parked for the run when the lab drives khugepaged
-        period = (self.sc.khugepaged_kernel_sleep_ms() if self.sc.drive_khugepaged
-                  else self.khugepaged.knobs.scan_sleep_millisecs) / 1000.0
-        self.push(t + max(period, 0.001), 5, "khugepaged", self.khd_generation)
+        period = timer_period_s(self.sc, self.khugepaged.knobs)
+        self.push(t + period, 5, "khugepaged", self.khd_generation)
 
     def _volatile(self, t: float) -> None:
         for reg in self.regions:

@@ -29,6 +29,7 @@ from ...scenario import (
 )
 from ...trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace
 from ..costs import CostProfile
+from ..khugepaged import timer_period_s
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
 from ..run import VOLATILE_TICK, ModelUnsupported, _event_dict, check_supported, model_trace
 from .khugepaged import FastKhugepaged
@@ -416,10 +417,8 @@ class FastSimulation:
         if self.khugepaged.slots:
             self.khugepaged.do_scan()
         self.khd_generation += 1
-        # the kernel's own timer: parked for the run when the lab drives khugepaged
-        period = (self.sc.khugepaged_kernel_sleep_ms() if self.sc.drive_khugepaged
-                  else self.khugepaged.knobs.scan_sleep_millisecs) / 1000.0
-        self.push(t + max(period, 0.001), 5, "khugepaged", self.khd_generation)
+        period = timer_period_s(self.sc, self.khugepaged.knobs)
+        self.push(t + period, 5, "khugepaged", self.khd_generation)
 
     def push(self, t: float, prio: int, kind: str, payload: object = None) -> None:
         heapq.heappush(self.heap, (t, prio, self.seq, kind, payload))
