@@ -35,6 +35,7 @@ from ..trace import MONOTONIC, Trace
 from .journal import Journal, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
 from .knobs import KSM, THP, KnobError, KnobSession, read_all, restore_values
+from .kthread import PASS_TIMEOUT_S, Khugepaged
 from .sampler import Sampler
 from .workload import Workload, WorkloadError, thp_disable
 
@@ -184,6 +185,8 @@ class LiveRun:
         self.ksm_running = False
         self.competitors: list[int] = []
         self.ksm_others: list[int] = []
+        self.khugepaged = Khugepaged(self.fs)
+        self.slow_passes = 0  # khugepaged passes not seen to end (PASS_TIMEOUT_S)
 
     def check(self) -> None:
         """Refuse (LiveError) before anything is touched if the run cannot work here."""
@@ -264,19 +267,44 @@ class LiveRun:
         }
         return Trace.from_rows(meta, rows, self.events)
 
-    def _wake_khugepaged(self) -> None:
-        """Start khugepaged's timer at time 0, as the model's is.
+    def _wake_khugepaged(self) -> float | None:
+        """One khugepaged pass, whole: wake it and wait until it sleeps again.
 
-        scan_sleep_millisecs_store() (mm/khugepaged.c) sets khugepaged_sleep_expire
-        to 0 and wakes khugepaged even when the value is unchanged: it scans now and
-        then every scan_sleep_millisecs.  The value was saved by the session already.
+        Waking it at time 0 starts its timer as the model's is.  Waiting makes each
+        pass happen between two ksmd batches, as in the model (kthread.py says why).
         """
-        name = f"{THP}/khugepaged/scan_sleep_millisecs"
-        self.fs.write(name, self.fs.read(name))
+        took = self.khugepaged.one_pass()
+        if took is None and self.khugepaged.pid is not None:
+            self.slow_passes += 1
+        return took
+
+    @contextmanager
+    def _ksmd_held(self, ks: KnobSession) -> Iterator[dict[str, float]]:
+        """ksmd waits (run=0) while an event's kernel work runs, so that the work is
+        whole between two batches, as in the model.
+
+        run_store() takes ksm_thread_mutex, so run=0 waits for a batch in progress; a
+        sleeping ksmd finishes its sleep_millisecs and then waits on ksm_thread_wait
+        until run=1 wakes it (ksm_scan_thread(), mm/ksm.c).  Work shorter than the
+        sleep therefore changes nothing; longer work delays the next batch by the
+        excess, which the event records as ``ksmd_held_s``.
+        """
+        held: dict[str, float] = {}
+        if not self.ksm_running:
+            yield held
+            return
+        ks.set("ksm/run", 0)
+        t = time.monotonic()
+        try:
+            yield held
+        finally:
+            ks.set("ksm/run", 1)
+            held["ksmd_held_s"] = round(time.monotonic() - t, 4)
 
     def _apply(self, item: _Timed, ks: KnobSession, workloads: list[Workload], t: float,
                scans: int | None = None, aligned: bool = False) -> None:
         ev = item.event
+        extra: dict[str, Any] = {}
         if ev == "ksm_start" or isinstance(ev, KsmStart):
             ks.set("ksm/run", 1)
             self.ksm_running = True
@@ -287,7 +315,9 @@ class LiveRun:
             ks.set("ksm/run", 2)
             self.ksm_running = False
         elif isinstance(ev, KhugepagedWake):
-            self._wake_khugepaged()
+            with self._ksmd_held(ks) as held:
+                took = self._wake_khugepaged()
+            extra.update(held, khugepaged_pass_s=None if took is None else round(took, 4))
         elif ev == "fill":
             for w in workloads:
                 w.command("fill")
@@ -303,12 +333,21 @@ class LiveRun:
             # shrinker; bit 1 first does lru_add_drain_all() (fs/drop_caches.c), so no
             # THP still sits in a per-CPU LRU batch, whose reference would make
             # split_folio() fail the refcount check at random (ksmd drains the same
-            # way at every full-scan start)
-            self.fs.write("proc/sys/vm/drop_caches", "3")
+            # way at every full-scan start).  ksmd is held meanwhile: it would find
+            # the THPs the shrinker has pinned (deferred_split_scan() takes a
+            # reference on every queued folio first) and fail to split them.
+            others = foreign_thps(self.fs, [w.pid for w in workloads])
+            if others:
+                self.notes.append(
+                    f"{others} THPs of other processes were mapped at the pressure event at "
+                    f"{t:.1f} s: the shrinker splits theirs too, and thp_split_page counts them")
+            with self._ksmd_held(ks) as held:
+                self.fs.write("proc/sys/vm/drop_caches", "3")
+            extra.update(held)
         name = ev if isinstance(ev, str) else ev.action
         # full_scans when applied: the model can replay an aligned event at the same scan
         self.events.append({"t": round(t, 4), "action": name, "planned": item.at,
-                            "full_scans": scans, "aligned": aligned})
+                            "full_scans": scans, "aligned": aligned, **extra})
 
     def _loop(self, ks: KnobSession, sampler: Sampler, workloads: list[Workload]
               ) -> list[dict[str, float]]:
@@ -392,6 +431,11 @@ class LiveRun:
                 + ", ".join(str(p) for p in self.ksm_others[:8])
                 + "): full scans take longer and KSM's global counters include their pages"
             )
+        if self.slow_passes:
+            self.notes.append(
+                f"{self.slow_passes} khugepaged pass(es) were not seen to end within "
+                f"{PASS_TIMEOUT_S:g} s: ksmd ran beside them"
+            )
         if self.competitors:
             self.notes.append(
                 "khugepaged also tracks processes with THP-eligible memory (pids "
@@ -447,6 +491,21 @@ def thp_competitors(fs: KernelFS, exclude: set[int]) -> list[int]:
                     out.append(int(d))
                     break
     return out
+
+
+def foreign_thps(fs: KernelFS, pids: list[int]) -> int:
+    """PMD-mapped THPs on the machine that are not the workload's: the global
+    nr_anon_transparent_hugepages less the workload's AnonHugePages."""
+    total = 0
+    for line in (fs.read_or_none("proc/vmstat") or "").splitlines():
+        if line.startswith("nr_anon_transparent_hugepages "):
+            total = int(line.split()[1])
+    ours = 0
+    for pid in pids:
+        for line in (fs.read_or_none(f"proc/{pid}/smaps_rollup") or "").splitlines():
+            if line.startswith("AnonHugePages:"):
+                ours += int(line.split()[1]) // 2048
+    return max(0, total - ours)
 
 
 def _mem_total_mib(fs: KernelFS) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .kernelfs import KernelFS
 from .knobs import KSM, THP
+from .kthread import find_kthread
 
 # not counters: knobs that live in the same folder
 _KSM_KNOB_FILES = frozenset({
@@ -27,10 +28,7 @@ _KSM_STAT = {
 
 
 def find_ksmd(fs: KernelFS) -> int | None:
-    for d in fs.listdir("proc"):
-        if d.isdigit() and fs.read_or_none(f"proc/{d}/comm") == "ksmd":
-            return int(d)
-    return None
+    return find_kthread(fs, "ksmd")
 
 
 class Sampler:
