@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import lsq_linear
 
-from .fidelity import pins
+from .fidelity import replay
 from .model.costs import DEFAULT_PROFILE, CostProfile
 from .model.run import Simulation
 from .scenario import Scenario
@@ -49,7 +49,7 @@ class Interval:
 def intervals(name: str, kernel: Trace, policy: str) -> list[Interval]:
     """Consecutive full-scan ends seen in both the kernel trace and the model."""
     sc = Scenario.model_validate(kernel.meta["scenario"])
-    sim = Simulation(sc, policy, DEFAULT_PROFILE, pins(kernel))
+    sim = Simulation(sc, policy, DEFAULT_PROFILE, **replay(kernel))
     sim.run()
     ck = {0: 0, **kernel.checkpoints()}  # 0: the run's start, before ksmd's first batch
     sim.at_scan_end[0] = ({}, 0)
@@ -153,6 +153,6 @@ def holdout(kernels: list[tuple[str, Trace]], policy: str
         profile = fit([iv for name, tr in fit_on for iv in intervals(name, tr, policy)])
         for name, tr in judge:
             sc = Scenario.model_validate(tr.meta["scenario"])
-            r = compare(name, tr, simulate(sc, policy, profile=profile, pins=pins(tr)))
+            r = compare(name, tr, simulate(sc, policy, profile=profile, **replay(tr)))
             out.append((name, r.cpu_rel_err, r.time_rel_err))
     return out

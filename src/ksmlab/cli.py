@@ -354,7 +354,7 @@ def validate(
             fail(f"{sc.name}: {e}")
         except Interrupted as e:
             fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
-        cand = simulate(sc, pol, profile=prof, pins=fidelity.pins(ref))
+        cand = simulate(sc, pol, profile=prof, **fidelity.replay(ref))
         ref.save(out / f"{sc.name}.kernel.trace.json.gz")
         cand.save(out / f"{sc.name}.model.trace.json.gz")
         report.plot_validation(sc.name, ref, cand, out / f"{sc.name}.validate.png",

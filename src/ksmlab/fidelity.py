@@ -121,6 +121,12 @@ def pins(tr: Trace) -> list[tuple[str, int]]:
     return [(str(e["action"]), int(e["full_scans"])) for e in tr.events if e.get("aligned")]
 
 
+def replay(tr: Trace) -> dict[str, Any]:
+    """What the model takes from a kernel trace to replay its run: the pinned events
+    and the khugepaged passes of the workload's set-up (None for a trace without)."""
+    return {"pins": pins(tr), "khugepaged_enter_passes": tr.meta.get("khugepaged_enter_passes")}
+
+
 def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     """``cand`` (the model) against ``ref`` (the kernel), checkpoint by checkpoint."""
     cr, cc = ref.checkpoints(), cand.checkpoints()

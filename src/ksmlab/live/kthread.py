@@ -65,6 +65,22 @@ class Khugepaged:
         return (now > switches and state == "S"
                 and self.fs.read_or_none(f"proc/{self.pid}/wchan") == "khugepaged")
 
+    def settle(self, timeout: float = PASS_TIMEOUT_S) -> int | None:
+        """Wait until khugepaged sleeps in khugepaged() again; its voluntary context
+        switches then (None: not to be seen, or still busy after ``timeout``)."""
+        if self.pid is None:
+            return None
+        t0 = time.monotonic()
+        while True:
+            st = _status(self.fs, self.pid)
+            if st is None:
+                return None
+            if st[0] == "S" and self.fs.read_or_none(f"proc/{self.pid}/wchan") == "khugepaged":
+                return st[1]
+            if time.monotonic() - t0 > timeout:
+                return None
+            time.sleep(POLL_S)
+
     def one_pass(self, timeout: float = PASS_TIMEOUT_S) -> float | None:
         """Wake khugepaged and wait until its pass has ended: the seconds it took,
         or None when it had not ended after ``timeout`` (or is not to be seen)."""

@@ -187,6 +187,7 @@ class LiveRun:
         self.ksm_others: list[int] = []
         self.khugepaged = Khugepaged(self.fs)
         self.slow_passes = 0  # khugepaged passes not seen to end (PASS_TIMEOUT_S)
+        self.enter_passes: int | None = None
 
     def check(self) -> None:
         """Refuse (LiveError) before anything is touched if the run cannot work here."""
@@ -228,6 +229,7 @@ class LiveRun:
             knobs = read_all(self.fs)
             workloads: list[Workload] = []
             try:
+                kh_before = self.khugepaged.settle()
                 for pi, k, _ in self.sc.instances():
                     workloads.append(Workload(self.sc, pi, k, fill_now=self.sc.fill_at is None))
                 base_rss = {"RssAnon": 0.0, "Rss": 0.0}
@@ -235,6 +237,7 @@ class LiveRun:
                     ready = w.wait_ready()
                     for key in base_rss:
                         base_rss[key] += float(ready["base"][key])
+                self.enter_passes = _passes(kh_before, self.khugepaged.settle())
                 sampler.pids = [w.pid for w in workloads]
                 ours = {os.getpid(), *sampler.pids}
                 self.competitors = thp_competitors(self.fs, ours)
@@ -264,6 +267,8 @@ class LiveRun:
             "sample_interval": self.sc.sample_interval,
             "baseline": baseline,
             "notes": self.notes,
+            # khugepaged passes while the workload was set up (the model replays them)
+            "khugepaged_enter_passes": self.enter_passes,
         }
         return Trace.from_rows(meta, rows, self.events)
 
@@ -445,6 +450,15 @@ class LiveRun:
 
 
 STALL_S = 1.0
+
+
+def _passes(before: int | None, after: int | None) -> int | None:
+    """khugepaged passes between two settled moments.  Only __khugepaged_enter() into
+    an empty list wakes it during set-up, so there was one pass or none; a pass
+    may sleep more than once (lru_add_drain_all() waits for per-CPU work)."""
+    if before is None or after is None:
+        return None
+    return 1 if after > before else 0
 
 
 def _longest_stall(rows: list[dict[str, float]], sc: Scenario) -> float:

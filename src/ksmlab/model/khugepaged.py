@@ -12,6 +12,8 @@ churn loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..scenario import HPAGE_PMD_NR, KhugepagedKnobs, Scenario
 from .memory import PMD_TABLE, PMD_THP, Mm, Page, System, Thp, Vma, ZeroPte, put_mapping
 from .thp import deferred_split_folio
@@ -24,6 +26,22 @@ def timer_period_s(sc: Scenario, knobs: KhugepagedKnobs) -> float:
     else the current scan_sleep_millisecs (a `set` event may have changed it)."""
     ms = sc.khugepaged_kernel_sleep_ms() if sc.drive_khugepaged else knobs.scan_sleep_millisecs
     return max(ms / 1000.0, 0.001)
+
+
+def khugepaged_enter_passes(slots: Sequence[object], recorded: int | None) -> int:
+    """khugepaged passes while the workload is set up, before time 0.
+
+    __khugepaged_enter() wakes khugepaged when it adds an mm to an empty list
+    (mm/khugepaged.c), so the first MADV_HUGEPAGE (or THP-"always" mmap) of a run
+    on an otherwise idle machine starts a pass at once.  It covers 8 ranges that
+    are still unfaulted or whole THPs (nothing to collapse) but moves the cursor,
+    so the lab's pass at time 0 starts 8 ranges in.  When another mm is already
+    registered there is no such pass; a live trace records what happened
+    (``khugepaged_enter_passes``) and a replay passes it as ``recorded``.
+    """
+    if recorded is not None:
+        return recorded
+    return 1 if slots else 0
 
 
 class Khugepaged:

@@ -3,7 +3,8 @@
 Before time 0: KSM reset (run=2), knobs set, workload processes started; each
 one does prctl(PR_SET_MEMORY_MERGE) first if asked, mmaps each region 2 MiB
 aligned (top-down, as mmap places them), madvises MADV_HUGEPAGE/NOHUGEPAGE and
-MADV_MERGEABLE, then writes every page in address order (or at ``fill_at``).
+MADV_MERGEABLE (khugepaged, woken by the first mm entering its empty list, makes
+one pass here), then writes every page in address order (or at ``fill_at``).
 Time 0 = all workloads ready.  ksmd runs batches of pages_to_scan separated by
 sleep_millisecs (+ the profile's wake-up slack) plus each batch's CPU cost;
 khugepaged wakes at time 0 and then as the lab drives it (or its own timer);
@@ -34,7 +35,7 @@ from ..scenario import (
 )
 from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter
-from .khugepaged import Khugepaged, timer_period_s
+from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
 from .ksm import Ksm
 from .memory import PMD_THP, Mm, System, Vma
 from .policies import get_policy
@@ -77,7 +78,8 @@ class _Region:
 
 class Simulation:
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
-                 pins: Sequence[tuple[str, int]] = ()) -> None:
+                 pins: Sequence[tuple[str, int]] = (),
+                 khugepaged_enter_passes: int | None = None) -> None:
         check_supported(sc)
         self.sc = sc
         self.policy = get_policy(policy)
@@ -97,6 +99,7 @@ class Simulation:
         self.at_scan_end: dict[int, tuple[dict[str, float], int]] = {}
         self.heap: list[tuple[float, int, int, str, object]] = []
         self.pins = list(pins)
+        self.enter_passes = khugepaged_enter_passes
         self.seq = 0
         self._setup()
 
@@ -161,15 +164,22 @@ class Simulation:
                 ids = [int(x) for x in content.region_ids(sc, ref)]
                 rng = np.random.default_rng([reg.seed, pi, k, ri, 0x5EED])
                 self.regions.append(_Region(pi, k, ri, reg, vma, ids, rng, ref))
+        self._register_khugepaged()
+        for _ in range(khugepaged_enter_passes(self.khugepaged.slots, self.enter_passes)):
+            self.khugepaged.do_scan()
         if sc.fill_at is None:
             self._fill()
+
+    def _register_khugepaged(self) -> None:
+        # khugepaged_enter_vma(): at mmap (THP "always") or MADV_HUGEPAGE, and at a THP fault
+        for mm in self.sys.mms:
+            if mm.khugepaged or any(self.sys.thp_allowed(v) for v in mm.vmas):
+                self.khugepaged.register(mm)
 
     def _fill(self) -> None:
         for reg in self.regions:
             fill_fresh_vma(self.sys, reg.vma, reg.ids)
-        for mm in self.sys.mms:
-            if mm.khugepaged or any(self.sys.thp_allowed(v) for v in mm.vmas):
-                self.khugepaged.register(mm)
+        self._register_khugepaged()
 
     # ---- actions ---------------------------------------------------------
     def _apply(self, e: object, t: float) -> None:
@@ -401,6 +411,7 @@ def simulate(
     progress: Callable[[float], None] | None = None,
     pins: Sequence[tuple[str, int]] = (),
     engine: str = "auto",
+    khugepaged_enter_passes: int | None = None,
 ) -> Trace:
     """Run ``scenario`` under kernel ``policy``; deterministic.
 
@@ -410,6 +421,9 @@ def simulate(
     ``pins``: (action, full_scans) of events to apply at those full-scan ends rather
     than at the first one after their time (a kernel trace's ``fidelity.pins()``);
     a replay of a kernel run, done by the exact engine.
+    ``khugepaged_enter_passes``: khugepaged passes while the workload is set up (a
+    kernel trace's ``khugepaged_enter_passes``); None: what the kernel does when
+    no other mm is registered with khugepaged (:func:`khugepaged_enter_passes`).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
@@ -423,11 +437,13 @@ def simulate(
         why = "pinned events (a replay of a kernel run)" if pins else unsupported(sc)
         if why is None:
             try:
-                return FastSimulation(sc, policy, prof).run(progress)
+                return FastSimulation(sc, policy, prof,
+                                      khugepaged_enter_passes=khugepaged_enter_passes
+                                      ).run(progress)
             except ModelUnsupported:
                 # a limit met only while running (32-bit content codes used up)
                 if engine == "fast":
                     raise
         elif engine == "fast":
             raise ModelUnsupported(f"fast engine: {why}")
-    return Simulation(sc, policy, prof, pins).run(progress)
+    return Simulation(sc, policy, prof, pins, khugepaged_enter_passes).run(progress)

@@ -29,6 +29,7 @@ from ...scenario import (
 )
 from ...trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace
 from ..costs import CostProfile
+from ..khugepaged import khugepaged_enter_passes as enter_passes
 from ..khugepaged import timer_period_s
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
 from ..run import VOLATILE_TICK, ModelUnsupported, _event_dict, check_supported, model_trace
@@ -151,7 +152,8 @@ def _write_count(sc: Scenario, e: Write) -> int:
 
 class FastSimulation:
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
-                 progress_setup: Callable[[int, int], None] | None = None) -> None:
+                 progress_setup: Callable[[int, int], None] | None = None,
+                 khugepaged_enter_passes: int | None = None) -> None:
         check_supported(sc)
         why = unsupported(sc)
         if why is not None:
@@ -189,8 +191,18 @@ class FastSimulation:
                                          self.policy.khugepaged_needs_writable)
         self.khugepaged.P = self.P
         self._params()
+        self._register_khugepaged()
+        for _ in range(enter_passes(self.khugepaged.slots, khugepaged_enter_passes)):
+            self.khugepaged.do_scan()
         if sc.fill_at is None:
             self._fill(progress_setup)
+
+    def _register_khugepaged(self) -> None:
+        V, G = self.V, self.G
+        for m in range(self.n_mms):
+            first = int(V.mm_first[m])
+            if any(thp_allowed(V, G, vv) for vv in range(first, first + int(V.mm_count[m]))):
+                self.khugepaged.register(m)
 
     def full_scans(self) -> int:
         return int(self.G[SEQNR])
@@ -302,10 +314,7 @@ class FastSimulation:
             done += n
             if progress is not None:
                 progress(done, self.n)
-        for m in range(self.n_mms):
-            first = int(V.mm_first[m])
-            if any(thp_allowed(V, G, vv) for vv in range(first, first + int(V.mm_count[m]))):
-                self.khugepaged.register(m)
+        self._register_khugepaged()
 
     # ---- actions -------------------------------------------------------------
     def _region(self, process: int, replica: int, region: int) -> tuple[int, int]:
