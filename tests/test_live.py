@@ -19,6 +19,7 @@ import pytest
 from ksmlab.live.journal import Journal
 from ksmlab.live.kernelfs import KernelFS
 from ksmlab.live.knobs import read_all
+from ksmlab.trace import Trace
 
 from .conftest import end_run, run_ksmlab, workload_pids
 
@@ -157,7 +158,7 @@ def test_value_the_kernel_refuses(tmp_path: Path) -> None:
 
 
 def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
-    """Issue 4's figures on a subset CI can afford (about a minute of live runs)."""
+    """Issue 4's figures on a subset CI can afford (about two minutes of live runs)."""
     from ksmlab import fidelity
 
     r = run_ksmlab(["validate", *fidelity.CI_SUBSET, "--json", "--out", str(tmp_path)],
@@ -176,3 +177,12 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
     assert by_name["uzp0-1000"]["verdicts"] == {"kernel": ["merge-collapse"],
                                                 "model": ["merge-collapse"]}
     assert (tmp_path / "seed-uzp1.validate.png").exists()
+    # the kernel's side of the races the lab controls: ksmd held around drop_caches,
+    # each khugepaged pass waited for, and the set-up pass recorded for the replay
+    p409 = Trace.load(tmp_path / "pressure-409.kernel.trace.json.gz")
+    pressure = [e for e in p409.events if e["action"] == "pressure"]
+    assert len(pressure) == 1 and pressure[0]["aligned"] and pressure[0]["ksmd_held_s"] > 0
+    kh = Trace.load(tmp_path / "khugepaged-recollapse.kernel.trace.json.gz")
+    assert kh.meta["khugepaged_enter_passes"] in (0, 1)
+    passes = [e for e in kh.events if e["action"] == "khugepaged"]
+    assert len(passes) >= 5 and all(e["khugepaged_pass_s"] is not None for e in passes)
