@@ -76,6 +76,16 @@ def test_one_pass_wakes_by_rewriting_the_value_and_waits_for_the_sleep(
     assert kernel.left is None  # the status was read until khugepaged slept again
 
 
+def test_without_wchan_the_state_decides(kernel: PassingKernel) -> None:
+    # tinyconfig guests (no CONFIG_KALLSYMS) have no /proc/PID/wchan
+    kernel.path("proc/38/wchan").unlink()
+    real = kernel._status
+    kernel._status = lambda state: (real(state),  # type: ignore[method-assign]
+                                    kernel.path("proc/38/wchan").unlink(missing_ok=True))
+    assert Khugepaged(kernel).one_pass(timeout=1.0) is not None
+    assert kernel.left is None
+
+
 def test_one_pass_that_never_ends_times_out(fake: FakeKernel) -> None:
     kernel = PassingKernel(fake.root, reads=None)
     assert Khugepaged(kernel).one_pass(timeout=0.01) is None
