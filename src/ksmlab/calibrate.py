@@ -5,12 +5,14 @@ cost (``CpuMeter.counts``) and how many batches ksmd ran; the kernel trace gives
 ksmd's CPU time (``ksmd_cpu_ns``) and the wall time over the same interval.  So
 
     kernel CPU  = sum(count[p] * price[p])                  (linear in the prices)
-    kernel wall = CPU + batches * (sleep_millisecs + slack)
+    kernel wall = batches * period(CPU / batches, slack)    (whole jiffies: ksmd_wake)
 
 Prices are fitted by bounded least squares on relative errors, pulled toward the
 hand-set defaults (many operations always occur together, e.g. a checksum per
-page visit, and the data alone cannot split their cost); the slack is the median
-over all intervals.  Nothing here knows where a trace came from.
+page visit, and the data alone cannot split their cost); the slack (where in its
+jiffy a batch begins) is the value on a grid that gives the smallest mean wall
+error.  The jiffy is not fitted (1/CONFIG_HZ).  Nothing here knows where a trace
+came from.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import numpy as np
 from scipy.optimize import lsq_linear
 
 from .fidelity import replay
-from .model.costs import DEFAULT_PROFILE, CostProfile
+from .model.costs import DEFAULT_PROFILE, CostProfile, ksmd_wake
 from .model.run import Simulation
 from .scenario import Scenario
 from .trace import Trace
 
 PRIOR_WEIGHT = 0.2  # how hard the hand-set priors pull, against relative errors per scenario
 WHOLE_RUN_WEIGHT = 2.0  # a scenario's whole-run CPU, against its scans' errors together
-FIXED = ("sleep_slack_ns",)  # not a CPU cost: fitted from wall time instead
+FIXED = ("sleep_slack_ns", "tick_ns")  # not CPU costs: wall time
 
 
 @dataclass
@@ -96,13 +98,24 @@ def fit(data: list[Interval], base: CostProfile | None = None) -> CostProfile:
     b_full = np.concatenate([b, w * np.ones(len(names))])
     res = lsq_linear(a_full, b_full, bounds=(0.0, np.inf))
     fitted = {n: float(x * s) for n, x, s in zip(names, res.x, scale, strict=True)}
-    # wall time: slack per batch beyond sleep_millisecs and the CPU the batches took
-    slack = [
-        (iv.kernel_wall_s * 1e9 - iv.kernel_cpu_ns - iv.batches * iv.sleep_ms * 1e6) / iv.batches
-        for iv in rows if iv.sleep_ms > 0
-    ]
-    fitted["sleep_slack_ns"] = float(np.median(slack)) if slack else prior["sleep_slack_ns"]
+    # wall time: the slack that makes whole-jiffy periods fit the kernel's walls best
+    tick = prior["tick_ns"]
+    timed = [iv for iv in rows if iv.sleep_ms > 0 and iv.batches > 0 and iv.kernel_wall_s > 0]
+    fitted["tick_ns"] = tick
+    if timed:
+        grid = np.arange(0.0, tick, tick / 80)
+        errs = [float(np.mean([abs(_wall(iv, iv.kernel_cpu_ns, g, tick) - iv.kernel_wall_s)
+                               / iv.kernel_wall_s for iv in timed])) for g in grid]
+        fitted["sleep_slack_ns"] = float(grid[int(np.argmin(errs))])
+    else:
+        fitted["sleep_slack_ns"] = prior["sleep_slack_ns"]
     return CostProfile.from_dict(fitted)
+
+
+def _wall(iv: Interval, cpu_ns: float, slack_ns: float, tick_ns: float) -> float:
+    """The wall time of an interval's batches, each taking its mean CPU."""
+    per = cpu_ns / 1e9 / iv.batches
+    return iv.batches * ksmd_wake(0.0, per, iv.sleep_ms, slack_ns, tick_ns)
 
 
 def residuals(data: list[Interval], profile: CostProfile) -> dict[str, float]:
@@ -114,7 +127,7 @@ def residuals(data: list[Interval], profile: CostProfile) -> dict[str, float]:
             continue
         cpu = sum(n * price[k] for k, n in iv.counts.items())
         cpu_err.append(abs(cpu - iv.kernel_cpu_ns) / iv.kernel_cpu_ns)
-        wall = cpu / 1e9 + iv.batches * (iv.sleep_ms / 1000 + price["sleep_slack_ns"] / 1e9)
+        wall = _wall(iv, cpu, price["sleep_slack_ns"], price["tick_ns"])
         wall_err.append(abs(wall - iv.kernel_wall_s) / iv.kernel_wall_s)
     return {
         "cpu_median": float(np.median(cpu_err)), "cpu_worst": float(np.max(cpu_err)),

@@ -11,8 +11,8 @@ Defaults, from reference/live-findings.md and kernel-behavior.md §5:
   an unstable-tree walk of ~16 levels for unique pages.
 - xxhash of 4 KiB ≈ 860 cycles ≈ 0.3 µs (btrfs hash-speedtest).
 - A full scan of 256 MiB (65536 pages) at 100 pages/20 ms took 15.6 s against
-  13.1 s ideal: ~3.5 ms per batch beyond sleep_millisecs (jiffy rounding of
-  the timeout and wake-up latency), the ``sleep_slack_ns`` below.
+  13.1 s ideal: ~4 ms per batch beyond sleep_millisecs, one jiffy at HZ=250
+  (:func:`ksmd_wake`).
 - THP split: rmap walk + 512 migration entries + 512 restores, each preceded by
   a zero test that reads the whole 4 KiB of a zero subpage (estimate).
 """
@@ -20,6 +20,7 @@ Defaults, from reference/live-findings.md and kernel-behavior.md §5:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -65,8 +66,11 @@ class CostProfile:
     scan_start_ns: float = 20000.0
     # per batch: ksm_thread_mutex, cond_resched(), wake-up (CPU)
     batch_overhead_ns: float = 2000.0
-    # wall time beyond sleep_millisecs per ksmd sleep (not CPU)
-    sleep_slack_ns: float = 3_500_000.0
+    # wall time, not CPU: where in its jiffy ksmd wakes (timer interrupt and wake-up
+    # latency); with the batch's CPU it decides whether the sleep ends a tick later
+    sleep_slack_ns: float = 500_000.0
+    # one jiffy: 1/CONFIG_HZ (250 on these machines)
+    tick_ns: float = 4_000_000.0
 
     def to_json(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
@@ -82,6 +86,24 @@ class CostProfile:
     @classmethod
     def load(cls, path: Path) -> CostProfile:
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def ksmd_wake(t: float, busy: float, sleep_ms: int, slack_ns: float, tick_ns: float) -> float:
+    """When ksmd starts its next batch: it started one at ``t`` and ran ``busy`` s.
+
+    ksm_scan_thread() sleeps msecs_to_jiffies(sleep_millisecs) jiffies
+    (wait_event_freezable_timeout(); 5 at HZ=250 for 20 ms).  The timer counts from
+    the jiffy the batch ends in and fires on a tick, so the period is whole jiffies:
+    the sleep's, plus the one the batch ran in, plus one more whenever the batch
+    (begun ``slack_ns`` after a tick) crosses a tick.  Measured: 24.0 ms per batch
+    for 0.1 ms of CPU, 25.1 ms for 2.9 ms (smart-scan-off).  Compiled unchanged by
+    the fast engine, so both engines add the same floats.
+    """
+    if sleep_ms <= 0:
+        return t + busy
+    jiffies = math.ceil(sleep_ms * 1e6 / tick_ns)
+    ticks = jiffies + math.ceil((busy * 1e9 + slack_ns) / tick_ns)
+    return t + ticks * (tick_ns / 1e9)
 
 
 def shipped_profile() -> CostProfile:

@@ -6,7 +6,7 @@ aligned (top-down, as mmap places them), madvises MADV_HUGEPAGE/NOHUGEPAGE and
 MADV_MERGEABLE (khugepaged, woken by the first mm entering its empty list, makes
 one pass here), then writes every page in address order (or at ``fill_at``).
 Time 0 = all workloads ready.  ksmd runs batches of pages_to_scan separated by
-sleep_millisecs (+ the profile's wake-up slack) plus each batch's CPU cost;
+sleep_millisecs rounded to whole jiffies (costs.ksmd_wake) plus each batch's CPU cost;
 khugepaged wakes at time 0 and then as the lab drives it (or its own timer);
 samples are taken every sample_interval from 0 to duration inclusive (a sample
 due at the same time as an action sees the state before it).
@@ -34,7 +34,7 @@ from ..scenario import (
     Write,
 )
 from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
-from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter
+from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter, ksmd_wake
 from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
 from .ksm import Ksm
 from .memory import PMD_THP, Mm, System, Vma
@@ -359,8 +359,8 @@ class Simulation:
                 self.batches += 1
                 busy = (self.cpu.ns - before) / 1e9
                 ms = self.ksm.knobs.sleep_millisecs  # a `set` event may change it
-                slack = self.profile.sleep_slack_ns / 1e9 if ms else 0.0
-                push(t + busy + ms / 1000.0 + slack, 6, "ksmd")
+                prof = self.profile
+                push(ksmd_wake(t, busy, ms, prof.sleep_slack_ns, prof.tick_ns), 6, "ksmd")
                 ksmd_pending = True
                 end = t + busy
                 if self.ksm.seqnr > scans and end <= dur + 1e-9:

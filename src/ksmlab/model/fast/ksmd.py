@@ -10,6 +10,7 @@ treated as unlinked (``ndead``), which is what the exact model makes eager.
 
 from __future__ import annotations
 
+from ..costs import ksmd_wake
 from . import rbtree as rb
 from .jit import jit
 from .pages import break_ksm, split_folio
@@ -31,6 +32,7 @@ from .state import (
     C_SPLIT,
     C_SPLIT_FAILED,
     C_STABLE_LEVEL,
+    C_TICK,
     C_UNSTABLE_LEVEL,
     C_VISIT,
     C_ZT_DATA,
@@ -84,6 +86,8 @@ from .state import (
     Slots,
     Vmas,
 )
+
+_wake = jit(inline=True)(ksmd_wake)  # the exact model's rule, compiled
 
 NOPAGE = 1 << 62
 NULLK = NOPAGE + 1
@@ -755,10 +759,8 @@ def ksmd_until(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, t_
         do_scan(S, R, V, P, G, F, C)
         F[CPU] += C[C_BATCH]
         busy = (F[CPU] - before) / 1e9
-        ms = G[K_SLEEP]
-        slack = C[C_SLACK] / 1e9 if ms else 0.0
         F[T_SCAN_END] = t + busy
-        t = t + busy + ms / 1000.0 + slack
+        t = _wake(t, busy, G[K_SLEEP], C[C_SLACK], C[C_TICK])
         F[T_KSMD] = t
         if G[SEQNR] > scans:
             return KSMD_SCAN_END
