@@ -162,7 +162,10 @@ def holdout(kernels: list[tuple[str, Trace]], policy: str
     from .model import simulate
 
     out = []
-    for fit_on, judge in ((kernels[0::2], kernels[1::2]), (kernels[1::2], kernels[0::2])):
+    names = list(dict.fromkeys(name for name, _ in kernels))  # several runs of one: together
+    even = [(n, tr) for n, tr in kernels if names.index(n) % 2 == 0]
+    odd = [(n, tr) for n, tr in kernels if names.index(n) % 2 == 1]
+    for fit_on, judge in ((even, odd), (odd, even)):
         profile = fit([iv for name, tr in fit_on for iv in intervals(name, tr, policy)])
         for name, tr in judge:
             sc = Scenario.model_validate(tr.meta["scenario"])

@@ -389,8 +389,9 @@ def validate(
 def calibrate(
     scenarios: Annotated[list[str] | None, typer.Argument(
         help="names, files, or 'all' (the validation suite, also the default)")] = None,
-    traces: Annotated[Path | None, typer.Option(
-        help="use kernel traces saved by `ksmlab validate --out DIR` instead of running live")]
+    traces: Annotated[list[Path] | None, typer.Option(
+        help="use kernel traces saved by `ksmlab validate --out DIR` instead of running live "
+             "(repeat it to fit on several runs: the kernel's CPU varies from run to run)")]
     = None,
     out: Annotated[Path, typer.Option(help="where to write the profile")] = Path(
         "ksmlab-out/profile.json"),
@@ -411,11 +412,12 @@ def calibrate(
     _policy(get_policy, pol)
     kernels: list[tuple[str, Trace]] = []
     for name in names:
-        if traces is not None:
-            path = traces / f"{name}.kernel.trace.json.gz"
-            if not path.exists():
-                fail(f"{path}: no kernel trace for {name} (run `ksmlab validate --out`)")
-            kernels.append((name, Trace.load(path)))
+        if traces:
+            for folder in traces:
+                path = folder / f"{name}.kernel.trace.json.gz"
+                if not path.exists():
+                    fail(f"{path}: no kernel trace for {name} (run `ksmlab validate --out`)")
+                kernels.append((name, Trace.load(path)))
             continue
         sc = _load(name, None)
         prog, update = _progress_live(sc, quiet=False)
