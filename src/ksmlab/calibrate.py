@@ -35,7 +35,8 @@ from .trace import Trace
 
 PRIOR_WEIGHT = 0.2  # how hard the hand-set priors pull, against relative errors per scenario
 WHOLE_RUN_WEIGHT = 2.0  # a scenario's whole-run CPU, against its scans' errors together
-FIXED = ("sleep_slack_ns", "tick_ns")  # not CPU costs: wall time
+# not fitted linearly: wall time, and the length of a batch's cold start
+FIXED = ("cold_window_ns", "sleep_slack_ns", "tick_ns")
 
 
 @dataclass
@@ -91,7 +92,7 @@ def fit(data: list[Interval], base: CostProfile | None = None) -> CostProfile:
     a = a * weight[:, None]
     b = weight
     # prior rows: (p - p0) / p0 * weight, as x = p / p0 scales
-    scale = np.array([max(prior[n], 1.0) for n in names])
+    scale = np.array([prior[n] if prior[n] > 0 else 1.0 for n in names])
     a = a * scale
     w = PRIOR_WEIGHT * np.sqrt(len(per) / len(names))
     a_full = np.vstack([a, w * np.eye(len(names))])
@@ -102,6 +103,7 @@ def fit(data: list[Interval], base: CostProfile | None = None) -> CostProfile:
     tick = prior["tick_ns"]
     timed = [iv for iv in rows if iv.sleep_ms > 0 and iv.batches > 0 and iv.kernel_wall_s > 0]
     fitted["tick_ns"] = tick
+    fitted["cold_window_ns"] = prior["cold_window_ns"]
     if timed:
         grid = np.arange(0.0, tick, tick / 80)
         errs = [float(np.mean([abs(_wall(iv, iv.kernel_cpu_ns, g, tick) - iv.kernel_wall_s)

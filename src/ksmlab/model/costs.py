@@ -66,6 +66,20 @@ class CostProfile:
     scan_start_ns: float = 20000.0
     # per batch: ksm_thread_mutex, cond_resched(), wake-up (CPU)
     batch_overhead_ns: float = 2000.0
+    # one dup of a stable chain looked at by stable_node_dup(): ksm_get_folio()
+    # (folio_try_get() and the mapping checks) and the folio_put() after it
+    dup_visit_ns: float = 40.0
+    # a page smart scan passes over (should_skip_rmap_item() true): the page walk,
+    # get_next_rmap_item() and the age test; not counted in pages_scanned, nor in
+    # the batch's pages_to_scan, so a scan of skipped pages ends in one batch
+    smart_skip_ns: float = 100.0
+    # a batch starts cold after ksmd's sleep (caches, TLB, clock): its first
+    # cold_window_ns of work cost cold_start times more.  Measured here: the same
+    # 32768 first visits cost 26-45 us more per batch at pages_to_scan=100
+    # (seed-uzp0, ~100 us of work a batch) than at 1000 (uzp0-1000); a user-space
+    # loop of 4 KiB checksums after a 20 ms sleep shows the same slow start
+    cold_start: float = 0.35
+    cold_window_ns: float = 250_000.0
     # wall time, not CPU: where in its jiffy ksmd wakes (timer interrupt and wake-up
     # latency); with the batch's CPU it decides whether the sleep ends a tick later
     sleep_slack_ns: float = 500_000.0

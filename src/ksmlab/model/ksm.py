@@ -213,6 +213,7 @@ class Ksm:
                     item = self._get_next_rmap_item(mm, vma, addr)
                     self.cur_prev = item
                     if self._should_skip_rmap_item(pte, item):
+                        self.cpu.charge("smart_skip_ns")
                         i += 1
                         continue
                     self.cpu.charge("pte_skip_ns", skipped)
@@ -520,7 +521,9 @@ class Ksm:
         found: StableNode | None = None
         found_len = 0
         tree_page: Page | None = None
+        visited = 0
         for dup in list(chain.dups):
+            visited += 1
             kp = self._ksm_get_folio(dup)
             if kp is None:
                 continue
@@ -531,6 +534,7 @@ class Ksm:
                 found, found_len, tree_page = dup, len(dup.hlist), kp
                 if not prune and self._is_candidate(found):
                     break
+        self.cpu.charge("dup_visit_ns", visited)
         if found is None:
             rb_erase(self.stable, chain)  # free_stable_node_chain()
             chain.dead = True

@@ -356,6 +356,8 @@ class Simulation:
                 self.ksm.now = t
                 self.ksm.do_scan()
                 self.cpu.charge("batch_overhead_ns")
+                self.cpu.charge("cold_start", min(self.cpu.ns - before,
+                                                  self.profile.cold_window_ns))
                 self.batches += 1
                 busy = (self.cpu.ns - before) / 1e9
                 ms = self.ksm.knobs.sleep_millisecs  # a `set` event may change it

@@ -20,6 +20,9 @@ from .state import (
     C_BATCH,
     C_BREAK_COW,
     C_CHECKSUM,
+    C_COLD,
+    C_COLD_WINDOW,
+    C_DUP_VISIT,
     C_FREE_PAGE,
     C_MEMCMP,
     C_MERGE,
@@ -29,6 +32,7 @@ from .state import (
     C_RMAP_FREE,
     C_SCAN_START,
     C_SLACK,
+    C_SMART_SKIP,
     C_SPLIT,
     C_SPLIT_FAILED,
     C_STABLE_LEVEL,
@@ -260,7 +264,7 @@ def _alloc_node(P: Pool, G: I64, kp: int, chain: bool) -> int:
 
 
 @jit()
-def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, chain: int,
+def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, C: F64, chain: int,
                      prune: bool) -> tuple[int, int, int]:
     interval = G[K_PRUNE] / 1000.0
     if not prune or F[NOW] < P.nprune[chain] + interval:
@@ -271,8 +275,10 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, chain: int,
     found_len = 0
     tree_page = -1
     d = P.nfirst[chain]
+    visited = 0
     while d >= 0:
         nx = P.nnext[d]
+        visited += 1
         kp = _get_folio(S, P, G, d)
         if kp >= 0 and (found < 0 or (_is_candidate(P, G, d, 0) and (
                 not _is_candidate(P, G, found, 0) or P.nhl[d] > found_len))):
@@ -282,6 +288,7 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, chain: int,
             if not prune and _is_candidate(P, G, found, 0):
                 break
         d = nx
+    F[CPU] += visited * C[C_DUP_VISIT]
     if found < 0:
         rb.erase(G, ROOT_S, P.nleft, P.nright, P.npar, P.nred, chain)
         P.ndead[chain] = 1
@@ -305,10 +312,11 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, chain: int,
 
 
 @jit(inline=True)
-def _chain(S: Slots, P: Pool, G: I64, F: F64, n: int, prune: bool) -> tuple[int, int, int]:
+def _chain(S: Slots, P: Pool, G: I64, F: F64, C: F64, n: int,
+           prune: bool) -> tuple[int, int, int]:
     if not P.nchain[n]:
         return _get_folio(S, P, G, n), n, n
-    return _stable_node_dup(S, P, G, F, n, prune)
+    return _stable_node_dup(S, P, G, F, C, n, prune)
 
 
 @jit(inline=True)
@@ -323,7 +331,7 @@ def _stable_tree_search(S: Slots, P: Pool, G: I64, F: F64, C: F64, h: int) -> in
         restart = False
         while n >= 0:
             levels += 1
-            kp, dup, cur = _chain(S, P, G, F, n, True)
+            kp, dup, cur = _chain(S, P, G, F, C, n, True)
             if kp < 0 or dup < 0:
                 restart = True
                 break
@@ -368,7 +376,7 @@ def _stable_tree_insert(S: Slots, P: Pool, G: I64, F: F64, C: F64, kp: int) -> i
         restart = False
         while n >= 0:
             levels += 1
-            kp2, _dup, cur = _chain(S, P, G, F, n, False)
+            kp2, _dup, cur = _chain(S, P, G, F, C, n, False)
             if kp2 < 0:
                 restart = True
                 break
@@ -678,6 +686,7 @@ def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: i
                 G[CUR_PREV] = i
                 h = int(p) if p >= 0 else -i - 1
                 if _should_skip(S, P, G, i, h):
+                    F[CPU] += C[C_SMART_SKIP]
                     i += 1
                     continue
                 F[CPU] += skipped * skip_ns
@@ -758,6 +767,7 @@ def ksmd_until(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, t_
         F[NOW] = t
         do_scan(S, R, V, P, G, F, C)
         F[CPU] += C[C_BATCH]
+        F[CPU] += min(F[CPU] - before, C[C_COLD_WINDOW]) * C[C_COLD]
         busy = (F[CPU] - before) / 1e9
         F[T_SCAN_END] = t + busy
         t = _wake(t, busy, G[K_SLEEP], C[C_SLACK], C[C_TICK])
