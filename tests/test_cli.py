@@ -65,6 +65,25 @@ def test_unknown_scenario_and_policy() -> None:
     one_line_error(ksmlab("run"), "Missing argument")
 
 
+@pytest.mark.parametrize(
+    ("profile", "match"),
+    [
+        ({"cold_strt": 1}, "unknown cost profile field(s): cold_strt"),
+        ({"cold_start": "x"}, "could not convert"),
+        ({"cold_start": -0.5, "visit_ns": -1}, "out of range (prices >= 0, tick_ns > 0): "
+                                               "cold_start, visit_ns"),
+        ({"tick_ns": 0}, "out of range"),
+    ],
+    ids=["unknown", "not-a-number", "negative", "zero-tick"],
+)
+def test_bad_profile_is_one_line(tmp_path: Path, profile: dict[str, object],
+                                 match: str) -> None:
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"profile": profile}))
+    one_line_error(ksmlab("sim", "seed-uzp1", "--policy", "mainline", "--profile", str(f)),
+                   match)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                     reason="needs root to drop to another user with setpriv")
 def test_without_root_is_one_line(tmp_path: Path) -> None:

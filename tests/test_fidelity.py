@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from ksmlab import calibrate, fidelity
+from ksmlab.cli import app
 from ksmlab.model.costs import CostProfile, ksmd_wake
 from ksmlab.trace import Trace
 
@@ -107,3 +111,37 @@ def test_fit_recovers_prices_and_slack() -> None:
 def test_fit_without_checkpoints_is_refused() -> None:
     with pytest.raises(ValueError, match="no full-scan intervals"):
         calibrate.fit([])
+
+
+def test_fit_kernels_recovers_a_cold_start_and_shows_each_scan(tmp_path: Path) -> None:
+    # a model trace made with known prices stands in for the kernel's: two
+    # rounds recover the cold start, and every scan's CPU agrees again
+    from dataclasses import replace
+
+    from ksmlab.model import simulate
+    from ksmlab.model.costs import DEFAULT_PROFILE
+    from ksmlab.scenario import load
+
+    true = replace(DEFAULT_PROFILE, cold_start=0.8)
+    names = ("seed-uzp0-nothp", "uzp0-1000")
+    kernels = [(n, simulate(load(n), "mainline", profile=true)) for n in names]
+    calibrate.PRIOR_WEIGHT, old = 1e-4, calibrate.PRIOR_WEIGHT
+    try:
+        profile, data = calibrate.fit_kernels(kernels, "mainline")
+    finally:
+        calibrate.PRIOR_WEIGHT = old
+    assert profile.cold_start == pytest.approx(0.8, rel=0.1)
+    rows = calibrate.by_scan(data, profile)
+    assert len(rows) == len(data) > 10
+    assert {r[0] for r in rows} == set(names)
+    for _name, _batches, kernel_ms, model_ms, top in rows:
+        assert model_ms == pytest.approx(kernel_ms, rel=0.1, abs=0.05)
+        assert top and top[0][1] == max(v for _, v in top)
+    # the CLI prints the same rows from saved traces
+    for n, tr in kernels:
+        tr.save(tmp_path / f"{n}.kernel.trace.json.gz")
+    res = CliRunner().invoke(app, ["calibrate", *names, "--traces", str(tmp_path),
+                                   "--by-scan", "--out", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert sum(line.startswith("  seed-uzp0-nothp ") for line in res.output.splitlines()) \
+        == sum(r[0] == "seed-uzp0-nothp" for r in rows)

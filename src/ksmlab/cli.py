@@ -34,6 +34,8 @@ Examples:
   ksmlab sim seed-uzp1 --policy v1   the same scenario in the model
   ksmlab compare seed-uzp0 --policies mainline,pre-6.12,v1
   ksmlab restore                     undo knobs left by a killed run
+  ksmlab calibrate chains-mps8 --traces val/ --by-scan
+                                     ksmd CPU per full scan, kernel/model
 """
 
 app = typer.Typer(
@@ -399,6 +401,8 @@ def calibrate(
     = None,
     holdout: Annotated[bool, typer.Option(
         help="also fit on half the scenarios and judge the other half (and back)")] = False,
+    by_scan: Annotated[bool, typer.Option(
+        help="also print kernel and model CPU of every full-scan interval")] = False,
 ) -> None:
     """Fit the model's cost profile (CPU per operation, sleep slack) to live traces."""
     from . import calibrate as cal
@@ -428,9 +432,8 @@ def calibrate(
                 kernels.append((name, live.run()))
         except LiveError as e:
             fail(f"{name}: {e}")
-    data = [iv for name, tr in kernels for iv in cal.intervals(name, tr, pol)]
     try:
-        profile = cal.fit(data)
+        profile, data = cal.fit_kernels(kernels, pol)
     except ValueError as e:
         fail(str(e))
     before = cal.residuals(data, CostProfile())
@@ -442,9 +445,15 @@ def calibrate(
         print(f"{label:<16} CPU error median {r['cpu_median'] * 100:5.1f} %, "
               f"wall time error median {r['wall_median'] * 100:4.1f} %")
     for k, v in profile.to_json().items():
-        print(f"  {k:<22} {v:>12.1f} ns")
+        print(f"  {k:<22} {v:>12.1f} ns" if k.endswith("_ns") else f"  {k:<22} {v:>12.3f}")
     print(f"profile: {out} (use it with --profile, or ship it as "
           "src/ksmlab/model/profiles/default.json)")
+    if by_scan:
+        print("per full scan: scenario, batches, ksmd CPU kernel / model (ms), "
+              "largest model charges (ms)")
+        for name, batches, kernel_ms, model_ms, parts in cal.by_scan(data, profile):
+            top = " ".join(f"{p.removesuffix('_ns')}={ms:.1f}" for p, ms in parts)
+            print(f"  {name:<22} {batches:>4} {kernel_ms:8.2f} / {model_ms:8.2f}  {top}")
     if holdout:
         print("held out (fitted on the other half): scenario, ksmd CPU error, time error")
         for name, cpu, t in cal.holdout(kernels, pol):

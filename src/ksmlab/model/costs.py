@@ -95,7 +95,11 @@ class CostProfile:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown cost profile field(s): {', '.join(unknown)}")
-        return cls(**{k: float(v) for k, v in data.items()})
+        values = {k: float(v) for k, v in data.items()}
+        bad = sorted(k for k, v in values.items() if not v >= 0 or (k == "tick_ns" and v == 0))
+        if bad:
+            raise ValueError(f"out of range (prices >= 0, tick_ns > 0): {', '.join(bad)}")
+        return cls(**values)
 
     @classmethod
     def load(cls, path: Path) -> CostProfile:
