@@ -8,19 +8,30 @@ before and compared after, and no workload process may be left.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ksmlab.live.journal import RunLock
-from ksmlab.live.kernelfs import KernelFS, KernelWriteError
-from ksmlab.live.knobs import read_all
+# Before ksmlab is imported: model tests run on a pinned cost profile (a refit of the
+# shipped one, or this machine's, must never move them), and no test reads or writes
+# the user's own profile cache.  Tests of the profile choice unset these themselves.
+TEST_PROFILE = os.path.join(os.path.dirname(__file__), "data", "test-profile.json")
+os.environ["KSMLAB_PROFILE"] = TEST_PROFILE
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ksmlab-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+
+from ksmlab.live.journal import RunLock  # noqa: E402
+from ksmlab.live.kernelfs import KernelFS, KernelWriteError  # noqa: E402
+from ksmlab.live.knobs import read_all  # noqa: E402
 
 REQUIRE_LIVE = os.environ.get("KSMLAB_REQUIRE_LIVE") == "1"
 
@@ -133,11 +144,20 @@ def _live_required() -> None:
         pytest.fail(f"KSMLAB_REQUIRE_LIVE=1 but {why}")
 
 
-def run_ksmlab(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_ksmlab(args: list[str], timeout: float, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
     """``python -m ksmlab ARGS``; past the timeout it gets SIGTERM (never SIGKILL, which
-    subprocess.run would send), so its own restore puts the knobs back."""
+    subprocess.run would send), so its own restore puts the knobs back.  ``env``:
+    variables to set (an empty value unsets one)."""
     cmd = [sys.executable, "-m", "ksmlab", *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    full = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v:
+            full[k] = v
+        else:
+            full.pop(k, None)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=full)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

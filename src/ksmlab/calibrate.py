@@ -116,15 +116,50 @@ def fit(data: list[Interval], base: CostProfile | None = None) -> CostProfile:
     return CostProfile.from_dict(fitted)
 
 
-def fit_kernels(kernels: list[tuple[str, Trace]], policy: str, rounds: int = 2
-                ) -> tuple[CostProfile, list[Interval]]:
+def speed_factor(data: list[Interval], base: CostProfile) -> float:
+    """One factor for every price of ``base``: how much slower this machine's ksmd
+    is, from each scenario's whole-run CPU (relative errors, scenarios weighing
+    the same).  Machines of one kind differ mostly so: 291 against 968 ns a visit."""
+    price = base.to_json()
+    ratios = []
+    for sc in sorted({iv.scenario for iv in data}):
+        rows = [iv for iv in data if iv.scenario == sc and iv.kernel_cpu_ns > 0]
+        model = sum(n * price[k] for iv in rows for k, n in iv.counts.items() if k in price)
+        kernel = sum(iv.kernel_cpu_ns for iv in rows)
+        if model > 0 and kernel > 0:
+            ratios.append(model / kernel)
+    if not ratios:
+        raise ValueError("no full-scan intervals to fit (traces without checkpoints?)")
+    r = np.array(ratios)
+    return float(r.sum() / (r * r).sum())  # argmin of sum((f * r - 1)^2)
+
+
+def scaled(base: CostProfile, factor: float) -> CostProfile:
+    """``base`` with every CPU price times ``factor`` (not the jiffy, the slack, the
+    cold window, nor the cold start, which is a ratio)."""
+    d = base.to_json()
+    keep = (*FIXED, "cold_start")
+    return CostProfile.from_dict({k: v if k in keep else v * factor for k, v in d.items()})
+
+
+def fit_kernels(kernels: list[tuple[str, Trace]], policy: str, rounds: int = 2,
+                base: CostProfile | None = None) -> tuple[CostProfile, list[Interval]]:
     """Fit on the kernel traces, then again on the counts the fitted profile
     gives: the cold start charges part of a batch's work, so its count moves
-    with the other prices (a second round moved the fit by a few per cent)."""
-    profile, data = DEFAULT_PROFILE, []
+    with the other prices (a second round moved the fit by a few per cent).
+
+    ``base`` None: prices pulled toward the hand-set priors (a fit on the whole
+    suite, which does not depend on an earlier fit).  A profile: pulled toward it,
+    scaled to this machine's speed (:func:`speed_factor`) -- a quick fit on a few
+    scenarios keeps the shape a whole-suite fit found and takes this machine's level.
+    """
+    profile, data = base or DEFAULT_PROFILE, []
+    prior = None
     for _ in range(rounds):
         data = [iv for name, tr in kernels for iv in intervals(name, tr, policy, profile)]
-        profile = fit(data)
+        if base is not None and prior is None:
+            prior = scaled(base, speed_factor(data, base))
+        profile = fit(data, prior)
     return profile, data
 
 
@@ -167,10 +202,12 @@ def by_scan(data: list[Interval], profile: CostProfile, top: int = 3
 
 
 def profile_document(profile: CostProfile, data: list[Interval], kernel: str,
-                     before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+                     before: dict[str, float], after: dict[str, float],
+                     machine: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "fitted": datetime.now(UTC).isoformat(timespec="seconds"),
         "kernel": kernel,
+        "machine": machine or {},
         "scenarios": sorted({iv.scenario for iv in data}),
         "residuals_before": before,
         "residuals_after": after,
@@ -184,7 +221,7 @@ def save(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def holdout(kernels: list[tuple[str, Trace]], policy: str
+def holdout(kernels: list[tuple[str, Trace]], policy: str, base: CostProfile | None = None
             ) -> list[tuple[str, float | None, float | None]]:
     """Fit on every other scenario, judge the rest, then the other way round:
     (scenario, ksmd CPU relative error, time relative error) of each held-out run."""
@@ -196,7 +233,7 @@ def holdout(kernels: list[tuple[str, Trace]], policy: str
     even = [(n, tr) for n, tr in kernels if names.index(n) % 2 == 0]
     odd = [(n, tr) for n, tr in kernels if names.index(n) % 2 == 1]
     for fit_on, judge in ((even, odd), (odd, even)):
-        profile, _ = fit_kernels(fit_on, policy)
+        profile, _ = fit_kernels(fit_on, policy, base=base)
         for name, tr in judge:
             sc = Scenario.model_validate(tr.meta["scenario"])
             r = compare(name, tr, simulate(sc, policy, profile=profile, **replay(tr)))

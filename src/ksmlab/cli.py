@@ -21,7 +21,7 @@ from .kernel.cli import kernel_app
 from .live.journal import Journal, RunLock
 from .live.kernelfs import KernelFS
 from .live.knobs import KnobError, RestoreError
-from .model.costs import CostProfile
+from .profiles import ProfileChoice
 from .scenario import Scenario, ScenarioError
 from .trace import Trace, TraceError
 
@@ -134,6 +134,16 @@ def doctor(json_out: JsonOpt = False) -> None:
     print(f"memory      {d['mem_available_mib']} MiB available")
     for name, value in d["knobs"].items():
         print(f"  {name:<48} {value}")
+    prof = d["profile"]
+    if prof["source"] == "machine":
+        print(f"profile     this machine's, fitted {str(prof['fitted'])[:16]}: {prof['path']}")
+    elif prof["source"] == "shipped":
+        print("profile     none for this machine; the shipped one is fitted elsewhere")
+        print("            (ksmlab calibrate --quick fits this machine's, ~3 min live)")
+    else:
+        print(f"profile     {prof['source']}: {prof.get('path')}")
+    if prof.get("warning") and prof["source"] != "shipped":
+        print(f"            {prof['warning']}")
     if d["journal"]:
         print(f"journal     a killed run left knobs changed: {d['journal']} (ksmlab restore)")
     if d["ksm_mergeable_pids"]:
@@ -246,22 +256,38 @@ def sim(scenario: ScenarioArg,
     sc = _load(scenario, duration)
     _policy(get_policy, policy)
     _engine(engine)
-    tr = simulate(sc, policy, profile=_profile(profile), engine=engine)
+    choice = _profile(profile)
+    tr = simulate(sc, policy, profile=choice.profile, engine=engine)
     summary = metrics.summarize(tr)
-    _emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out, {"policy": policy})
+    if not json_out:
+        _say_profile(choice)
+    _emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out,
+          {"policy": policy, "profile": choice.to_json()})
 
 
 ProfileOpt = Annotated[Path | None, typer.Option(
-    "--profile", help="cost profile JSON (default: the one fitted for this machine kind)")]
+    "--profile", help="cost profile JSON (default: this machine's, from `ksmlab calibrate "
+    "--quick`; else the shipped one)")]
 
 
-def _profile(path: Path | None) -> CostProfile:
-    from .model.costs import load_profile
+def _profile(path: Path | None) -> ProfileChoice:
+    """The cost profile a model run uses (ksmlab.profiles says in which order)."""
+    from .live import machine
+    from .profiles import ProfileError, resolve
 
+    ident = machine.identity()
     try:
-        return load_profile(path)
-    except ValueError as e:
+        return resolve(path, ident, machine.key(ident))
+    except ProfileError as e:
         raise UserError(str(e)) from None
+
+
+def _say_profile(choice: ProfileChoice) -> None:
+    """The profile used, and why its CPU and time figures may not be this machine's
+    (stderr: stdout may be one JSON object)."""
+    err.print(choice.label(), markup=False, soft_wrap=True)
+    if choice.warning:
+        err.print(f"note: {choice.warning}", markup=False, soft_wrap=True)
 
 
 def kernel_confirmed(scenario: str) -> Callable[[str], bool | None]:
@@ -308,11 +334,16 @@ def compare(scenario: ScenarioArg,
     for n in names:
         _policy(get_policy, n)
     _engine(engine)
-    prof = _profile(profile)
-    results = [(n, simulate(sc, n, profile=prof, engine=engine)) for n in names]
+    choice = _profile(profile)
+    results = [(n, simulate(sc, n, profile=choice.profile, engine=engine)) for n in names]
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
-    print(report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}",
-                               kernel_confirmed(sc.name)))
+    table = report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}",
+                                 kernel_confirmed(sc.name))
+    if fmt == "json":
+        table = json.dumps({**json.loads(table), "profile": choice.to_json()}, indent=1)
+    else:
+        _say_profile(choice)
+    print(table)
     if out is not None:
         report.plot_freed(results, out / f"{sc.name}-compare.png", sc.name)
 
@@ -342,7 +373,7 @@ def validate(
     loaded = [_load(n, None) for n in names]  # every file checked before anything runs
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
-    prof = _profile(profile)
+    choice = _profile(profile)
     out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
     results = []
     for sc in loaded:
@@ -356,7 +387,7 @@ def validate(
             fail(f"{sc.name}: {e}")
         except Interrupted as e:
             fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
-        cand = simulate(sc, pol, profile=prof, **fidelity.replay(ref))
+        cand = simulate(sc, pol, profile=choice.profile, **fidelity.replay(ref))
         ref.save(out / f"{sc.name}.kernel.trace.json.gz")
         cand.save(out / f"{sc.name}.model.trace.json.gz")
         report.plot_validation(sc.name, ref, cand, out / f"{sc.name}.validate.png",
@@ -372,12 +403,16 @@ def validate(
         print(json.dumps({
             "kernel": os.uname().release, "policy": pol,
             "date": time.strftime("%Y-%m-%d"), "folder": str(out),
+            "machine": _machine(), "profile": choice.to_json(),
             "scenarios": [r.to_json() for r in results],
             "agreement": fidelity.suite_agreement(results),
         }))
         return
     print(f"Linux {os.uname().release} against the model under {pol}, "
           f"{time.strftime('%Y-%m-%d')}")
+    print(choice.label())
+    if choice.warning:
+        print(textwrap.fill(f"note: {choice.warning}", 80, subsequent_indent="  "))
     print(fidelity.table(results))
     for r in results:
         k, m = (", ".join(r.verdicts[s]) or "none" for s in ("kernel", "model"))
@@ -387,16 +422,26 @@ def validate(
     print(f"traces and plots in {out}/")
 
 
+def _machine() -> dict[str, Any]:
+    from .live import machine
+
+    return machine.identity()
+
+
 @app.command()
 def calibrate(
     scenarios: Annotated[list[str] | None, typer.Argument(
         help="names, files, or 'all' (the validation suite, also the default)")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="the calibration set only (about 3 min live), fitted toward the "
+        "shipped profile scaled to this machine's speed")] = False,
     traces: Annotated[list[Path] | None, typer.Option(
         help="use kernel traces saved by `ksmlab validate --out DIR` instead of running live "
              "(repeat it to fit on several runs: the kernel's CPU varies from run to run)")]
     = None,
-    out: Annotated[Path, typer.Option(help="where to write the profile")] = Path(
-        "ksmlab-out/profile.json"),
+    out: Annotated[Path | None, typer.Option(
+        help="where to write the profile (default: this machine's, in the user's cache, "
+             "used from then on by sim, compare, validate and demo)")] = None,
     policy: Annotated[str | None, typer.Option(help="default: the one matching this kernel")]
     = None,
     holdout: Annotated[bool, typer.Option(
@@ -404,50 +449,77 @@ def calibrate(
     by_scan: Annotated[bool, typer.Option(
         help="also print kernel and model CPU of every full-scan interval")] = False,
 ) -> None:
-    """Fit the model's cost profile (CPU per operation, sleep slack) to live traces."""
+    """Fit the model's cost profile (CPU per operation, sleep slack) on this machine.
+
+    Counters and verdicts do not depend on the machine, ksmd's CPU and the time of a
+    full scan do: fit them where the model is used.  Without --out the profile is
+    stored as this machine's (keyed by CPU, kernel release and CPU count) and every
+    model command uses it from then on.
+    """
     from . import calibrate as cal
     from . import fidelity
+    from .live import machine
     from .live.run import LiveError, LiveRun
     from .model import get_policy
-    from .model.costs import CostProfile
+    from .model.costs import CostProfile, shipped_profile
+    from .profiles import save_machine
 
-    names = list(fidelity.SUITE) if scenarios in (None, [], ["all"]) else list(scenarios)
+    if quick and scenarios:
+        fail("--quick runs the calibration set; give scenarios or --quick, not both")
+    if quick:
+        names = list(fidelity.CALIBRATION_SET)
+    else:
+        names = list(fidelity.SUITE) if scenarios in (None, [], ["all"]) else list(scenarios)
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
+    ident = machine.identity()
+    key = machine.key(ident)
+    if out is not None:
+        _writable(out)
     kernels: list[tuple[str, Trace]] = []
-    for name in names:
-        if traces:
+    if traces:
+        for name in names:
             for folder in traces:
                 path = folder / f"{name}.kernel.trace.json.gz"
                 if not path.exists():
                     fail(f"{path}: no kernel trace for {name} (run `ksmlab validate --out`)")
                 kernels.append((name, Trace.load(path)))
-            continue
-        sc = _load(name, None)
-        prog, update = _progress_live(sc, quiet=False)
-        live = LiveRun(sc, progress=update)
-        try:
-            live.check()
-            with prog:
-                kernels.append((name, live.run()))
-        except LiveError as e:
-            fail(f"{name}: {e}")
+        theirs = {machine.key(tr.meta["identity"]) for _, tr in kernels
+                  if isinstance(tr.meta.get("identity"), dict)}
+        if out is None and theirs - {key}:
+            fail("these traces come from another machine or kernel: give --out for "
+                 "their profile (this machine's is fitted from its own runs)")
+    else:
+        loaded = [_load(n, None) for n in names]  # every file checked before anything runs
+        for sc in loaded:
+            prog, update = _progress_live(sc, quiet=False)
+            live = LiveRun(sc, progress=update)
+            try:
+                live.check()
+                with prog:
+                    kernels.append((sc.name, live.run()))
+            except LiveError as e:
+                fail(f"{sc.name}: {e}")
     try:
-        profile, data = cal.fit_kernels(kernels, pol)
+        profile, data = cal.fit_kernels(kernels, pol,
+                                        base=shipped_profile() if quick else None)
     except ValueError as e:
         fail(str(e))
     before = cal.residuals(data, CostProfile())
     after = cal.residuals(data, profile)
     kernel = str(kernels[0][1].meta.get("kernel")) if kernels else os.uname().release
-    cal.save(cal.profile_document(profile, data, kernel, before, after), out)
+    doc = cal.profile_document(profile, data, kernel, before, after, ident)
+    where = cal.save(doc, out) if out is not None else save_machine(doc, key)
     print(f"{len(data)} full-scan intervals from {len(kernels)} kernel traces ({kernel})")
     for label, r in (("hand-set priors", before), ("fitted", after)):
         print(f"{label:<16} CPU error median {r['cpu_median'] * 100:5.1f} %, "
               f"wall time error median {r['wall_median'] * 100:4.1f} %")
     for k, v in profile.to_json().items():
         print(f"  {k:<22} {v:>12.1f} ns" if k.endswith("_ns") else f"  {k:<22} {v:>12.3f}")
-    print(f"profile: {out} (use it with --profile, or ship it as "
-          "src/ksmlab/model/profiles/default.json)")
+    if out is None:
+        print(f"profile: {where} (this machine's: sim, compare, validate and demo use it)")
+    else:
+        print(f"profile: {where} (use it with --profile)")
     if by_scan:
         print("per full scan: scenario, batches, ksmd CPU kernel / model (ms), "
               "largest model charges (ms)")
@@ -456,8 +528,20 @@ def calibrate(
             print(f"  {name:<22} {batches:>4} {kernel_ms:8.2f} / {model_ms:8.2f}  {top}")
     if holdout:
         print("held out (fitted on the other half): scenario, ksmd CPU error, time error")
-        for name, cpu, t in cal.holdout(kernels, pol):
+        for name, cpu, t in cal.holdout(kernels, pol, shipped_profile() if quick else None):
             print(f"  {name:<24} {_pct(cpu):>7} {_pct(t):>7}")
+
+
+def _writable(path: Path) -> None:
+    """Refuse an --out that cannot be written before any live run (one line)."""
+    if path.exists() and path.is_dir():
+        fail(f"--out {path}: is a folder; name the profile's file")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        fail(f"--out {path}: cannot write there")
 
 
 @app.command()
@@ -466,7 +550,8 @@ def demo(out: OutOpt = None,
     """The main job: the seed scenarios under every policy, table and plots."""
     from .demo import run_demo
 
-    run_demo(out or Path("ksmlab-out") / time.strftime("demo-%Y%m%d-%H%M%S"), live, err)
+    run_demo(out or Path("ksmlab-out") / time.strftime("demo-%Y%m%d-%H%M%S"), live, err,
+             _profile(None))
 
 
 def main() -> None:

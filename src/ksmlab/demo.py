@@ -10,16 +10,20 @@ from rich.console import Console
 from . import metrics, report
 from . import scenario as scenario_mod
 from .live.kernelfs import KernelFS
+from .profiles import ProfileChoice
 from .trace import Trace
 
 SEEDS = ("seed-uzp1", "seed-uzp0")
 
 
-def run_demo(out: Path, live: bool, err: Console) -> None:
+def run_demo(out: Path, live: bool, err: Console, choice: ProfileChoice) -> None:
     from .cli import kernel_confirmed
     from .model import POLICIES, simulate
 
     out.mkdir(parents=True, exist_ok=True)
+    print(choice.label())
+    if choice.warning:
+        print(f"note: {choice.warning}")
     live_ok = False
     if live:
         from .live.run import problems
@@ -31,7 +35,7 @@ def run_demo(out: Path, live: bool, err: Console) -> None:
     for name in SEEDS:
         sc = scenario_mod.load(name)
         with err.status(f"{name}: model under {len(POLICIES)} policies"):
-            model = [(p, simulate(sc, p)) for p in POLICIES]
+            model = [(p, simulate(sc, p, profile=choice.profile)) for p in POLICIES]
         rows = [(p, metrics.summarize(tr)) for p, tr in model]
         confirmed = kernel_confirmed(name)
         table = report.compare_table(rows, "text", f"{name}: {sc.description} (model)",

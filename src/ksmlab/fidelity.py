@@ -31,12 +31,20 @@ SUITE = (
     "seed-uzp1", "seed-uzp0", "seed-uzp1-nothp", "seed-uzp0-nothp", "mixed",
     "thp-z0-dup", "thp-z50-unique", "thp-z90-dup", "two-procs-dup", "smart-scan-on",
     "smart-scan-off", "uzp0-1000", "prctl-uzp1", "chains-mps8", "volatile", "pressure-409",
-    "khugepaged-recollapse", "ksm-before-fill",
+    "khugepaged-recollapse", "ksm-before-fill", "three-procs-uzp0", "three-procs-uzp1",
 )
-# A subset CI runs live (under five minutes): the thread's two claims, two processes,
-# and the two scenarios where kernel work races ksmd (the shrinker, khugepaged)
-CI_SUBSET = ("seed-uzp1", "uzp0-1000", "two-procs-dup", "pressure-409",
+# A subset CI runs live (under five minutes): the thread's two claims, processes of
+# different kinds registering in order, and the two scenarios where kernel work races
+# ksmd (the shrinker, khugepaged)
+CI_SUBSET = ("seed-uzp1", "uzp0-1000", "three-procs-uzp0", "pressure-409",
              "khugepaged-recollapse")
+# `ksmlab calibrate --quick`: what this machine's profile is fitted on (disjoint from
+# CI_SUBSET, which is judged against it).  Between them they charge every cost: unique
+# pages (visits, checksums, unstable-tree levels), merges into the stable tree and its
+# chains, THP splits and the remap's zero tests, smart scan's skips, and batches of
+# 100 and of 1000 pages (the cold start).
+CALIBRATION_SET = ("thp-z50-unique", "thp-z90-dup", "chains-mps8", "smart-scan-on",
+                   "seed-uzp0-nothp", "seed-uzp0")
 
 
 def policy_for_kernel(release: str) -> str:

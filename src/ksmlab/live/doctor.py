@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..profiles import ProfileError, resolve
+from . import machine
 from .journal import Journal, RunLock
 from .kernelfs import KernelFS
 from .knobs import all_knobs
@@ -20,6 +22,11 @@ def diagnose(fs: KernelFS) -> dict[str, Any]:
             knobs[k.name] = k.parse(raw)
     why = problems(fs)
     rec = Journal().read()
+    ident = machine.identity(fs)
+    try:
+        profile: dict[str, Any] = resolve(None, ident, machine.key(ident)).to_json()
+    except ProfileError as e:
+        profile = {"source": "error", "warning": str(e)}
     return {
         "kernel": os.uname().release,
         "root": os.geteuid() == 0,
@@ -33,6 +40,9 @@ def diagnose(fs: KernelFS) -> dict[str, Any]:
         # processes a live run would share ksmd (and khugepaged) with
         "ksm_mergeable_pids": ksm_competitors(fs, {os.getpid()}),
         "thp_eligible_pids": thp_competitors(fs, {os.getpid()}),
+        # the cost profile model runs take here (ksmlab calibrate --quick fits one)
+        "machine_key": machine.key(ident),
+        "profile": profile,
         "live_ok": not why,
         "problems": why,
     }
