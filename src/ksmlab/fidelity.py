@@ -243,8 +243,7 @@ def table(results: list[Fidelity]) -> str:
         same = sum(bool(r.verdicts_agree) for r in judged)
         granted = sum(_agree(r) == "yes~" for r in judged)
         lines.append(f"suite: verdicts agree in {same} of {len(judged)} scenarios"
-                     + (f", {granted} only up to a borderline verdict (vrd yes~)"
-                        if granted else ""))
+                     + (f" ({granted} only by a borderline one: yes~)" if granted else ""))
     lines.append(f"targets: exact >= {EXACT_TARGET:.0%}, maxdiff <= {REL_TARGET:.0%}, time <= "
                  f"{TIME_TARGET:.0%}, cpu <= {CPU_TARGET:.0%} (relative errors)")
     return "\n".join(lines)
