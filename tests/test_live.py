@@ -163,8 +163,7 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
 
     r = run_ksmlab(["validate", *fidelity.CI_SUBSET, "--json", "--out", str(tmp_path)],
                    timeout=600)
-    # exit 1 (a target missed, verdicts differ) still prints the JSON: say which figure
-    assert r.returncode in (0, 1), r.stderr
+    assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     by_name = {s["name"]: s for s in d["scenarios"]}
     for s in d["scenarios"]:
@@ -177,8 +176,6 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
                                                 "model": ["rate-limit-bypass"]}
     assert by_name["uzp0-1000"]["verdicts"] == {"kernel": ["merge-collapse"],
                                                 "model": ["merge-collapse"]}
-    assert d["targets_met"] and d["verdicts_agree"], by_name
-    assert r.returncode == 0, r.stderr
     assert (tmp_path / "seed-uzp1.validate.png").exists()
     # the kernel's side of the races the lab controls: ksmd held around drop_caches,
     # each khugepaged pass waited for, and the set-up pass recorded for the replay
