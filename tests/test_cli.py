@@ -13,6 +13,8 @@ import pytest
 
 from ksmlab.live.kernelfs import KernelFS
 from ksmlab.live.knobs import read_all
+from ksmlab.scenario import Scenario
+from ksmlab.trace import Trace
 
 KSMLAB = [sys.executable, "-m", "ksmlab"]
 MINIMAL = 'name = "x"\nduration = 5\n[[process]]\n[[process.region]]\nsize_mib = 4\n'
@@ -114,3 +116,97 @@ def test_doctor_reads_knobs() -> None:
     d = json.loads(r.stdout)
     assert d["knobs"]["ksm/pages_to_scan"] == KernelFS().read("sys/kernel/mm/ksm/pages_to_scan")
     assert d["kernel"] == os.uname().release
+
+
+# ---- validate's exit code (no live run: the kernel's side is a model trace) -----------
+
+class FakeLiveRun:
+    """Stands in for ksmlab.live.run.LiveRun: its "kernel" trace is the model's under
+    ``POLICY`` (set per test), so no knob is touched and no root is needed."""
+
+    POLICY = "mainline"
+
+    def __init__(self, sc: Scenario, **_: object) -> None:
+        self.sc = sc
+
+    def check(self) -> None:
+        pass
+
+    def run(self) -> Trace:
+        from ksmlab.model import simulate
+
+        return simulate(self.sc, self.POLICY)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "kernel_policy", "code", "why"),
+    [("seed-uzp1", "mainline", 0, "the same policy on both sides"),
+     ("seed-uzp1", "pre-6.12", 1, "targets met, but only the model finds the bypass"),
+     ("seed-uzp0", "pre-6.12", 1, "targets missed (and the verdicts differ)")],
+    ids=["passes", "verdicts-disagree", "targets-missed"])
+def test_validate_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: str,
+                            kernel_policy: str, code: int, why: str) -> None:
+    from typer.testing import CliRunner
+
+    from ksmlab.cli import app
+
+    monkeypatch.setattr(FakeLiveRun, "POLICY", kernel_policy)
+    monkeypatch.setattr("ksmlab.live.run.LiveRun", FakeLiveRun)
+    for extra in ([], ["--json"]):
+        res = CliRunner().invoke(app, ["validate", scenario, "--policy", "mainline",
+                                       "--out", str(tmp_path), *extra])
+        assert res.exit_code == code, (why, res.output)
+        # the full output comes first, whatever the exit code
+        if extra:
+            d = json.loads(res.stdout)
+            assert d["targets_met"] is (scenario == "seed-uzp1")
+            assert d["verdicts_agree"] is (code == 0)
+            assert d["scenarios"][0]["verdicts_agree"] is (code == 0)
+        else:
+            assert "targets: exact >=" in res.stdout and f"{scenario}: verdicts" in res.stdout
+
+
+def test_validate_kernel_runs_every_scenario(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate --kernel: a scenario that fails (or is not confirmed) does not stop the
+    ones after it; the exit code is decided at the end."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from ksmlab.cli import app
+    from ksmlab.kernel import qemu
+    from ksmlab.kernel import validate as kvalidate
+
+    monkeypatch.setenv("KSMLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    outcome: dict[str, str] = {}  # scenario -> "error", "confirmed" or "not"
+    ran: list[str] = []
+
+    def fake_run(scenario: str, variant: str, *_: object, **__: object) -> SimpleNamespace:
+        ran.append(scenario)
+        if outcome[scenario] == "error":
+            raise qemu.KernelRunError(f"qemu died on {scenario}")
+        tr = Trace.from_rows({"guest": {"variant": variant}, "scenario": scenario},
+                             [{"t": 0.0}])
+        return SimpleNamespace(trace=tr, trace_path=tmp_path / f"{scenario}.trace.json.gz")
+
+    def fake_validate(tr: Trace, path: str = "") -> kvalidate.Validation:
+        name = tr.meta["scenario"]
+        return kvalidate.Validation(
+            scenario=name, stands_for=name, variant="v1", policy="v1", release="x",
+            accelerator="tcg", checkpoints=[], agreement=1.0, verdicts_kernel=[],
+            verdicts_model=[], tolerance_mib=2.0, seconds_per_scan={"kernel": 1, "model": 1},
+            confirmed=outcome[name] == "confirmed", trace=path)
+
+    monkeypatch.setattr(qemu, "run", fake_run)
+    monkeypatch.setattr(kvalidate, "validate", fake_validate)
+    for first, second, code in (("error", "confirmed", 2), ("not", "confirmed", 1),
+                                ("confirmed", "not", 1), ("confirmed", "confirmed", 0)):
+        outcome.update(a=first, b=second)
+        ran.clear()
+        res = CliRunner().invoke(app, ["validate", "a", "b", "--kernel", "v1"])
+        assert ran == ["a", "b"], res.output
+        assert res.exit_code == code, res.output
+        assert res.stdout.count("CONFIRMED") == (first != "error") + 1
+        if first == "error":
+            assert "ksmlab: error: a: qemu died on a" in res.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ksmlab import calibrate, fidelity
+from ksmlab import calibrate, fidelity, metrics
 from ksmlab.cli import app
 from ksmlab.model.costs import CostProfile, ksmd_wake
 from ksmlab.trace import Trace
@@ -145,3 +145,64 @@ def test_fit_kernels_recovers_a_cold_start_and_shows_each_scan(tmp_path: Path) -
     assert res.exit_code == 0, res.output
     assert sum(line.startswith("  seed-uzp0-nothp ") for line in res.output.splitlines()) \
         == sum(r[0] == "seed-uzp0-nothp" for r in rows)
+
+
+# ---- verdict agreement up to borderline verdicts ---------------------------------------
+
+def _bypass(factor: float) -> metrics.Summary:
+    from tests.test_metrics import bypass_at
+
+    return metrics.summarize(bypass_at(factor))
+
+
+FAR = 1.5  # well past the margin above the threshold
+NONE = 0.5  # well below it
+
+
+@pytest.mark.parametrize(
+    ("kernel", "model", "agree", "sides"),
+    [(1.05, 0.95, True, ["kernel", "model"]),  # reached just above / missed just below
+     (1.05, NONE, True, ["kernel"]),  # borderline on the kernel side only is enough
+     (FAR, 0.95, True, ["model"]),  # ... and so on the model side
+     (FAR, NONE, False, []),  # a firm difference
+     (NONE, FAR, False, []),
+     (FAR, FAR, True, None)],  # the same verdicts: nothing to excuse
+    ids=["both-borderline", "kernel-borderline", "model-near-miss", "firm", "firm-other",
+         "same"])
+def test_verdicts_agree_up_to_borderline(kernel: float, model: float, agree: bool,
+                                         sides: list[str] | None) -> None:
+    a = trace([1.0, 2.0], [0, 10])
+    r = fidelity.compare("x", a, a)
+    assert r.verdicts_agree is None and r.ok()  # not judged yet
+    r.judge_verdicts({"kernel": _bypass(kernel), "model": _bypass(model)})
+    assert r.verdicts_agree is agree
+    assert r.passed() and r.ok() is agree
+    if sides is None:
+        assert r.verdict_notes == []
+    elif agree:
+        (note,) = r.verdict_notes
+        assert note.startswith("verdict rate-limit-bypass borderline on the ")
+        assert note.endswith("not counted as disagreement")
+        for side in ("kernel", "model"):
+            assert (f"on the {side} side" in note) is (side in sides)
+        assert f"{2.0 * kernel:.2f}x vs threshold 2.0x" in note or "kernel" not in sides
+    else:
+        assert r.verdict_notes and "a disagreement" in r.verdict_notes[0]
+    d = r.to_json()
+    assert d["verdicts_agree"] is agree and d["verdict_notes"] == r.verdict_notes
+    assert d["verdicts"]["kernel"] == (["rate-limit-bypass"] if kernel > 1 else [])
+
+
+def test_table_says_how_verdicts_agree() -> None:
+    a = trace([1.0, 2.0], [0, 10])
+    rows = []
+    for name, k, m in (("same", FAR, FAR), ("border", 1.05, NONE), ("firm", FAR, NONE)):
+        r = fidelity.compare(name, a, a)
+        r.judge_verdicts({"kernel": _bypass(k), "model": _bypass(m)})
+        rows.append(r)
+    rows.append(fidelity.compare("unjudged", a, a))
+    lines = fidelity.table(rows).splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert [line.split()[-1] for line in lines[1:5]] == ["yes", "yes~", "NO", "-"]
+    assert lines[6] == ("suite: verdicts agree in 2 of 3 scenarios (1 only by a borderline "
+                        "one: yes~)")

@@ -103,3 +103,85 @@ def test_compare_table_fits_80_columns() -> None:
     md = report.compare_table([("mainline", s)], "markdown")
     assert md.splitlines()[0].startswith("| policy |")
     assert all(len(line) <= 80 for line in report.summary_text(s, "t").splitlines())
+
+
+# ---- borderline verdicts --------------------------------------------------------------
+
+def bypass_at(factor: float) -> Trace:
+    """seed-uzp1 freeing at ``factor`` x the bypass threshold's rate, steadily from t=1 s
+    and all outside KSM's counters: the peak budget ratio is BYPASS_RATIO * factor."""
+    rate = factor * metrics.BYPASS_RATIO * 5000  # pages/s; the budget is 5000 pages/s
+
+    def fill(t: float) -> dict[str, float]:
+        freed = min(PAGES, max(0.0, t - 1.0) * rate)
+        return {"RssAnon": KB - 4 * freed, "thp_split_page": freed // 512,
+                "full_scans": scans(t)}
+
+    return synthetic("seed-uzp1", 8, fill)
+
+
+def collapse_at(factor: float) -> Trace:
+    """seed-uzp0 (all of it mergeable: the healthy rate is the budget) freeing at
+    ``factor`` x the collapse threshold's rate after the first full scan, by splits."""
+    rate = factor * metrics.COLLAPSE_FRACTION * 5000
+
+    def fill(t: float) -> dict[str, float]:
+        freed = max(0.0, t - 6.6) * rate
+        return {"RssAnon": KB - 4 * freed, "thp_split_page": 1.0 if t >= 6.6 else 0.0,
+                "full_scans": scans(t)}
+
+    return synthetic("seed-uzp0", 25, fill)
+
+
+M = 1 + metrics.BORDERLINE_MARGIN
+
+
+@pytest.mark.parametrize(
+    ("factor", "reached", "near_miss"),
+    [(1.05, True, False), (0.95, False, True),  # within the margin, either side
+     (M * 1.1, True, False), (1 / M / 1.1, False, False)],  # outside it
+    ids=["just-above", "just-below", "far-above", "far-below"])
+def test_bypass_near_its_threshold_is_borderline(factor: float, reached: bool,
+                                                 near_miss: bool) -> None:
+    s = metrics.summarize(bypass_at(factor))
+    assert s.budget_ratio_peak == pytest.approx(metrics.BYPASS_RATIO * factor, rel=1e-6)
+    assert [v.name for v in s.verdicts] == (["rate-limit-bypass"] if reached else [])
+    assert [v.name for v in s.near_misses] == (["rate-limit-bypass"] if near_miss else [])
+    border = abs(factor - 1) < 0.1
+    assert [v.name for v in s.borderline()] == (["rate-limit-bypass"] if border else [])
+    assert all(v.borderline == border for v in s.verdicts + s.near_misses)
+    d = s.to_json()
+    assert d["verdicts"] == (["rate-limit-bypass"] if reached else [])  # names, as before
+    assert d["borderline"] == (["rate-limit-bypass"] if border else [])
+    assert list(d["near_misses"]) == (["rate-limit-bypass"] if near_miss else [])
+    if border:
+        v = s.borderline()[0]
+        assert v.figure == pytest.approx(metrics.BYPASS_RATIO * factor, rel=1e-6)
+        assert v.threshold == metrics.BYPASS_RATIO
+        assert f"peak ratio {metrics.BYPASS_RATIO * factor:.2f}x" in v.measure
+        word = "VERDICT" if reached else "NEAR MISS"
+        assert f"{word} rate-limit-bypass" in report.summary_text(s, "t")
+
+
+@pytest.mark.parametrize(
+    ("factor", "reached", "near_miss"),
+    [(0.95, True, False), (1.05, False, True),  # the collapse is reached *below* it
+     (1 / M / 1.1, True, False), (M * 1.1, False, False)],
+    ids=["just-below", "just-above", "far-below", "far-above"])
+def test_collapse_near_its_threshold_is_borderline(factor: float, reached: bool,
+                                                   near_miss: bool) -> None:
+    s = metrics.summarize(collapse_at(factor))
+    assert [v.name for v in s.verdicts] == (["merge-collapse"] if reached else [])
+    assert [v.name for v in s.near_misses] == (["merge-collapse"] if near_miss else [])
+    border = abs(factor - 1) < 0.1
+    assert s.to_json()["borderline"] == (["merge-collapse"] if border else [])
+    for v in s.verdicts + s.near_misses:
+        assert v.figure == pytest.approx(metrics.COLLAPSE_FRACTION * factor, rel=1e-6)
+        assert v.borderline == border
+
+
+def test_within_margin_bounds() -> None:
+    t, m = 2.0, metrics.BORDERLINE_MARGIN
+    assert metrics.within_margin(t * (1 + m), t) and metrics.within_margin(t / (1 + m), t)
+    assert not metrics.within_margin(t * (1 + m) * 1.001, t)
+    assert not metrics.within_margin(t / (1 + m) / 1.001, t)

@@ -9,7 +9,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from .live.knobs import KnobError, RestoreError
 from .profiles import ProfileChoice
 from .scenario import Scenario, ScenarioError
 from .trace import Trace, TraceError
+
+if TYPE_CHECKING:
+    from .fidelity import Fidelity
 
 EXAMPLES = """\b
 Examples:
@@ -359,13 +362,16 @@ def validate(
         help="a patched kernel variant: run it under qemu instead (ksmlab kernel validate)")]
     = None,
 ) -> None:
-    """Live run and model run of each scenario, compared at every full-scan end."""
-    if kernel is not None:
-        from .kernel.cli import validate_cmd
+    """Live run and model run of each scenario, compared at every full-scan end.
 
-        for name in scenarios:
-            validate_cmd(name, kernel, json_out=json_out)
-        return
+    Exit code 0 when every scenario meets the targets and both sides reach the same
+    verdicts (up to borderline ones); 1 otherwise, after the full table or JSON; 2 for
+    bad input. With --kernel, every scenario runs, then 1 if any was not confirmed
+    (2 if any could not run)."""
+    if kernel is not None:
+        from .kernel.cli import validate_many
+
+        raise typer.Exit(validate_many(scenarios, kernel, json_out=json_out))
     from . import fidelity
     from .live.run import Interrupted, LiveError, LiveRun
     from .model import get_policy, simulate
@@ -393,8 +399,7 @@ def validate(
         report.plot_validation(sc.name, ref, cand, out / f"{sc.name}.validate.png",
                                (f"Linux {ref.meta['kernel']}", f"model {pol}"))
         r = fidelity.compare(sc.name, ref, cand)
-        r.verdicts = {side: [v.name for v in metrics.summarize(tr).verdicts]
-                      for side, tr in (("kernel", ref), ("model", cand))}
+        r.judge_verdicts({"kernel": metrics.summarize(ref), "model": metrics.summarize(cand)})
         results.append(r)
         if not json_out:
             err.print(f"{sc.name}: {r.agreement * 100:.1f} % of {r.checkpoints} checkpoints "
@@ -406,7 +411,10 @@ def validate(
             "machine": _machine(), "profile": choice.to_json(),
             "scenarios": [r.to_json() for r in results],
             "agreement": fidelity.suite_agreement(results),
+            "targets_met": all(r.passed() for r in results),
+            "verdicts_agree": all(r.verdicts_agree is not False for r in results),
         }))
+        _validate_exit(results)
         return
     print(f"Linux {os.uname().release} against the model under {pol}, "
           f"{time.strftime('%Y-%m-%d')}")
@@ -417,9 +425,20 @@ def validate(
     for r in results:
         k, m = (", ".join(r.verdicts[s]) or "none" for s in ("kernel", "model"))
         print(f"{r.name}: verdicts kernel {k}; model {m}")
-        for line in fidelity.disagreements(r) + r.notes:
+        for line in fidelity.disagreements(r) + r.verdict_notes + r.notes:
             print(textwrap.fill(line, 80, subsequent_indent="  "))
     print(f"traces and plots in {out}/")
+    _validate_exit(results)
+
+
+def _validate_exit(results: list[Fidelity]) -> None:
+    """Exit 1 (after the output) when a scenario misses its targets or the verdicts
+    disagree, so that scripts and CI can tell; 2 stays for bad input."""
+    bad = [r.name for r in results if not r.ok()]
+    if bad:
+        err.print(f"ksmlab: validate: {len(bad)} of {len(results)} scenarios missed their "
+                  f"targets or disagree on verdicts: {', '.join(bad)}", markup=False)
+        raise typer.Exit(1)
 
 
 def _machine() -> dict[str, Any]:

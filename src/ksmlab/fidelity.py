@@ -5,6 +5,13 @@ see :mod:`ksmlab.trace`); those are the checkpoints.  At each checkpoint present
 in both, every counter is compared exactly and by relative difference; the time
 of each full-scan end and ksmd's CPU share are compared as relative errors.
 Nothing here knows which trace came from where.
+
+Verdicts (:mod:`ksmlab.metrics`) agree when both sides reach the same set, or
+when every verdict reached on one side only is borderline on at least one side
+(its deciding figure within ``metrics.BORDERLINE_MARGIN`` of the threshold,
+reached or a near miss): a figure of 2.03x against a threshold of 2.0x is not a
+disagreement with 1.97x.  Each difference excused so is said in
+``Fidelity.verdict_notes``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import Summary
 from .trace import KSM_COUNTERS, Trace
 
 # What the kernel counts, KSM's own and around it (issue 4's list, plus a few cheap ones)
@@ -82,7 +90,20 @@ class Fidelity:
     counters: dict[str, CounterFit] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     # the verdicts of metrics.py on each side: the thread's claims, live and model
-    verdicts: dict[str, list[str]] = field(default_factory=dict)
+    verdicts: dict[str, list[str]] = field(default_factory=dict)  # side -> names reached
+    borderline: dict[str, list[str]] = field(default_factory=dict)  # side -> within margin
+    verdicts_agree: bool | None = None  # None: verdicts not judged (see judge_verdicts)
+    verdict_notes: list[str] = field(default_factory=list)  # each difference, excused or not
+
+    def judge_verdicts(self, sides: dict[str, Summary]) -> None:
+        """Fill the verdict fields from each side's summary (two sides, ref first)."""
+        self.verdicts = {k: [v.name for v in s.verdicts] for k, s in sides.items()}
+        self.borderline = {k: [v.name for v in s.borderline()] for k, s in sides.items()}
+        self.verdicts_agree, self.verdict_notes = verdict_agreement(sides)
+
+    def ok(self) -> bool:
+        """Targets met and verdicts not in disagreement (what validate's exit code says)."""
+        return self.passed() and self.verdicts_agree is not False
 
     def passed(self) -> bool:
         return (
@@ -97,6 +118,27 @@ class Fidelity:
         d = asdict(self)
         d["passed"] = self.passed()
         return d
+
+
+def verdict_agreement(sides: dict[str, Summary]) -> tuple[bool, list[str]]:
+    """Do the sides reach the same verdicts, up to borderline ones (module docstring)?
+    Returns the answer and one note per verdict reached on one side only."""
+    reached = {k: {v.name for v in s.verdicts} for k, s in sides.items()}
+    near = {k: {v.name: v for v in s.borderline()} for k, s in sides.items()}
+    first, *rest = reached.values()
+    names = first.union(*rest) - first.intersection(*rest)  # reached on some side, not all
+    agree, notes = True, []
+    for name in sorted(names):
+        only = [k for k in sides if name in reached[k]]
+        why = [f"on the {k} side ({near[k][name].measure})" for k in sides if name in near[k]]
+        if why:
+            notes.append(f"verdict {name} borderline {' and '.join(why)}; not counted as "
+                         "disagreement")
+        else:
+            agree = False
+            notes.append(f"verdict {name} reached on the {' and '.join(only)} side only, "
+                         "not borderline: a disagreement")
+    return agree, notes
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -193,20 +235,35 @@ def suite_agreement(results: list[Fidelity]) -> float:
 def table(results: list[Fidelity]) -> str:
     """Text for a terminal or an email (80 columns)."""
     lines = [f"{'scenario':<22} {'ckpts':>5} {'exact':>6} {'maxdiff':>8} {'time':>6} "
-             f"{'cpu':>6} {'cpu% k/m':>11} ok"]
+             f"{'cpu':>6} {'cpu% k/m':>11} {'ok':<3} vrd"]
     for r in results:
         pr, pc = r.cpu_pct
         cpu = f"{_num(pr)}/{_num(pc)}"
         lines.append(
             f"{r.name[:22]:<22} {r.checkpoints:>5} {r.agreement * 100:>5.1f}% "
             f"{r.max_rel_diff * 100:>7.2f}% {_pct(r.time_rel_err):>6} {_pct(r.cpu_rel_err):>6} "
-            f"{cpu:>11} {'yes' if r.passed() else 'NO'}"
+            f"{cpu:>11} {'yes' if r.passed() else 'NO':<3} {_agree(r)}"
         )
     lines.append(f"suite: every counter exact at {suite_agreement(results) * 100:.1f} % of "
                  f"{sum(r.checkpoints for r in results)} full-scan checkpoints")
+    judged = [r for r in results if r.verdicts_agree is not None]
+    if judged:
+        same = sum(bool(r.verdicts_agree) for r in judged)
+        granted = sum(_agree(r) == "yes~" for r in judged)
+        lines.append(f"suite: verdicts agree in {same} of {len(judged)} scenarios"
+                     + (f" ({granted} only by a borderline one: yes~)" if granted else ""))
     lines.append(f"targets: exact >= {EXACT_TARGET:.0%}, maxdiff <= {REL_TARGET:.0%}, time <= "
                  f"{TIME_TARGET:.0%}, cpu <= {CPU_TARGET:.0%} (relative errors)")
     return "\n".join(lines)
+
+
+def _agree(r: Fidelity) -> str:
+    """vrd column: yes, yes~ (only because of a borderline verdict), NO, or - (not judged)."""
+    if r.verdicts_agree is None:
+        return "-"
+    if not r.verdicts_agree:
+        return "NO"
+    return "yes~" if r.verdict_notes else "yes"
 
 
 def _num(v: float | None) -> str:

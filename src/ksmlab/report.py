@@ -45,6 +45,9 @@ def summary_text(s: Summary, title: str) -> str:
                                  subsequent_indent="  ")
     else:
         out.append("VERDICT none: neither regression shows in this run")
+    for v in s.near_misses:  # not a verdict, but too close to leave out
+        out += textwrap.wrap(f"NEAR MISS {v.name}: {v.evidence}", WIDTH,
+                             subsequent_indent="  ")
     for u in s.undetermined:
         out += textwrap.wrap(f"undetermined {u}", WIDTH, subsequent_indent="  ")
     return "\n".join(out)
@@ -73,7 +76,10 @@ def compare_rows(results: Sequence[tuple[str, Summary]],
         ok = confirmed(name) if confirmed else None
         d["kernel_confirmed"] = ok
         d["kernel"] = "-" if ok is None else ("yes" if ok else "NO")
-        d["verdict"] = ",".join(_abbrev(v) for v in d["verdicts"]) or "-"
+        # borderline verdicts carry a "~"; near misses are shown in parentheses
+        d["verdict"] = ",".join(
+            [_abbrev(v.name) + ("~" if v.borderline else "") for v in s.verdicts]
+            + [f"({_abbrev(v.name)}~)" for v in s.near_misses]) or "-"
         rows.append(d)
     return rows
 
@@ -112,7 +118,7 @@ def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str =
     lines.append("freed/by KSM in MiB; t90% s to free 90 %; ratio = peak freeing rate / KSM")
     lines.append("budget; cpu% = ksmd; THPs kept at the end; krnl: a patched kernel confirmed")
     lines.append("the model here (ksmlab kernel validate; - = not run); verdict: bypass =")
-    lines.append("rate-limit bypass, collapse = merge collapse.")
+    lines.append("rate-limit bypass, collapse = merge collapse; ~ borderline, (~) near miss.")
     return "\n".join(line[:WIDTH] for line in lines)
 
 

@@ -18,6 +18,7 @@ from ..trace import Trace, TraceError
 from .build import VARIANTS, KernelBuildError, build, list_images
 from .qemu import KernelRunError
 from .rootfs import RootfsError
+from .validate import Validation
 
 EXAMPLES = """\b
 Examples:
@@ -134,9 +135,48 @@ def _latest_trace(scenario: str, variant: str) -> Path:
     name = resolve_scenario(scenario)[0].name
     found = sorted((cache_dir() / "runs").glob(f"*-{variant}-{name}-*/"
                                                f"{name}-kernel-{variant}.trace.json.gz"))
-    if not found:
-        _fail(f"no trace of {name} on {variant} in the cache: run `ksmlab kernel run`")
+    if not found:  # ValueError is one of _ERRORS: reported per scenario by the caller
+        raise ValueError(f"no trace of {name} on {variant} in the cache: run "
+                         "`ksmlab kernel run`")
     return found[-1]
+
+
+def _validate_one(scenario: str, kernel: str, trace: Path | None = None,
+                  duration: float | None = None) -> Validation:
+    """Run (or load) the kernel's trace and compare; raises one of ``_ERRORS``."""
+    from .qemu import run
+    from .validate import validate
+
+    if trace is None:
+        gr = run(scenario, kernel, duration, None, log=_log)
+        tr, path = gr.trace, gr.trace_path
+    else:
+        if str(trace) == "latest":
+            trace = _latest_trace(scenario, kernel)
+        tr, path = Trace.load(trace), trace
+    if tr.meta.get("guest", {}).get("variant") != kernel:
+        raise ValueError(f"{path} is not a trace of variant {kernel}")
+    return validate(tr, str(path))
+
+
+def _show(v: Validation, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps(v.to_json()))
+        return
+    n = len(v.checkpoints)
+    print(f"{v.scenario} on {v.release} ({v.accelerator}) vs model `{v.policy}`")
+    print(f"  checkpoints (full-scan boundaries): {n}, agreeing: "
+          f"{round(v.agreement * n)} ({v.agreement:.0%}), tolerance {v.tolerance_mib} MiB")
+    print(f"  verdicts: kernel {v.verdicts_kernel or ['none']}, model "
+          f"{v.verdicts_model or ['none']}")
+    for note in v.verdict_notes:
+        print(f"  {note}")
+    print(f"  first full scan: {v.seconds_per_scan['kernel']} s in the guest (TCG), "
+          f"{v.seconds_per_scan['model']} s in the model; compared in full-scan units")
+    for c in [c for c in v.checkpoints if not c.agree][:5]:
+        print(f"  disagree at scan {c.k}: freed {c.freed} ksm {c.ksm} thp {c.thp} "
+              "(kernel, model MiB)")
+    print(f"  {'CONFIRMED' if v.confirmed else 'NOT CONFIRMED'}")
 
 
 @kernel_app.command("validate")
@@ -147,41 +187,45 @@ def validate_cmd(scenario: ScenarioArg, kernel: KernelOpt,
                  ] = None,
                  duration: DurationOpt = None, json_out: JsonOpt = False) -> None:
     """The model under the variant's policy against the patched kernel's trace, at every
-    full-scan boundary (time in full-scan units: the guest runs under emulation)."""
-    from .qemu import run
-    from .validate import record, validate
+    full-scan boundary (time in full-scan units: the guest runs under emulation).
+    Exit code 1 when NOT CONFIRMED, 2 when it could not run."""
+    from .validate import record
 
     try:
-        if trace is None:
-            gr = run(scenario, kernel, duration, None, log=_log)
-            tr, path = gr.trace, gr.trace_path
-        else:
-            if str(trace) == "latest":
-                trace = _latest_trace(scenario, kernel)
-            tr, path = Trace.load(trace), trace
-        if tr.meta.get("guest", {}).get("variant") != kernel:
-            _fail(f"{path} is not a trace of variant {kernel}")
-        v = validate(tr, str(path))
+        v = _validate_one(scenario, kernel, trace, duration)
     except _ERRORS as e:
         _fail(str(e))
     record(v)
-    if json_out:
-        print(json.dumps(v.to_json()))
-        return
-    n = len(v.checkpoints)
-    print(f"{v.scenario} on {v.release} ({v.accelerator}) vs model `{v.policy}`")
-    print(f"  checkpoints (full-scan boundaries): {n}, agreeing: "
-          f"{round(v.agreement * n)} ({v.agreement:.0%}), tolerance {v.tolerance_mib} MiB")
-    print(f"  verdicts: kernel {v.verdicts_kernel or ['none']}, model "
-          f"{v.verdicts_model or ['none']}")
-    print(f"  first full scan: {v.seconds_per_scan['kernel']} s in the guest (TCG), "
-          f"{v.seconds_per_scan['model']} s in the model; compared in full-scan units")
-    for c in [c for c in v.checkpoints if not c.agree][:5]:
-        print(f"  disagree at scan {c.k}: freed {c.freed} ksm {c.ksm} thp {c.thp} "
-              "(kernel, model MiB)")
-    print(f"  {'CONFIRMED' if v.confirmed else 'NOT CONFIRMED'}")
+    _show(v, json_out)
     if not v.confirmed:
         raise typer.Exit(1)
+
+
+def validate_many(scenarios: list[str], kernel: str, json_out: bool = False) -> int:
+    """``ksmlab validate --kernel``: every scenario runs whatever the ones before gave
+    (a guest run takes minutes: one failure should not waste the rest). Returns the
+    exit code: 2 if any could not run (as `kernel validate` gives), else 1 if any was
+    NOT CONFIRMED, else 0."""
+    from .validate import record
+
+    failed: list[str] = []
+    unconfirmed: list[str] = []
+    for name in scenarios:
+        try:
+            v = _validate_one(name, kernel)
+        except _ERRORS as e:
+            err.print(f"ksmlab: error: {name}: {e}", markup=False, soft_wrap=True)
+            failed.append(name)
+            continue
+        record(v)
+        _show(v, json_out)
+        if not v.confirmed:
+            unconfirmed.append(name)
+    if failed or unconfirmed:
+        _log(f"{kernel}: {len(scenarios) - len(failed) - len(unconfirmed)} of "
+             f"{len(scenarios)} confirmed; not confirmed: {', '.join(unconfirmed) or 'none'}; "
+             f"could not run: {', '.join(failed) or 'none'}")
+    return 2 if failed else 1 if unconfirmed else 0
 
 
 @kernel_app.command()

@@ -15,7 +15,9 @@ sample interval, the inner boundaries have no sample of their own):
 A checkpoint agrees when all three are within ``max(2 MiB, 5 % of the
 scenario's memory)``.  The kernel confirms the policy when at least 95 % of the
 checkpoints agree and both traces reach the same verdicts (bypass, collapse,
-or none).
+or none), up to borderline ones (:func:`ksmlab.fidelity.verdict_agreement`:
+a verdict reached on one side only, with its figure within the margin of its
+threshold on either side, is noted in ``verdict_notes`` and not held against).
 
 Confirmed results go to a small JSON index in the kernel cache
 (``results/index.json``), read by :func:`confirmed` without building anything.
@@ -36,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import metrics
+from ..fidelity import verdict_agreement
 from ..scenario import Scenario
 from ..trace import Trace
 from .build import cache_dir
@@ -74,6 +77,8 @@ class Validation:
     confirmed: bool
     trace: str
     date: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    verdicts_agree: bool = True  # up to borderline verdicts
+    verdict_notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,15 +153,18 @@ def validate(kernel: Trace, trace_path: str = "") -> Validation:
     model = simulate(sc, guest["policy"])
     cps, tol = compare(kernel, model)
     agree = sum(c.agree for c in cps) / len(cps) if cps else 0.0
-    vk = sorted(v.name for v in metrics.summarize(kernel).verdicts)
-    vm = sorted(v.name for v in metrics.summarize(model).verdicts)
+    sk, sm = metrics.summarize(kernel), metrics.summarize(model)
+    vk = sorted(v.name for v in sk.verdicts)
+    vm = sorted(v.name for v in sm.verdicts)
+    same, notes = verdict_agreement({"kernel": sk, "model": sm})
     return Validation(
         scenario=sc.name, stands_for=stands_for(sc.name), variant=guest["variant"],
         policy=guest["policy"], release=str(guest.get("release")),
         accelerator=str(guest.get("accelerator")), checkpoints=cps, agreement=round(agree, 4),
         verdicts_kernel=vk, verdicts_model=vm, tolerance_mib=round(tol, 2),
         seconds_per_scan={"kernel": _first_scan_s(kernel), "model": _first_scan_s(model)},
-        confirmed=bool(cps) and agree >= AGREE_FRACTION and vk == vm, trace=trace_path,
+        confirmed=bool(cps) and agree >= AGREE_FRACTION and same, trace=trace_path,
+        verdicts_agree=same, verdict_notes=notes,
     )
 
 
