@@ -154,6 +154,8 @@ def doctor(json_out: JsonOpt = False) -> None:
               "(mergeable memory)")
     if d["thp_eligible_pids"]:
         print(f"note        khugepaged shares its passes with pids {d['thp_eligible_pids'][:8]}")
+    for scheme in d["damon"]:
+        print(f"note        DAMON {scheme}: it can split THPs no KSM knob controls")
     if d["lock_holder"]:
         print(f"lock        a live run is in progress (pid {d['lock_holder']})")
     if d["live_ok"]:

@@ -47,12 +47,13 @@ SUITE = (
 CI_SUBSET = ("seed-uzp1", "uzp0-1000", "three-procs-uzp0", "pressure-409",
              "khugepaged-recollapse")
 # `ksmlab calibrate --quick`: what this machine's profile is fitted on (disjoint from
-# CI_SUBSET, which is judged against it).  Between them they charge every cost: unique
-# pages (visits, checksums, unstable-tree levels), merges into the stable tree and its
-# chains, THP splits and the remap's zero tests, smart scan's skips, and batches of
-# 100 and of 1000 pages (the cold start).
-CALIBRATION_SET = ("thp-z50-unique", "thp-z90-dup", "chains-mps8", "smart-scan-on",
-                   "seed-uzp0-nothp", "seed-uzp0")
+# CI_SUBSET, which is judged against it; about 3 min live).  Between them they charge
+# every cost: unique pages (visits, checksums, unstable-tree levels), merges into the
+# stable tree and its chains, THP splits and the remap's zero tests, smart scan's
+# skips, volatile pages, and batches of 100 and of 1000 pages (the cold start).  Six
+# of these left 30 % of held-out CPU error (thp-z0-dup); these eight, 14.5 %.
+CALIBRATION_SET = ("thp-z50-unique", "thp-z90-dup", "thp-z0-dup", "chains-mps8",
+                   "smart-scan-on", "seed-uzp0-nothp", "seed-uzp0", "volatile")
 
 
 def policy_for_kernel(release: str) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..profiles import ProfileError, resolve
 from . import machine
+from .damon import active_schemes
 from .journal import Journal, RunLock
 from .kernelfs import KernelFS
 from .knobs import all_knobs
@@ -41,6 +42,8 @@ def diagnose(fs: KernelFS) -> dict[str, Any]:
         "ksm_mergeable_pids": ksm_competitors(fs, {os.getpid()}),
         "thp_eligible_pids": thp_competitors(fs, {os.getpid()}),
         # the cost profile model runs take here (ksmlab calibrate --quick fits one)
+        # DAMON schemes that can split or collapse THPs beside the lab's runs
+        "damon": [str(x) for x in active_schemes(fs)],
         "machine_key": machine.key(ident),
         "profile": profile,
         "live_ok": not why,

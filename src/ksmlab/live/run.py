@@ -33,6 +33,7 @@ from ..scenario import (
 )
 from ..trace import MONOTONIC, Trace
 from . import machine
+from .damon import active_schemes
 from .journal import Journal, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
 from .knobs import KSM, THP, KnobError, KnobSession, read_all, restore_values
@@ -231,18 +232,7 @@ class LiveRun:
             workloads: list[Workload] = []
             try:
                 kh_before = self.khugepaged.settle()
-                base_rss = {"RssAnon": 0.0, "Rss": 0.0}
-                # one process at a time, each ready before the next starts: their
-                # MADV_MERGEABLE/prctl reach __ksm_enter() (and khugepaged_enter())
-                # in the scenario's order, so the mm_slot list is the one the model
-                # builds.  Started together, the order was a race (issue 11: one
-                # scenario split 1 THP in one run and 64 in the next).
-                for pi, k, _ in self.sc.instances():
-                    w = Workload(self.sc, pi, k, fill_now=self.sc.fill_at is None)
-                    workloads.append(w)
-                    ready = w.wait_ready()
-                    for key in base_rss:
-                        base_rss[key] += float(ready["base"][key])
+                base_rss = start_in_order(self.sc, workloads)
                 self.enter_passes = _passes(kh_before, self.khugepaged.settle())
                 sampler.pids = [w.pid for w in workloads]
                 ours = {os.getpid(), *sampler.pids}
@@ -438,6 +428,10 @@ class LiveRun:
                 f"ksmd made no progress for {stall:.1f} s while KSM ran (the machine was busy: "
                 "full_scans and pages_scanned both stood still)"
             )
+        for scheme in active_schemes(self.fs):
+            if scheme.min_age_s is None or scheme.min_age_s <= self.sc.duration:
+                self.notes.append(f"DAMON {scheme} ran beside this run: THPs it split or "
+                                  "collapsed are in the counters, and the model has no DAMON")
         if self.ksm_others:
             self.notes.append(
                 "ksmd also scans other processes with mergeable memory (pids "
@@ -455,6 +449,27 @@ class LiveRun:
                 + ", ".join(str(p) for p in self.competitors[:8])
                 + "): its pages_to_scan per pass is shared with them"
             )
+
+
+def start_in_order(sc: Scenario, workloads: list[Workload],
+                   start: Callable[..., Workload] = Workload) -> dict[str, float]:
+    """Start the scenario's processes one at a time, each ready before the next.
+
+    Their MADV_MERGEABLE/prctl then reach __ksm_enter() (and khugepaged_enter())
+    in the scenario's order, and the mm_slot list is the one the model builds
+    (__ksm_enter() appends while ksmd's cursor is at the list head).  Started
+    together, the order was a race: one scenario split 1 THP in its second full
+    scan in one run and 64 in the next.  Each process joins ``workloads`` as it
+    starts, so the caller stops it whatever fails later.  Returns the summed
+    baseline RSS of their interpreters."""
+    base = {"RssAnon": 0.0, "Rss": 0.0}
+    for pi, k, _ in sc.instances():
+        w = start(sc, pi, k, fill_now=sc.fill_at is None)
+        workloads.append(w)
+        ready = w.wait_ready()
+        for key in base:
+            base[key] += float(ready["base"][key])
+    return base
 
 
 STALL_S = 1.0
