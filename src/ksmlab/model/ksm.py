@@ -439,7 +439,7 @@ class Ksm:
             if page.cid != 0:
                 return -1
             # replace_page() with the zero page: dirty special PTE, counted
-            self.cpu.charge("merge_ns")
+            self.cpu.charge("zero_merge_ns")
             vma.pte[i] = KSM_ZERO_PTE
             self.sys.ksm_zero_pages += 1
             vma.mm.ksm_zero_pages += 1

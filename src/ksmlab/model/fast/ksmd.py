@@ -39,6 +39,7 @@ from .state import (
     C_TICK,
     C_UNSTABLE_LEVEL,
     C_VISIT,
+    C_ZERO_MERGE,
     C_ZT_DATA,
     C_ZT_ZERO,
     CHAINS,
@@ -532,7 +533,7 @@ def _merge_one_page(S: Slots, R: Ranges, P: Pool, G: I64, F: F64, C: F64, s: int
     if kpage == ZEROPAGE:
         if _cid(S, P, h) != 0:
             return -1
-        F[CPU] += C[C_MERGE]
+        F[CPU] += C[C_ZERO_MERGE]
         S.pte[s] = KZERO
         G[KSM_ZERO] += 1
         G[ANON_RSS] -= 1

@@ -57,14 +57,15 @@ VMSTAT_G = dict(zip(VMSTAT, range(V_FAULT_ALLOC, V_SWPOUT_FALLBACK + 1), strict=
 
 COST_FIELDS = ("visit_ns", "pte_skip_ns", "rmap_alloc_ns", "rmap_free_ns", "checksum_ns",
                "stable_level_ns", "unstable_level_ns", "memcmp_equal_ns", "merge_ns",
-               "break_cow_ns", "split_ns", "zero_test_zero_ns", "zero_test_data_ns",
+               "zero_merge_ns", "break_cow_ns", "split_ns", "zero_test_zero_ns",
+               "zero_test_data_ns",
                "remap_pte_ns", "free_page_ns", "split_failed_ns", "scan_start_ns",
                "batch_overhead_ns", "dup_visit_ns", "smart_skip_ns", "cold_start",
                "cold_window_ns", "sleep_slack_ns", "tick_ns")
 (C_VISIT, C_PTE_SKIP, C_RMAP_ALLOC, C_RMAP_FREE, C_CHECKSUM, C_STABLE_LEVEL,
- C_UNSTABLE_LEVEL, C_MEMCMP, C_MERGE, C_BREAK_COW, C_SPLIT, C_ZT_ZERO, C_ZT_DATA,
+ C_UNSTABLE_LEVEL, C_MEMCMP, C_MERGE, C_ZERO_MERGE, C_BREAK_COW, C_SPLIT, C_ZT_ZERO, C_ZT_DATA,
  C_REMAP_PTE, C_FREE_PAGE, C_SPLIT_FAILED, C_SCAN_START, C_BATCH, C_DUP_VISIT, C_SMART_SKIP,
- C_COLD, C_COLD_WINDOW, C_SLACK, C_TICK) = range(24)
+ C_COLD, C_COLD_WINDOW, C_SLACK, C_TICK) = range(25)
 
 # remap modes (policies.Remap)
 R_NONE, R_CLEAN, R_KSM = 0, 1, 2
