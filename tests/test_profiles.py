@@ -151,3 +151,55 @@ def test_calibrate_refuses_another_machines_traces_without_out(
     assert res.exit_code == 0, res.output
     assert json.loads((no_pin / "theirs.json").read_text())["scenarios"] == ["thp-z50-unique"]
     assert not (no_pin / "cache").exists()  # this machine's profile untouched
+
+
+def busy_trace(others_pct: float) -> Trace:
+    """Two samples 10 s apart: ksmd 0.2 s, workload 0.1 s, lab 0.3 s of CPU, and other
+    work ``others_pct`` % of one CPU."""
+    rows = [{"t": 0.0, "cpu_busy_ns": 0.0, "ksmd_cpu_ns": 0.0, "workload_cpu_ns": 0.0,
+             "lab_cpu_ns": 0.0},
+            {"t": 10.0, "cpu_busy_ns": (0.6 + others_pct / 10) * 1e9, "ksmd_cpu_ns": 0.2e9,
+             "workload_cpu_ns": 0.1e9, "lab_cpu_ns": 0.3e9}]
+    return Trace.from_rows({"others_cpu_pct": others_pct}, rows)
+
+
+def test_other_work_beside_a_run_is_measured() -> None:
+    from ksmlab.trace import others_cpu_pct
+
+    assert others_cpu_pct(busy_trace(0.0)) == pytest.approx(0.0, abs=1e-9)
+    assert others_cpu_pct(busy_trace(87.0)) == pytest.approx(87.0)
+    assert others_cpu_pct(simulate(load("seed-uzp1").with_duration(2), "mainline")) is None
+
+
+def test_calibrate_runs_a_busy_scenario_again_then_refuses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ksmlab.live.run as live_run
+    from ksmlab.cli import _quiet_run
+
+    seen: list[float] = []
+
+    class FakeRun:
+        def __init__(self, sc: object, **kw: object) -> None:
+            pass
+
+        def check(self) -> None:
+            pass
+
+        def run(self) -> Trace:
+            seen.append(busy)
+            return busy_trace(busy)
+
+    monkeypatch.setattr(live_run, "LiveRun", FakeRun)
+    busy = 50.0
+    with pytest.raises(click_exit()) as e:
+        _quiet_run(load("seed-uzp1"))
+    assert getattr(e.value, "exit_code", None) == 2 and seen == [50.0, 50.0]
+    seen.clear()
+    busy = 3.0
+    assert _quiet_run(load("seed-uzp1")).meta["others_cpu_pct"] == 3.0 and seen == [3.0]
+
+
+def click_exit() -> type[BaseException]:
+    import typer
+
+    return typer.Exit

@@ -184,3 +184,25 @@ def _plain(v: npt.NDArray[np.float64]) -> list[float | int | None]:
         else:
             out.append(x)
     return out
+
+
+# Other work beside a live run, in % of one CPU, above which its ksmd CPU and times
+# are not this machine's quiet costs: a test suite on the other core doubled ksmd's
+# CPU for the same first full scan (64 against 33 ms, seed-uzp1-nothp, 2026-11-30)
+BUSY_PCT = 10.0
+
+
+def others_cpu_pct(tr: Trace) -> float | None:
+    """Mean CPU, in % of one CPU, that work other than ksmd, the workload and the lab
+    used while the run went on (None for a trace without the machine's CPU columns,
+    such as a model's)."""
+    cols = ("cpu_busy_ns", "ksmd_cpu_ns", "workload_cpu_ns", "lab_cpu_ns")
+    if any(c not in tr for c in cols) or len(tr) < 2:
+        return None
+    i, j = 0, len(tr) - 1
+    span = float(tr.t[j] - tr.t[i])
+    if span <= 0:
+        return None
+    d = {c: float(tr[c][j] - tr[c][i]) for c in cols}
+    others = d["cpu_busy_ns"] - d["ksmd_cpu_ns"] - d["workload_cpu_ns"] - d["lab_cpu_ns"]
+    return max(0.0, others / (span * 1e9) * 100)

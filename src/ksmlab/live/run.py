@@ -31,7 +31,7 @@ from ..scenario import (
     SetKnob,
     Write,
 )
-from ..trace import MONOTONIC, Trace
+from ..trace import BUSY_PCT, MONOTONIC, Trace, others_cpu_pct
 from . import machine
 from .damon import active_schemes
 from .journal import Journal, LockBusy, RunLock
@@ -268,7 +268,14 @@ class LiveRun:
             # khugepaged passes while the workload was set up (the model replays them)
             "khugepaged_enter_passes": self.enter_passes,
         }
-        return Trace.from_rows(meta, rows, self.events)
+        tr = Trace.from_rows(meta, rows, self.events)
+        busy = others_cpu_pct(tr)
+        meta["others_cpu_pct"] = None if busy is None else round(busy, 1)
+        if busy is not None and busy > BUSY_PCT:
+            self.notes.append(
+                f"the machine was busy: other work used {busy:.0f} % of a CPU beside this run "
+                "(ksmd's CPU and the full-scan times are skewed; counters are not)")
+        return tr
 
     def _wake_khugepaged(self) -> float | None:
         """One khugepaged pass, whole: wake it and wait until it sleeps again.

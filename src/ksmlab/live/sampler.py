@@ -8,6 +8,9 @@ format lists, so a newer kernel's counters are kept too.
 
 from __future__ import annotations
 
+import os
+import time
+
 from .kernelfs import KernelFS
 from .knobs import KSM, THP
 from .kthread import find_kthread
@@ -86,6 +89,26 @@ class Sampler:
         v = self.fs.read_or_none(f"proc/{self.ksmd}/schedstat")
         return {"ksmd_cpu_ns": float(v.split()[0])} if v else {}
 
+    def cpu_use(self) -> dict[str, float]:
+        """CPU time of the whole machine (/proc/stat: user, nice, system, irq, softirq),
+        of the VM's host taking it back (steal), of the workload and of the lab itself:
+        what is left is other work beside the run, which skews ksmd's CPU and times."""
+        hz = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {"lab_cpu_ns": float(time.process_time_ns())}
+        line = (self.fs.read_or_none("proc/stat") or "").split("\n", 1)[0].split()
+        if line[:1] == ["cpu"] and len(line) >= 9:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line[1:9])
+            out["cpu_busy_ns"] = (user + nice + system + irq + softirq) * 1e9 / hz
+            out["cpu_steal_ns"] = steal * 1e9 / hz
+        work = 0.0
+        for pid in self.pids:
+            stat = self.fs.read_or_none(f"proc/{pid}/stat") or ""
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) > 12:  # utime and stime: fields 14 and 15 of proc_pid_stat(5)
+                work += (int(fields[11]) + int(fields[12])) * 1e9 / hz
+        out["workload_cpu_ns"] = work
+        return out
+
     def full_scans(self) -> int | None:
         """The one cheap read polled between samples to catch full-scan ends."""
         v = self.fs.read_or_none(f"{KSM}/full_scans")
@@ -93,4 +116,4 @@ class Sampler:
 
     def sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
         return {"t": t, "full_scan_end": float(full_scan_end), **self.ksm(), **self.vmstat(),
-                **self.processes(), **self.ksmd_cpu_ns()}
+                **self.processes(), **self.ksmd_cpu_ns(), **self.cpu_use()}
