@@ -206,3 +206,15 @@ def test_table_says_how_verdicts_agree() -> None:
     assert [line.split()[-1] for line in lines[1:5]] == ["yes", "yes~", "NO", "-"]
     assert lines[6] == ("suite: verdicts agree in 2 of 3 scenarios (1 only by a borderline "
                         "one: yes~)")
+
+
+def test_suite_cpu_sums_before_comparing() -> None:
+    def r(k: float | None, m: float | None) -> fidelity.Fidelity:
+        return fidelity.Fidelity("x", 1, 1.0, 0.0, 0.0, None, (k, m))
+
+    # one scenario 40 % high, another 20 % low: the sum is within 6 %
+    total = fidelity.suite_cpu_rel_err([r(1.0, 1.4), r(3.0, 2.4), r(None, 5.0)])
+    assert total == pytest.approx(0.2 / 4.0)
+    assert fidelity.suite_cpu_rel_err([r(None, 1.0)]) is None
+    assert "ksmd CPU summed over the scenarios within 5.0 %" in fidelity.table(
+        [r(1.0, 1.4), r(3.0, 2.4)])

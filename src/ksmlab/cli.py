@@ -413,6 +413,7 @@ def validate(
             "machine": _machine(), "profile": choice.to_json(),
             "scenarios": [r.to_json() for r in results],
             "agreement": fidelity.suite_agreement(results),
+            "cpu_rel_err_total": fidelity.suite_cpu_rel_err(results),
             "targets_met": all(r.passed() for r in results),
             "verdicts_agree": all(r.verdicts_agree is not False for r in results),
         }))
