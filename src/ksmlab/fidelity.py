@@ -260,15 +260,15 @@ def table(results: list[Fidelity]) -> str:
         )
     lines.append(f"suite: every counter exact at {suite_agreement(results) * 100:.1f} % of "
                  f"{sum(r.checkpoints for r in results)} full-scan checkpoints")
-    total = suite_cpu_rel_err(results)
-    if total is not None:
-        lines.append(f"suite: ksmd CPU summed over the scenarios within {total * 100:.1f} %")
     judged = [r for r in results if r.verdicts_agree is not None]
     if judged:
         same = sum(bool(r.verdicts_agree) for r in judged)
         granted = sum(_agree(r) == "yes~" for r in judged)
         lines.append(f"suite: verdicts agree in {same} of {len(judged)} scenarios"
                      + (f" ({granted} only by a borderline one: yes~)" if granted else ""))
+    total = suite_cpu_rel_err(results)
+    if total is not None:
+        lines.append(f"suite: ksmd CPU summed over the scenarios within {total * 100:.1f} %")
     lines.append(f"targets: exact >= {EXACT_TARGET:.0%}, maxdiff <= {REL_TARGET:.0%}, time <= "
                  f"{TIME_TARGET:.0%}, cpu <= {CPU_TARGET:.0%} (relative errors)")
     return "\n".join(lines)
