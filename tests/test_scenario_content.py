@@ -44,6 +44,11 @@ def test_every_builtin_loads() -> None:
          "not a scenario knob"),
         (MINIMAL + '[[event]]\nat = 1\naction = "set"\nknob = "ksm.use_zero_pages"\nvalue = 5\n',
          "event.0"),
+        # issue 16: a name is a file name, never a path out of -o DIR
+        (MINIMAL.replace('name = "x"', 'name = "../../x/escaped"'),
+         "name: '../../x/escaped' is not a plain file name"),
+        (MINIMAL.replace('name = "x"', 'name = "a/b"'), "not a plain file name"),
+        (MINIMAL.replace('name = "x"', 'name = ".hidden"'), "not a plain file name"),
     ],
 )
 def test_bad_scenarios_are_one_line(text: str, message: str) -> None:

@@ -8,12 +8,13 @@ knob names are the kernel's own (``/sys/kernel/mm/ksm/*``,
 
 from __future__ import annotations
 
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PAGE_SIZE = 4096
 HPAGE_PMD_NR = 512  # subpages of a PMD-mapped THP on x86-64
@@ -217,7 +218,9 @@ Event = Annotated[
 
 
 class Scenario(_Strict):
-    name: str = Field(min_length=1)
+    # names files the lab writes (trace, plot): a plain file name, never a path, so
+    # `name = "../../x"` cannot write outside -o DIR (as root, in a live run)
+    name: str = Field(min_length=1, max_length=100)
     description: str = ""
     # up to a day: a model run of a large host needs hours of simulated time
     duration: float = Field(gt=0.0, le=86400.0, description="seconds after the workload is ready")
@@ -243,6 +246,14 @@ class Scenario(_Strict):
     thp: ThpKnobs = ThpKnobs()
     process: list[Process] = Field(min_length=1)
     event: list[Event] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", v):
+            raise ValueError(f"{v!r} is not a plain file name (letters, digits, . _ + -; "
+                             "it names the files a run writes)")
+        return v
 
     @model_validator(mode="after")
     def _events_fit(self) -> Scenario:
@@ -298,7 +309,7 @@ class Scenario(_Strict):
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
-    msg = first["msg"]
+    msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
