@@ -210,3 +210,25 @@ def test_validate_kernel_runs_every_scenario(tmp_path: Path,
         assert res.stdout.count("CONFIRMED") == (first != "error") + 1
         if first == "error":
             assert "ksmlab: error: a: qemu died on a" in res.stderr
+
+
+@pytest.mark.parametrize("cmd", [["sim", "-p", "mainline"], ["compare"], ["validate"]])
+def test_a_model_too_big_for_this_machine_is_refused(tmp_path: Path, cmd: list[str]) -> None:
+    # issue 16 item 8: a 10 TiB region was accepted and OOM-killed at 24 GB resident;
+    # now refused before anything runs (validate: before any live run)
+    f = tmp_path / "big.toml"
+    f.write_text(MINIMAL.replace("size_mib = 4", "size_mib = 10485760"))
+    before = knobs_now()
+    r = ksmlab(cmd[0], str(f), *cmd[1:])
+    one_line_error(r, "the model needs about 1280.5 GiB")
+    assert "MemAvailable" in r.stderr
+    assert knobs_now() == before
+
+
+def test_memory_estimate_follows_the_engine() -> None:
+    from ksmlab.model.run import BASE_BYTES, memory_estimate
+    from ksmlab.scenario import load
+
+    sc = load("seed-uzp1")  # 128 MiB: 32768 pages
+    assert memory_estimate(sc) == (BASE_BYTES + 32768 * 32, "fast")
+    assert memory_estimate(sc, pinned=True) == (BASE_BYTES + 32768 * 512, "exact")

@@ -70,6 +70,20 @@ def _load(name: str, duration: float | None) -> Scenario:
     return scenario_mod.load(name).with_duration(duration)
 
 
+def _model_fits(sc: Scenario, engine: str = "auto", pinned: bool = False) -> None:
+    """Refuse, before it starts, a model run this machine has no memory for (a 10 TiB
+    region ran 30 s and was OOM-killed at 24 GB resident)."""
+    from .live.run import mem_available_mib
+    from .model.run import memory_estimate
+
+    need, eng = memory_estimate(sc, engine, pinned)
+    avail = mem_available_mib(KernelFS())
+    if avail is not None and need > avail << 20:
+        raise UserError(
+            f"{sc.name}: the model needs about {need / 2**30:.1f} GiB for {sc.total_mib} MiB "
+            f"of simulated memory ({eng} engine) but MemAvailable is {avail / 1024:.1f} GiB")
+
+
 def _warn_journal(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand in ("restore", "run", "validate", "demo"):
         return
@@ -261,6 +275,7 @@ def sim(scenario: ScenarioArg,
     sc = _load(scenario, duration)
     _policy(get_policy, policy)
     _engine(engine)
+    _model_fits(sc, engine)
     choice = _profile(profile)
     tr = simulate(sc, policy, profile=choice.profile, engine=engine)
     summary = metrics.summarize(tr)
@@ -339,6 +354,7 @@ def compare(scenario: ScenarioArg,
     for n in names:
         _policy(get_policy, n)
     _engine(engine)
+    _model_fits(sc, engine)
     choice = _profile(profile)
     results = [(n, simulate(sc, n, profile=choice.profile, engine=engine)) for n in names]
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
@@ -379,6 +395,8 @@ def validate(
     from .model import get_policy, simulate
     names = list(fidelity.SUITE) if scenarios == ["all"] else scenarios
     loaded = [_load(n, None) for n in names]  # every file checked before anything runs
+    for sc in loaded:
+        _model_fits(sc, pinned=True)  # replays run on the exact engine
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
     choice = _profile(profile)

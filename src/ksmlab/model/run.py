@@ -405,6 +405,26 @@ def _event_dict(e: object) -> dict[str, Any]:
 ENGINES = ("auto", "fast", "exact")
 
 
+# Resident bytes per simulated page, measured (benchmarks/model_speed.py, and peak RSS
+# after full scans of mixed/thp-z50-unique/seed-uzp0-nothp: 336-425 B with the exact
+# engine's objects, 29.8 B with the fast engine's arrays at host-1t), with a margin;
+# plus the interpreter, numpy and numba
+BYTES_PER_PAGE = {"exact": 512, "fast": 32}
+BASE_BYTES = 512 << 20
+
+
+def memory_estimate(sc: Scenario, engine: str = "auto", pinned: bool = False
+                    ) -> tuple[int, str]:
+    """(bytes, engine) a model run of ``sc`` needs at most, before it starts: the
+    engine ``simulate()`` would choose, times the pages the scenario maps."""
+    if engine == "auto":
+        from .fast import unsupported
+
+        engine = "exact" if pinned or unsupported(sc) is not None else "fast"
+    pages = sc.total_mib * 256
+    return BASE_BYTES + pages * BYTES_PER_PAGE[engine], engine
+
+
 def simulate(
     scenario: Scenario,
     policy: str,
