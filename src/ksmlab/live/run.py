@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+from .. import events as kevents
 from ..scenario import (
     Event,
     KhugepagedWake,
@@ -38,6 +39,7 @@ from .kernelfs import KernelFS, KernelWriteError
 from .knobs import KSM, THP, KnobError, KnobSession, read_all, restore_values
 from .kthread import PASS_TIMEOUT_S, Khugepaged
 from .sampler import Sampler
+from .tracefs import KernelEvents, TracingError, pagemap_pfns, restore_tracing
 from .workload import Workload, WorkloadError, thp_disable
 
 MEMORY_MARGIN_MIB = 256
@@ -142,11 +144,23 @@ def restore_journal(fs: KernelFS, journal: Journal, lock: RunLock) -> list[tuple
     holder = lock.holder()
     if holder is not None and holder != os.getpid():
         raise LiveError(f"a live run (pid {holder}) is in progress; its own restore will run")
+    done: list[tuple[str, str]] = []
+    if rec.tracing:
+        # tracefs first: its files live on a mount the lab may have made
+        journal.tracing = rec.tracing
+        journal.saved = rec.saved
+        failures = restore_tracing(fs, rec.tracing)
+        if failures:
+            raise LiveError("tracefs restore incomplete: " + "; ".join(failures))
+        done += [(str(n), str(v)) for n, v in rec.tracing.get("saved", [])]
+        if rec.tracing.get("mount"):
+            done.append(("sys/kernel/tracing", "unmounted"))
+        journal.clear_tracing()
     failures = restore_values(fs, rec.saved)
     if failures:
         raise LiveError("restore incomplete: " + "; ".join(failures))
     journal.remove()
-    return rec.saved
+    return rec.saved + done
 
 
 @dataclass
@@ -173,8 +187,8 @@ Progress = Callable[[dict[str, float]], None]
 
 class LiveRun:
     def __init__(self, sc: Scenario, fs: KernelFS | None = None,
-                 progress: Progress | None = None, log: Callable[[str], None] | None = None
-                 ) -> None:
+                 progress: Progress | None = None, log: Callable[[str], None] | None = None,
+                 kernel_events: bool = False) -> None:
         self.sc = sc
         self.fs = fs or KernelFS()
         self.progress = progress
@@ -189,6 +203,9 @@ class LiveRun:
         self.khugepaged = Khugepaged(self.fs)
         self.slow_passes = 0  # khugepaged passes not seen to end (PASS_TIMEOUT_S)
         self.enter_passes: int | None = None
+        # KSM's tracepoints recorded into the trace (live/tracefs.py); off by default
+        self.kernel_events = kernel_events
+        self.t0 = 0.0  # time 0 on time.monotonic()
 
     def check(self) -> None:
         """Refuse (LiveError) before anything is touched if the run cannot work here."""
@@ -229,7 +246,11 @@ class LiveRun:
                 raise LiveError(str(e)) from None
             knobs = read_all(self.fs)
             workloads: list[Workload] = []
+            tracer = KernelEvents(self.fs, self.journal) if self.kernel_events else None
+            stream: dict[str, Any] | None = None
             try:
+                if tracer is not None:
+                    tracer.start()  # before the workloads: their ksm_enter is wanted
                 kh_before = self.khugepaged.settle()
                 base_rss = {"RssAnon": 0.0, "Rss": 0.0}
                 # one process at a time, each ready before the next starts: their
@@ -248,11 +269,20 @@ class LiveRun:
                 ours = {os.getpid(), *sampler.pids}
                 self.competitors = thp_competitors(self.fs, ours)
                 self.ksm_others = ksm_competitors(self.fs, ours)
+                pfns = self._pagemap(workloads) if tracer is not None and tracer.available \
+                    else {}
                 self._wake_khugepaged()
                 rows = self._loop(ks, sampler, workloads)
+                if tracer is not None:
+                    stream = self._stream(tracer, workloads, pfns)
             except (WorkloadError, KernelWriteError, KnobError) as e:
                 raise LiveError(str(e)) from None
             finally:
+                if tracer is not None:
+                    try:
+                        tracer.restore()
+                    except TracingError as e:
+                        self.notes.append(str(e))
                 for w in workloads:
                     w.stop()
                 # unmerge_and_remove_all_rmap_items(): free what KSM kept of the dead
@@ -278,7 +308,49 @@ class LiveRun:
             # khugepaged passes while the workload was set up (the model replays them)
             "khugepaged_enter_passes": self.enter_passes,
         }
-        return Trace.from_rows(meta, rows, self.events)
+        tr = Trace.from_rows(meta, rows, self.events)
+        tr.kernel_events = stream
+        return tr
+
+    def _pagemap(self, workloads: list[Workload]) -> dict[int, tuple[int, int]]:
+        """pfn -> (instance, page index in its regions) of every workload page at time 0
+        (/proc/PID/pagemap); a pfn mapped more than once (the zero page) is left out."""
+        out: dict[int, tuple[int, int]] = {}
+        twice: set[int] = set()
+        for inst, w in enumerate(workloads):
+            base = 0
+            for addr, size in w.ready.get("regions", []):
+                try:
+                    got = pagemap_pfns(self.fs, w.pid, int(addr), int(size))
+                except OSError as e:
+                    self.notes.append(f"no pagemap of workload {w.pid}: {e}")
+                    return {}
+                for i, pfn in enumerate(got):
+                    if pfn:
+                        if pfn in out:
+                            twice.add(pfn)
+                        out[pfn] = (inst, base + i)
+                base += int(size) // 4096
+        for pfn in twice:
+            del out[pfn]
+        return out
+
+    def _stream(self, tracer: KernelEvents, workloads: list[Workload],
+                pfns: dict[int, tuple[int, int]]) -> dict[str, Any]:
+        """Stop the tracepoints and name what they saw in the lab's names."""
+        if not tracer.available:
+            self.notes.extend(tracer.notes)
+            return {"source": "tracefs", "recorded": False, "events": [], "notes": tracer.notes}
+        raw = tracer.stop()
+        labelled, notes = kevents.label(raw, {w.pid: i for i, w in enumerate(workloads)},
+                                        pfns, self.t0)
+        self.notes.extend(tracer.notes + notes)
+        counts: dict[str, int] = {}
+        for e in labelled:
+            counts[e["event"]] = counts.get(e["event"], 0) + 1
+        return {"source": "tracefs", "events": labelled, "counts": counts,
+                "lost": tracer.lost, "recorded": True,
+                "enabled": tracer.names, "pages_identified": len(pfns)}
 
     def _wake_khugepaged(self) -> float | None:
         """One khugepaged pass, whole: wake it and wait until it sleeps again.
@@ -375,7 +447,7 @@ class LiveRun:
         held: list[_Timed] = []  # align_events: due, waiting for a full-scan end
         per_scan = any(r.volatile_pages_per_scan for p in sc.process for r in p.region)
         rows: list[dict[str, float]] = []
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         k = 0  # next regular sample index
         last_scans = sampler.full_scans()
 

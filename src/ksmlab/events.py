@@ -1,0 +1,208 @@
+"""KSM's event stream in the lab's names, and the kernel's stream against the model's.
+
+The kernel's tracepoints (include/trace/events/ksm.h; read by
+:mod:`ksmlab.live.tracefs`) name pages by pfn and everything else by hashed
+pointers.  :func:`label` turns them into the lab's names, which the model
+(``Simulation(..., kernel_events=True)``) emits directly:
+
+- ``proc``: the workload process instance (index in ``Scenario.instances()``)
+  of the event's ``mm``.  The lab starts the workloads one at a time, so each
+  ``ksm_enter`` (fired in ``__ksm_enter()`` by the process's own madvise or
+  prctl) carries the pid of one workload: its mm pointer is that instance's.
+  Other processes' mms (QEMU's guest RAM, ...) get ``proc`` None and a note.
+- ``scan``: the full scan in progress, the ``seq`` of the last ``ksm_start_scan``
+  (``scan_get_next_rmap_item()``); ``ksm_stop_scan`` ends it (full_scans is
+  then ``seq + 1``).  None before the first scan.
+- ``page``: the page a ``pfn`` names, ``[proc, index]`` with ``index`` the
+  page's number in its process's regions (in the scenario's order), from a
+  /proc/PID/pagemap snapshot at time 0; ``"zero"`` for ksm_merge_one_page (its
+  pfn is the zero page's); None for a pfn not in the snapshot.
+- ``item``: the page of the event's ``rmap_item``.  The kernel never prints an
+  rmap item's address, so it is known only from an earlier event whose pfn was
+  the item's own page: ksm_merge_with_ksm_page without a KSM page (the first
+  half of ``try_to_merge_two_pages()``, or a failed attempt of it).
+
+What cannot be identified on the kernel side (``item`` None):
+- pages merged into the zero page (ksm_merge_one_page: the pfn is the zero
+  page's), unless the same rmap item was named before;
+- the tree page of a two-page merge (second ksm_merge_with_ksm_page: the pfn
+  is the scanned page, now the KSM page) and a page merged into a KSM page
+  found in the stable tree (the pfn is the KSM page's), for the same reason;
+- pages faulted in after time 0 (write events, ``fill_at``, khugepaged's
+  collapses, which copy into a new THP): their pfns are not in the snapshot;
+- an rmap item freed and its memory reused for another page: the item keeps the
+  old page until a new event names its pfn (a changed ``mm`` drops it).
+A merge's KSM page (``into``) is known whenever it was a workload page at time 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+EFAULT = -14
+Page = list[int] | str | None  # [proc, index], "zero", or unknown
+
+
+def label(raw: Sequence[Mapping[str, Any]], mm_pids: Mapping[int, int],
+          pfns: Mapping[int, tuple[int, int]], t0: float
+          ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Kernel events (tracefs.parse) -> events in the lab's names.
+
+    ``mm_pids``: workload pid -> instance; ``pfns``: pfn -> (instance, page index)
+    at time 0; ``t0``: time 0 on the trace clock (``time.monotonic()``)."""
+    mms: dict[str, int] = {}
+    foreign: set[str] = set()
+    items: dict[str, tuple[str, list[int]]] = {}
+    scan: int | None = None
+    out: list[dict[str, Any]] = []
+    for e in raw:
+        ev = str(e["event"])
+        d: dict[str, Any] = {"event": ev, "t": round(float(e["ts"]) - t0, 6)}
+        mm = e.get("mm")
+        if ev == "ksm_enter" and mm is not None and int(e.get("pid", -1)) in mm_pids:
+            mms.setdefault(str(mm), mm_pids[int(e["pid"])])
+        if ev == "ksm_start_scan":
+            scan = int(e["seq"])
+        d["scan"] = scan
+        if ev == "ksm_stop_scan":
+            scan = None
+        for k in ("seq", "rmap_entries", "err", "ksm_page", "pfn", "rmap_item", "mm"):
+            if k in e:
+                d[k] = e[k]
+        if mm is not None:
+            d["proc"] = mms.get(str(mm))
+            if d["proc"] is None:
+                foreign.add(str(mm))
+        if "pfn" in e:
+            if ev == "ksm_merge_one_page":
+                d["page"] = "zero"
+            else:
+                p = pfns.get(int(e["pfn"]))
+                d["page"] = list(p) if p is not None else None
+        ri = e.get("rmap_item")
+        if ri is not None:
+            key = str(ri)
+            if ev == "ksm_merge_with_ksm_page" and not e.get("ksm_page") and d["page"]:
+                items[key] = (str(mm), d["page"])  # the pfn is the item's own page
+            known = items.get(key)
+            if known is not None and known[0] != str(mm):
+                del items[key]  # freed and reused by another mm
+                known = None
+            d["item"] = known[1] if known is not None else None
+        out.append(d)
+    notes = []
+    if foreign:
+        notes.append(f"kernel events of {len(foreign)} mm(s) not the workload's (other "
+                     "processes with mergeable memory) are kept with proc None")
+    return out, notes
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One successful merge: ``page`` (of process ``proc``) now maps ``into``."""
+
+    scan: int | None
+    proc: int | None
+    page: Page
+    into: Page
+
+    def matches(self, other: Merge) -> bool:
+        """Equal where this (kernel) side knows: an unknown page is not compared."""
+        return (self.scan == other.scan and self.proc == other.proc
+                and self.into == other.into
+                and (self.page is None or self.page == other.page))
+
+
+def merges(events: Sequence[Mapping[str, Any]]) -> list[Merge]:
+    """The successful merges of a stream, in order.
+
+    ksm_merge_one_page with err 0: a page now maps the zero page
+    (try_to_merge_with_zero_page()); ksm_merge_with_ksm_page with a KSM page and
+    err 0: the rmap item's page now maps that KSM page (a stable-tree match in
+    cmp_and_merge_page(), or the tree page in try_to_merge_two_pages()).  The
+    first half of a two-page merge (no KSM page) only makes the scanned page a KSM
+    page and is not a merge."""
+    out = []
+    for e in events:
+        if e.get("err", 0) != 0:
+            continue
+        ev = e["event"]
+        if ev == "ksm_merge_one_page":
+            out.append(Merge(e.get("scan"), e.get("proc"), e.get("item"), "zero"))
+        elif ev == "ksm_merge_with_ksm_page" and e.get("ksm_page"):
+            out.append(Merge(e.get("scan"), e.get("proc"), e.get("item"), e.get("page")))
+    return out
+
+
+@dataclass
+class StreamFit:
+    merges_kernel: int
+    merges_model: int
+    identical_share: float  # position by position within each full scan
+    page_known_share: float  # kernel merges whose page the kernel names
+    scans: int  # full scans with a merge on either side
+    first_divergence: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _plain(m: Merge | None) -> dict[str, Any] | None:
+    return None if m is None else asdict(m)
+
+
+def compare(kernel: Sequence[Mapping[str, Any]], model: Sequence[Mapping[str, Any]]
+            ) -> StreamFit:
+    """Per full scan, the kernel's merges against the model's, position by position.
+
+    A pair is identical when scan, process, KSM page and (where the kernel names
+    it) page agree; ``identical_share`` is identical pairs over the larger count.
+    ``first_divergence``: the first scan and position where they differ, with
+    what each side did (None: a side made no merge there)."""
+    mk, mm = merges(kernel), merges(model)
+    by_k: dict[int | None, list[Merge]] = {}
+    by_m: dict[int | None, list[Merge]] = {}
+    for m in mk:
+        by_k.setdefault(m.scan, []).append(m)
+    for m in mm:
+        by_m.setdefault(m.scan, []).append(m)
+    same = 0
+    first: dict[str, Any] | None = None
+    scans = sorted(set(by_k) | set(by_m), key=lambda s: -1 if s is None else s)
+    for s in scans:
+        a, b = by_k.get(s, []), by_m.get(s, [])
+        for i in range(max(len(a), len(b))):
+            x = a[i] if i < len(a) else None
+            y = b[i] if i < len(b) else None
+            if x is not None and y is not None and x.matches(y):
+                same += 1
+            elif first is None:
+                first = {"scan": s, "index": i, "kernel": _plain(x), "model": _plain(y),
+                         "kernel_merges_in_scan": len(a), "model_merges_in_scan": len(b)}
+    n = max(len(mk), len(mm))
+    return StreamFit(
+        merges_kernel=len(mk), merges_model=len(mm),
+        identical_share=same / n if n else 1.0,
+        page_known_share=sum(1 for m in mk if m.page is not None) / len(mk) if mk else 0.0,
+        scans=len(scans), first_divergence=first,
+    )
+
+
+def text(fit: StreamFit) -> str:
+    """One or two lines for `ksmlab validate`."""
+    line = (f"events: merges kernel {fit.merges_kernel}, model {fit.merges_model}; identical "
+            f"{fit.identical_share * 100:.1f} % (kernel names the page in "
+            f"{fit.page_known_share * 100:.0f} %)")
+    d = fit.first_divergence
+    if d is None:
+        return line
+    return line + (f"\n  first divergence: full scan {d['scan']}, merge #{d['index']}: "
+                   f"kernel {_short(d['kernel'])}, model {_short(d['model'])}")
+
+
+def _short(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "none"
+    return f"proc {m['proc']} page {m['page']} into {m['into']}"
