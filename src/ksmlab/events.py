@@ -115,6 +115,21 @@ class Merge:
                 and (self.page is None or self.page == other.page))
 
 
+def attempts(events: Sequence[Mapping[str, Any]]) -> list[tuple[Merge, int]]:
+    """Every merge attempt that names a target (zero page or KSM page), with its err:
+    a failed one (-EFAULT: the page changed, its THP did not split, ...) too."""
+    out = []
+    for e in events:
+        ev = e["event"]
+        if ev == "ksm_merge_one_page":
+            out.append((Merge(e.get("scan"), e.get("proc"), e.get("item"), "zero"),
+                        int(e.get("err", 0))))
+        elif ev == "ksm_merge_with_ksm_page" and e.get("ksm_page"):
+            out.append((Merge(e.get("scan"), e.get("proc"), e.get("item"), e.get("page")),
+                        int(e.get("err", 0))))
+    return out
+
+
 def merges(events: Sequence[Mapping[str, Any]]) -> list[Merge]:
     """The successful merges of a stream, in order.
 
@@ -124,16 +139,7 @@ def merges(events: Sequence[Mapping[str, Any]]) -> list[Merge]:
     cmp_and_merge_page(), or the tree page in try_to_merge_two_pages()).  The
     first half of a two-page merge (no KSM page) only makes the scanned page a KSM
     page and is not a merge."""
-    out = []
-    for e in events:
-        if e.get("err", 0) != 0:
-            continue
-        ev = e["event"]
-        if ev == "ksm_merge_one_page":
-            out.append(Merge(e.get("scan"), e.get("proc"), e.get("item"), "zero"))
-        elif ev == "ksm_merge_with_ksm_page" and e.get("ksm_page"):
-            out.append(Merge(e.get("scan"), e.get("proc"), e.get("item"), e.get("page")))
-    return out
+    return [m for m, err in attempts(events) if err == 0]
 
 
 @dataclass
@@ -144,13 +150,19 @@ class StreamFit:
     page_known_share: float  # kernel merges whose page the kernel names
     scans: int  # full scans with a merge on either side
     first_divergence: dict[str, Any] | None
+    # every attempt (failed ones too), compared the same way with its error
+    attempts_kernel: int = 0
+    attempts_model: int = 0
+    attempts_identical_share: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _plain(m: Merge | None) -> dict[str, Any] | None:
-    return None if m is None else asdict(m)
+def _plain(m: Merge | None, err: int = 0) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    return {**asdict(m), **({"err": err} if err else {})}
 
 
 def compare(kernel: Sequence[Mapping[str, Any]], model: Sequence[Mapping[str, Any]]
@@ -162,12 +174,29 @@ def compare(kernel: Sequence[Mapping[str, Any]], model: Sequence[Mapping[str, An
     ``first_divergence``: the first scan and position where they differ, with
     what each side did (None: a side made no merge there)."""
     mk, mm = merges(kernel), merges(model)
-    by_k: dict[int | None, list[Merge]] = {}
-    by_m: dict[int | None, list[Merge]] = {}
-    for m in mk:
-        by_k.setdefault(m.scan, []).append(m)
-    for m in mm:
-        by_m.setdefault(m.scan, []).append(m)
+    same, scans, first = _pairs([(m, 0) for m in mk], [(m, 0) for m in mm])
+    ak, am = attempts(kernel), attempts(model)
+    a_same, _, _ = _pairs(ak, am)
+    n, na = max(len(mk), len(mm)), max(len(ak), len(am))
+    return StreamFit(
+        merges_kernel=len(mk), merges_model=len(mm),
+        identical_share=same / n if n else 1.0,
+        page_known_share=sum(1 for m in mk if m.page is not None) / len(mk) if mk else 0.0,
+        scans=scans, first_divergence=first,
+        attempts_kernel=len(ak), attempts_model=len(am),
+        attempts_identical_share=a_same / na if na else 1.0,
+    )
+
+
+def _pairs(kernel: list[tuple[Merge, int]], model: list[tuple[Merge, int]]
+           ) -> tuple[int, int, dict[str, Any] | None]:
+    """(identical pairs, full scans with any, first divergence), scan by scan."""
+    by_k: dict[int | None, list[tuple[Merge, int]]] = {}
+    by_m: dict[int | None, list[tuple[Merge, int]]] = {}
+    for kx in kernel:
+        by_k.setdefault(kx[0].scan, []).append(kx)
+    for mx in model:
+        by_m.setdefault(mx[0].scan, []).append(mx)
     same = 0
     first: dict[str, Any] | None = None
     scans = sorted(set(by_k) | set(by_m), key=lambda s: -1 if s is None else s)
@@ -176,25 +205,22 @@ def compare(kernel: Sequence[Mapping[str, Any]], model: Sequence[Mapping[str, An
         for i in range(max(len(a), len(b))):
             x = a[i] if i < len(a) else None
             y = b[i] if i < len(b) else None
-            if x is not None and y is not None and x.matches(y):
+            if x is not None and y is not None and x[1] == y[1] and x[0].matches(y[0]):
                 same += 1
             elif first is None:
-                first = {"scan": s, "index": i, "kernel": _plain(x), "model": _plain(y),
-                         "kernel_merges_in_scan": len(a), "model_merges_in_scan": len(b)}
-    n = max(len(mk), len(mm))
-    return StreamFit(
-        merges_kernel=len(mk), merges_model=len(mm),
-        identical_share=same / n if n else 1.0,
-        page_known_share=sum(1 for m in mk if m.page is not None) / len(mk) if mk else 0.0,
-        scans=len(scans), first_divergence=first,
-    )
+                first = {"scan": s, "index": i,
+                         "kernel": _plain(x[0] if x else None, x[1] if x else 0),
+                         "model": _plain(y[0] if y else None, y[1] if y else 0),
+                         "kernel_in_scan": len(a), "model_in_scan": len(b)}
+    return same, len(scans), first
 
 
 def text(fit: StreamFit) -> str:
     """One or two lines for `ksmlab validate`."""
     line = (f"events: merges kernel {fit.merges_kernel}, model {fit.merges_model}; identical "
             f"{fit.identical_share * 100:.1f} % (kernel names the page in "
-            f"{fit.page_known_share * 100:.0f} %)")
+            f"{fit.page_known_share * 100:.0f} %); attempts {fit.attempts_kernel} / "
+            f"{fit.attempts_model}, identical {fit.attempts_identical_share * 100:.1f} %")
     d = fit.first_divergence
     if d is None:
         return line
@@ -205,4 +231,5 @@ def text(fit: StreamFit) -> str:
 def _short(m: dict[str, Any] | None) -> str:
     if m is None:
         return "none"
-    return f"proc {m['proc']} page {m['page']} into {m['into']}"
+    err = f" err {m['err']}" if m.get("err") else ""
+    return f"proc {m['proc']} page {m['page']} into {m['into']}{err}"

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from . import events as kevents
 from .trace import KSM_COUNTERS, Trace
 
 # What the kernel counts, KSM's own and around it (issue 4's list, plus a few cheap ones)
@@ -83,6 +84,8 @@ class Fidelity:
     notes: list[str] = field(default_factory=list)
     # the verdicts of metrics.py on each side: the thread's claims, live and model
     verdicts: dict[str, list[str]] = field(default_factory=dict)
+    # KSM's event streams compared (events.compare), where both traces carry one
+    events: dict[str, Any] | None = None
 
     def passed(self) -> bool:
         return (
@@ -97,6 +100,10 @@ class Fidelity:
         d = asdict(self)
         d["passed"] = self.passed()
         return d
+
+    def events_fit(self) -> dict[str, Any]:
+        """``events`` without what is not a :class:`events.StreamFit` field."""
+        return {k: v for k, v in (self.events or {}).items() if k != "lost_kernel"}
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -172,6 +179,7 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     pr, pc = _cpu_pct(ref, upto), _cpu_pct(cand, upto)
     cpu_err = rel_diff(pr, pc) if pr is not None and pc is not None else None
     return Fidelity(
+        events=streams(ref, cand),
         name=name,
         checkpoints=len(ks),
         agreement=float(all_exact.mean()) if ks else 0.0,
@@ -182,6 +190,17 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
         counters=counters,
         notes=notes,
     )
+
+
+def streams(ref: Trace, cand: Trace) -> dict[str, Any] | None:
+    """The merges of both event streams, full scan by full scan (:func:`events.compare`);
+    None unless both traces recorded one."""
+    a, b = ref.kernel_events, cand.kernel_events
+    if not (a and a.get("recorded") and b and b.get("recorded")):
+        return None
+    out = kevents.compare(a["events"], b["events"]).to_json()
+    out["lost_kernel"] = a.get("lost", 0)
+    return out
 
 
 def suite_agreement(results: list[Fidelity]) -> float:

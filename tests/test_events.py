@@ -1,0 +1,108 @@
+"""The model's KSM event stream (model/ksm.py tracepoints) and its comparison with
+another stream (events.compare, fidelity.streams)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ksmlab import events, fidelity
+from ksmlab.model import simulate
+from ksmlab.scenario import Scenario, load
+
+SMALL = """
+name = "two-small"
+duration = 3.0
+[ksm]
+pages_to_scan = 100
+use_zero_pages = {uzp}
+[[process]]
+count = 2
+[[process.region]]
+size_mib = 2
+thp = "nohugepage"
+seed = 5
+content = {{ zero = {zero}, duplicate = 0.5 }}
+"""
+
+
+def small(uzp: int = 0, zero: float = 0.0) -> Scenario:
+    import tomllib
+
+    return Scenario.model_validate(tomllib.loads(SMALL.format(uzp=uzp, zero=zero)))
+
+
+def test_stream_is_off_by_default_and_changes_nothing() -> None:
+    sc = small()
+    plain = simulate(sc, "mainline", engine="exact")
+    traced = simulate(sc, "mainline", engine="exact", kernel_events=True)
+    assert plain.kernel_events is None
+    for c in plain.columns:
+        assert np.array_equal(plain[c], traced[c], equal_nan=True), c
+    ke = traced.kernel_events
+    assert ke is not None and ke["source"] == "model" and ke["recorded"]
+
+
+def test_merges_name_processes_pages_and_scans() -> None:
+    tr = simulate(small(), "mainline", engine="exact", kernel_events=True)
+    assert tr.kernel_events is not None
+    evs = tr.kernel_events["events"]
+    assert [e["proc"] for e in evs if e["event"] == "ksm_enter"] == [0, 1]  # scenario order
+    starts = [e["seq"] for e in evs if e["event"] == "ksm_start_scan"]
+    assert starts == list(range(len(starts)))
+    ms = events.merges(evs)
+    # no unmerging here: every successful merge into a KSM page is one pages_sharing
+    assert len(ms) == tr["pages_sharing"][-1] > 0
+    for m in ms:
+        assert m.scan is not None and m.scan >= 1  # the first scan only takes checksums
+        assert isinstance(m.page, list) and m.page[0] == m.proc
+        assert isinstance(m.into, list) and 0 <= m.into[1] < 512
+    # the first half of a two-page merge names the scanned page by its own pfn
+    halves = [e for e in evs if e["event"] == "ksm_merge_with_ksm_page" and not e["ksm_page"]]
+    assert halves and all(e["page"] == e["item"] for e in halves)
+
+
+def test_zero_page_merges() -> None:
+    tr = simulate(small(uzp=1, zero=0.5), "mainline", engine="exact", kernel_events=True)
+    assert tr.kernel_events is not None
+    zero = [m for m in events.merges(tr.kernel_events["events"]) if m.into == "zero"]
+    assert len(zero) == tr["ksm_zero_pages"][-1] > 0
+
+
+def test_a_stream_against_itself_and_against_what_the_kernel_can_name() -> None:
+    tr = simulate(small(), "mainline", engine="exact", kernel_events=True)
+    assert tr.kernel_events is not None
+    evs = tr.kernel_events["events"]
+    fit = events.compare(evs, evs)
+    assert fit.identical_share == 1.0 and fit.first_divergence is None
+    # the kernel knows no page of a stable-tree or tree-page merge: still identical
+    blind = [{**e, "item": None} if e.get("ksm_page") else e for e in evs]
+    fit = events.compare(blind, evs)
+    assert fit.identical_share == 1.0 and fit.page_known_share == 0.0
+    # one merge moved to the next scan: the divergence names it
+    moved = list(evs)
+    i = next(k for k, e in enumerate(moved) if e.get("ksm_page") and e["err"] == 0)
+    moved[i] = {**moved[i], "scan": moved[i]["scan"] + 1}
+    fit = events.compare(moved, evs)
+    assert fit.identical_share < 1.0
+    assert fit.first_divergence is not None
+    assert fit.first_divergence["scan"] == evs[i]["scan"]
+
+
+def test_fidelity_compares_streams_only_where_both_have_one() -> None:
+    sc = small()
+    a = simulate(sc, "mainline", engine="exact", kernel_events=True)
+    b = simulate(sc, "mainline", engine="exact")
+    assert fidelity.compare("x", a, b).events is None
+    r = fidelity.compare("x", a, a)
+    assert r.events is not None and r.events["identical_share"] == 1.0
+    assert r.to_json()["events"]["merges_kernel"] == r.events["merges_model"]
+
+
+def test_builtin_uzp1_attempts_fail_on_the_split() -> None:
+    """seed-uzp1 on 6.12+: the split remaps the scanned zero page too, so the merge
+    attempt fails (-EFAULT) and KSM's counters stay at 0 (the rate-limit bypass)."""
+    tr = simulate(load("seed-uzp1"), "mainline", engine="exact", kernel_events=True)
+    assert tr.kernel_events is not None
+    tries = events.attempts(tr.kernel_events["events"])
+    assert tries and all(err == -14 and m.into == "zero" for m, err in tries)
+    assert events.merges(tr.kernel_events["events"]) == []
