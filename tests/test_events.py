@@ -106,3 +106,49 @@ def test_builtin_uzp1_attempts_fail_on_the_split() -> None:
     tries = events.attempts(tr.kernel_events["events"])
     assert tries and all(err == -14 and m.into == "zero" for m, err in tries)
     assert events.merges(tr.kernel_events["events"]) == []
+
+
+def test_pages_named_from_where_they_map_at_the_end_are_right() -> None:
+    """The kernel side's name_by_end() on a model run made blind like the kernel: every
+    page it names is the page the model merged, and it names most of them."""
+    from ksmlab.model.costs import DEFAULT_PROFILE
+    from ksmlab.model.memory import KSM_ZERO_PTE, Page
+    from ksmlab.model.run import Simulation
+
+    for sc in (small(), small(uzp=1, zero=0.5)):
+        sim = Simulation(sc, "mainline", DEFAULT_PROFILE, kernel_events=True)
+        tr = sim.run()
+        assert tr.kernel_events is not None
+        pfn_of: dict[int, int] = {}  # id(page) -> a pfn
+        by_name = {tuple(v): k for k, v in sim.ksm.pages.items()}
+        rows: dict[int, list[tuple[int, int, int]]] = {}
+        for reg in sim.regions:
+            inst, first = sim.ksm.vma_base[reg.vma]
+            for i, pte in enumerate(reg.vma.pte):
+                pfn = 1 if pte is KSM_ZERO_PTE else (
+                    pfn_of.setdefault(id(pte), 100 + len(pfn_of)) if isinstance(pte, Page)
+                    else 0)
+                rows.setdefault(inst, []).append((reg.vma.start + i, first + i, pfn))
+        # address order, as the live lab's snapshot (later regions lie lower: top-down mmap)
+        end = {inst: [(idx, pfn) for _, idx, pfn in sorted(r)] for inst, r in rows.items()}
+        truth, blind = [], []
+        for e in tr.kernel_events["events"]:
+            if e["event"] in ("ksm_merge_one_page", "ksm_merge_with_ksm_page"):
+                target = e["page"]
+                pfn = 1 if target == "zero" else (
+                    pfn_of.get(id(by_name[tuple(target)]), 0) if target else 0)
+                known = e["event"] == "ksm_merge_with_ksm_page" and not e["ksm_page"]
+                truth.append(e["item"])
+                e = {**e, "pfn": pfn, "item": e["item"] if known else None}
+            blind.append(e)
+        named = events.name_by_end(blind, end)
+        merges = [e for e in blind if e.get("item_from") == "end"]
+        assert named == len(merges) > 0
+        k = 0
+        for e in blind:
+            if e["event"] in ("ksm_merge_one_page", "ksm_merge_with_ksm_page"):
+                if e.get("item_from") == "end":
+                    assert e["item"] == truth[k]
+                k += 1
+        total = len(events.merges(blind))
+        assert named >= 0.9 * total, (named, total)

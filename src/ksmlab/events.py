@@ -33,6 +33,8 @@ What cannot be identified on the kernel side (``item`` None):
 - an rmap item freed and its memory reused for another page: the item keeps the
   old page until a new event names its pfn (a changed ``mm`` drops it).
 A merge's KSM page (``into``) is known whenever it was a workload page at time 0.
+:func:`name_by_end` then names many of the rest from a pagemap snapshot taken when
+tracing stops (where each page maps then), and says which it could not.
 """
 
 from __future__ import annotations
@@ -97,6 +99,54 @@ def label(raw: Sequence[Mapping[str, Any]], mm_pids: Mapping[int, int],
         notes.append(f"kernel events of {len(foreign)} mm(s) not the workload's (other "
                      "processes with mergeable memory) are kept with proc None")
     return out, notes
+
+
+def _merged(e: Mapping[str, Any]) -> bool:
+    return e.get("err") == 0 and (e["event"] == "ksm_merge_one_page" or (
+        e["event"] == "ksm_merge_with_ksm_page" and bool(e.get("ksm_page"))))
+
+
+def name_by_end(events: Sequence[dict[str, Any]],
+                end: Mapping[int, Sequence[tuple[int, int]]]) -> int:
+    """Name the page of merges the kernel left unnamed, from where pages map at the end
+    (``end``: instance -> [(page index, pfn)] in address order, a pagemap snapshot
+    right after tracing stopped); returns how many were named (``item_from: "end"``).
+
+    A merged page maps its KSM page's pfn (or the zero page's) until it is unmerged.
+    For each (target pfn, process), the pages mapping it at the end, less the KSM
+    page itself and the pages already named, are the candidates.  Within one full
+    scan ksmd meets a process's merges into one KSM page in address order (a stable
+    merge at the scanned page, the tree page of a two-page merge just before the
+    scanned page, which is the KSM page itself), so where all the unnamed merges of
+    a group fall in one full scan and their number is the candidates' number, the
+    n-th merge is the n-th candidate.  Any other group stays unnamed: merges spread
+    over several scans, unmerged pages, or pages the zero page holds for other
+    reasons (a THP split's remap) break the count."""
+    where: dict[tuple[int, int], list[int]] = {}
+    for inst, pages in end.items():
+        for idx, pfn in pages:
+            if pfn:
+                where.setdefault((pfn, inst), []).append(idx)
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for e in events:
+        if _merged(e) and e.get("proc") is not None and "pfn" in e:
+            groups.setdefault((int(e["pfn"]), int(e["proc"])), []).append(e)
+    named = 0
+    for (pfn, proc), evs in groups.items():
+        unknown = [e for e in evs if e.get("item") is None]
+        if not unknown or len({e.get("scan") for e in unknown}) != 1:
+            continue
+        taken = {tuple(e["item"]) for e in evs if isinstance(e.get("item"), list)}
+        own = evs[0].get("page")
+        cands = [i for i in where.get((pfn, proc), [])
+                 if (proc, i) not in taken and [proc, i] != own]
+        if len(cands) != len(unknown):
+            continue
+        for e, i in zip(unknown, cands, strict=True):
+            e["item"] = [proc, i]
+            e["item_from"] = "end"
+            named += 1
+    return named
 
 
 @dataclass(frozen=True)

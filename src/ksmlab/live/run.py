@@ -312,25 +312,35 @@ class LiveRun:
         tr.kernel_events = stream
         return tr
 
-    def _pagemap(self, workloads: list[Workload]) -> dict[int, tuple[int, int]]:
-        """pfn -> (instance, page index in its regions) of every workload page at time 0
-        (/proc/PID/pagemap); a pfn mapped more than once (the zero page) is left out."""
-        out: dict[int, tuple[int, int]] = {}
-        twice: set[int] = set()
+    def _pages(self, workloads: list[Workload]) -> dict[int, list[tuple[int, int]]]:
+        """instance -> [(page index in its regions, pfn)] in address order, from
+        /proc/PID/pagemap (pfn 0: not present); {} if a pagemap cannot be read."""
+        out: dict[int, list[tuple[int, int]]] = {}
         for inst, w in enumerate(workloads):
             base = 0
+            rows: list[tuple[int, int, int]] = []
             for addr, size in w.ready.get("regions", []):
                 try:
                     got = pagemap_pfns(self.fs, w.pid, int(addr), int(size))
                 except OSError as e:
                     self.notes.append(f"no pagemap of workload {w.pid}: {e}")
                     return {}
-                for i, pfn in enumerate(got):
-                    if pfn:
-                        if pfn in out:
-                            twice.add(pfn)
-                        out[pfn] = (inst, base + i)
+                rows += [(int(addr) + 4096 * i, base + i, pfn) for i, pfn in enumerate(got)]
                 base += int(size) // 4096
+            out[inst] = [(idx, pfn) for _, idx, pfn in sorted(rows)]
+        return out
+
+    def _pagemap(self, workloads: list[Workload]) -> dict[int, tuple[int, int]]:
+        """pfn -> (instance, page index in its regions) of every workload page at time 0;
+        a pfn mapped more than once (the zero page) is left out."""
+        out: dict[int, tuple[int, int]] = {}
+        twice: set[int] = set()
+        for inst, pages in self._pages(workloads).items():
+            for idx, pfn in pages:
+                if pfn:
+                    if pfn in out:
+                        twice.add(pfn)
+                    out[pfn] = (inst, idx)
         for pfn in twice:
             del out[pfn]
         return out
@@ -342,15 +352,18 @@ class LiveRun:
             self.notes.extend(tracer.notes)
             return {"source": "tracefs", "recorded": False, "events": [], "notes": tracer.notes}
         raw = tracer.stop()
+        end = self._pages(workloads)  # where each page maps now (name_by_end)
         labelled, notes = kevents.label(raw, {w.pid: i for i, w in enumerate(workloads)},
                                         pfns, self.t0)
+        by_end = kevents.name_by_end(labelled, end)
         self.notes.extend(tracer.notes + notes)
         counts: dict[str, int] = {}
         for e in labelled:
             counts[e["event"]] = counts.get(e["event"], 0) + 1
         return {"source": "tracefs", "events": labelled, "counts": counts,
                 "lost": tracer.lost, "recorded": True,
-                "enabled": tracer.names, "pages_identified": len(pfns)}
+                "enabled": tracer.names, "pages_identified": len(pfns),
+                "named_by_end": by_end}
 
     def _wake_khugepaged(self) -> float | None:
         """One khugepaged pass, whole: wake it and wait until it sleeps again.
