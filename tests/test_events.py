@@ -78,6 +78,7 @@ def test_a_stream_against_itself_and_against_what_the_kernel_can_name() -> None:
     blind = [{**e, "item": None} if e.get("ksm_page") else e for e in evs]
     fit = events.compare(blind, evs)
     assert fit.identical_share == 1.0 and fit.page_known_share == 0.0
+    assert fit.merges_kernel == len(events.merges(evs)) > 0
     # one merge moved to the next scan: the divergence names it
     moved = list(evs)
     i = next(k for k, e in enumerate(moved) if e.get("ksm_page") and e["err"] == 0)

@@ -341,11 +341,16 @@ def test_compare_streams_position_by_position() -> None:
         return {"event": "ksm_merge_with_ksm_page", "scan": scan, "proc": proc, "item": page,
                 "page": into, "ksm_page": True, "err": err}
 
+    stop2 = {"event": "ksm_stop_scan", "seq": 2}
     kernel = [m(1, 0, None, [0, 1]), m(1, 0, [0, 3], [0, 1]), m(1, 0, [0, 4], [0, 1], -14),
-              m(2, 1, None, [1, 0])]
-    model = [m(1, 0, [0, 2], [0, 1]), m(1, 0, [0, 3], [0, 1]), m(2, 1, [1, 9], [0, 0])]
+              m(2, 1, None, [1, 0]), stop2]
+    # the model ran one full scan more in the same time: not compared
+    model = [m(1, 0, [0, 2], [0, 1]), m(1, 0, [0, 3], [0, 1]), m(2, 1, [1, 9], [0, 0]), stop2,
+             m(3, 1, [1, 5], [0, 0]), {"event": "ksm_stop_scan", "seq": 3}]
     fit = events.compare(kernel, model)
+    assert fit.scans == 3
     assert (fit.merges_kernel, fit.merges_model) == (3, 3)
+    assert (fit.attempts_kernel, fit.attempts_model) == (4, 3)
     assert fit.identical_share == pytest.approx(2 / 3)
     assert fit.page_known_share == pytest.approx(1 / 3)
     d = fit.first_divergence

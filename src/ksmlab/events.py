@@ -166,17 +166,20 @@ class Merge:
 
 
 def attempts(events: Sequence[Mapping[str, Any]]) -> list[tuple[Merge, int]]:
-    """Every merge attempt that names a target (zero page or KSM page), with its err:
-    a failed one (-EFAULT: the page changed, its THP did not split, ...) too."""
+    """Every merge attempt with its err, failed ones (-EFAULT: the page changed, its
+    THP did not split, ...) too: into the zero page, into a KSM page, and the first
+    half of a two-page merge (the scanned page made a KSM page: ``into`` "new")."""
     out = []
     for e in events:
         ev = e["event"]
         if ev == "ksm_merge_one_page":
-            out.append((Merge(e.get("scan"), e.get("proc"), e.get("item"), "zero"),
-                        int(e.get("err", 0))))
-        elif ev == "ksm_merge_with_ksm_page" and e.get("ksm_page"):
-            out.append((Merge(e.get("scan"), e.get("proc"), e.get("item"), e.get("page")),
-                        int(e.get("err", 0))))
+            into: Page = "zero"
+        elif ev == "ksm_merge_with_ksm_page":
+            into = e.get("page") if e.get("ksm_page") else "new"
+        else:
+            continue
+        out.append((Merge(e.get("scan"), e.get("proc"), e.get("item"), into),
+                    int(e.get("err", 0))))
     return out
 
 
@@ -189,7 +192,13 @@ def merges(events: Sequence[Mapping[str, Any]]) -> list[Merge]:
     cmp_and_merge_page(), or the tree page in try_to_merge_two_pages()).  The
     first half of a two-page merge (no KSM page) only makes the scanned page a KSM
     page and is not a merge."""
-    return [m for m, err in attempts(events) if err == 0]
+    return [m for m, err in attempts(events) if err == 0 and m.into != "new"]
+
+
+def completed_scans(events: Sequence[Mapping[str, Any]]) -> int:
+    """Full scans a stream saw end (ksm_stop_scan): the last seq + 1, or 0."""
+    seqs = [int(e["seq"]) for e in events if e["event"] == "ksm_stop_scan"]
+    return max(seqs) + 1 if seqs else 0
 
 
 @dataclass
@@ -198,7 +207,7 @@ class StreamFit:
     merges_model: int
     identical_share: float  # position by position within each full scan
     page_known_share: float  # kernel merges whose page the kernel names
-    scans: int  # full scans with a merge on either side
+    scans: int  # full scans compared: those both streams saw end
     first_divergence: dict[str, Any] | None
     # every attempt (failed ones too), compared the same way with its error
     attempts_kernel: int = 0
@@ -219,13 +228,21 @@ def compare(kernel: Sequence[Mapping[str, Any]], model: Sequence[Mapping[str, An
             ) -> StreamFit:
     """Per full scan, the kernel's merges against the model's, position by position.
 
-    A pair is identical when scan, process, KSM page and (where the kernel names
-    it) page agree; ``identical_share`` is identical pairs over the larger count.
+    Only full scans both streams saw end are compared (the two clocks differ by a
+    few per cent, so one side may have run a few more in the same time).  A pair is
+    identical when scan, process, KSM page and (where the kernel names it) page
+    agree; ``identical_share`` is identical pairs over the larger count.
     ``first_divergence``: the first scan and position where they differ, with
     what each side did (None: a side made no merge there)."""
-    mk, mm = merges(kernel), merges(model)
-    same, scans, first = _pairs([(m, 0) for m in mk], [(m, 0) for m in mm])
-    ak, am = attempts(kernel), attempts(model)
+    scans = min(completed_scans(kernel), completed_scans(model))
+
+    def upto(ms: list[Merge]) -> list[Merge]:
+        return [m for m in ms if m.scan is not None and m.scan < scans]
+
+    mk, mm = upto(merges(kernel)), upto(merges(model))
+    same, _, first = _pairs([(m, 0) for m in mk], [(m, 0) for m in mm])
+    ak = [(m, err) for m, err in attempts(kernel) if m.scan is not None and m.scan < scans]
+    am = [(m, err) for m, err in attempts(model) if m.scan is not None and m.scan < scans]
     a_same, _, _ = _pairs(ak, am)
     n, na = max(len(mk), len(mm)), max(len(ak), len(am))
     return StreamFit(
@@ -267,7 +284,8 @@ def _pairs(kernel: list[tuple[Merge, int]], model: list[tuple[Merge, int]]
 
 def text(fit: StreamFit) -> str:
     """One or two lines for `ksmlab validate`."""
-    line = (f"events: merges kernel {fit.merges_kernel}, model {fit.merges_model}; identical "
+    line = (f"events ({fit.scans} full scans): merges kernel {fit.merges_kernel}, model "
+            f"{fit.merges_model}; identical "
             f"{fit.identical_share * 100:.1f} % (kernel names the page in "
             f"{fit.page_known_share * 100:.0f} %); attempts {fit.attempts_kernel} / "
             f"{fit.attempts_model}, identical {fit.attempts_identical_share * 100:.1f} %")
