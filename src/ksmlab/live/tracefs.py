@@ -41,6 +41,7 @@ from typing import Any
 
 from .journal import Journal
 from .kernelfs import KernelFS, KernelWriteError
+from .knobs import signals_blocked
 
 TRACING = "sys/kernel/tracing"
 EVENTS = f"{TRACING}/events/ksm"
@@ -278,7 +279,8 @@ class KernelEvents:
         self.available = False
         if not self.saved and self.mount is None:
             return
-        failures = restore_tracing(self.fs, {"mount": self.mount, "saved": self.saved})
+        with signals_blocked():  # as the knobs' restore: Ctrl-C cannot cut it in half
+            failures = restore_tracing(self.fs, {"mount": self.mount, "saved": self.saved})
         if failures:
             raise TracingError("could not restore tracefs (journal kept for `ksmlab restore`): "
                                + "; ".join(failures))
