@@ -369,3 +369,18 @@ def test_trace_keeps_the_stream_and_old_traces_load(tmp_path: Path) -> None:
     assert "kernel_events" not in data
     (tmp_path / "old.json").write_text(json.dumps(data))
     assert Trace.load(tmp_path / "old.json").kernel_events is None
+
+
+def test_doctor_status_reads_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  fake: FakeKernel) -> None:
+    from ksmlab.live.tracefs import tracefs_status
+
+    assert "CONFIG_TRACING=n" in tracefs_status(fake)
+    from .conftest import make_fake_tree
+
+    make_fake_tree(tmp_path / "r2")
+    fs = FakeTracefs(tmp_path / "r2")
+    assert "not mounted" in tracefs_status(fs)
+    fs = FakeTracefs(tmp_path / "r2", mounted=True)
+    assert tracefs_status(fs) == "tracefs mounted, events/ksm present"
+    assert fs.writes == []

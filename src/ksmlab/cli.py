@@ -144,6 +144,7 @@ def doctor(json_out: JsonOpt = False) -> None:
         print(f"profile     {prof['source']}: {prof.get('path')}")
     if prof.get("warning") and prof["source"] != "shipped":
         print(f"            {prof['warning']}")
+    print(f"events      {d['kernel_events']}")
     if d["journal"]:
         print(f"journal     a killed run left knobs changed: {d['journal']} (ksmlab restore)")
     if d["ksm_mergeable_pids"]:

@@ -47,7 +47,7 @@ TRACING = "sys/kernel/tracing"
 EVENTS = f"{TRACING}/events/ksm"
 BUFFER_KB = 8192  # per CPU; see the module docstring
 CLOCK = "mono"
-MAX_TEXT = 512 << 20  # stop keeping trace_pipe text beyond this (the rest is counted lost)
+MAX_TEXT = 64 << 20  # trace_pipe text kept (~600,000 events); beyond, events are counted only
 READ_CHUNK = 1 << 16
 POLL_S = 0.05
 
@@ -95,6 +95,20 @@ def restore_tracing(fs: KernelFS, rec: dict[str, Any]) -> list[str]:
         except KernelWriteError as e:
             failures.append(str(e))
     return failures
+
+
+def tracefs_status(fs: KernelFS) -> str:
+    """What a run with kernel events would find (reads only, mounts nothing)."""
+    if not fs.exists(TRACING):
+        return "no /sys/kernel/tracing (CONFIG_TRACING=n)"
+    kind = fs.mounted(TRACING)
+    if kind is None:
+        return "tracefs not mounted: a run mounts it and unmounts it after"
+    if kind != "tracefs":
+        return f"{kind} is mounted at /{TRACING}: no kernel events"
+    if not fs.exists(f"{EVENTS}/enable"):
+        return "no KSM tracepoints (events/ksm)"
+    return "tracefs mounted, events/ksm present"
 
 
 class KernelEvents:
@@ -251,14 +265,17 @@ class KernelEvents:
         with contextlib.suppress(KernelWriteError, OSError):
             self.fs.write(f"{TRACING}/tracing_on", "0")
         self._close_pipe()
-        self.lost = self._overrun() + self._dropped
         text = b"".join(self._chunks).decode(errors="replace")
         self._chunks = []
         events, lost_lines = parse(text)
-        self.lost += lost_lines
-        if self.lost:
-            self.notes.append(f"the kernel's trace buffer lost {self.lost} KSM events "
+        overrun = self._overrun() + lost_lines
+        self.lost = overrun + self._dropped
+        if overrun:
+            self.notes.append(f"the kernel's trace buffer lost {overrun} KSM events "
                               f"(buffer {self.buffer_kb} KiB per CPU)")
+        if self._dropped:
+            self.notes.append(f"{self._dropped} KSM events beyond the first "
+                              f"{MAX_TEXT >> 20} MiB of trace text were not kept")
         self.events = events
         self.available = False
         return events
