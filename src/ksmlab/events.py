@@ -33,8 +33,9 @@ What cannot be identified on the kernel side (``item`` None):
 - an rmap item freed and its memory reused for another page: the item keeps the
   old page until a new event names its pfn (a changed ``mm`` drops it).
 A merge's KSM page (``into``) is known whenever it was a workload page at time 0.
-:func:`name_by_end` then names many of the rest from a pagemap snapshot taken when
-tracing stops (where each page maps then), and says which it could not.
+:func:`name_by_snapshots` then names most of the rest from /proc/PID/pagemap
+snapshots taken at every full-scan end (where each page maps then), and says
+which it could not.
 """
 
 from __future__ import annotations
@@ -106,47 +107,74 @@ def _merged(e: Mapping[str, Any]) -> bool:
         e["event"] == "ksm_merge_with_ksm_page" and bool(e.get("ksm_page"))))
 
 
-def name_by_end(events: Sequence[dict[str, Any]],
-                end: Mapping[int, Sequence[tuple[int, int]]]) -> int:
-    """Name the page of merges the kernel left unnamed, from where pages map at the end
-    (``end``: instance -> [(page index, pfn)] in address order, a pagemap snapshot
-    right after tracing stopped); returns how many were named (``item_from: "end"``).
+Changes = Mapping[int, Sequence[tuple[int, int]]]  # instance -> [(page index, new pfn)]
 
-    A merged page maps its KSM page's pfn (or the zero page's) until it is unmerged.
-    For each (target pfn, process), the pages mapping it at the end, less the KSM
-    page itself and the pages already named, are the candidates.  Within one full
+
+def name_by_snapshots(events: Sequence[dict[str, Any]],
+                      windows: Sequence[tuple[int | None, Changes]]) -> int:
+    """Name the page of merges the kernel left unnamed, from pagemap snapshots; returns
+    how many were named (they get ``item_from: "pagemap"``).
+
+    ``windows``: in time order, (full_scans when the snapshot was taken, or None for
+    the last one, taken when tracing stopped; the pages whose pfn changed since the
+    previous snapshot, in address order).  The live lab snapshots at time 0 and at
+    every full-scan end (ksmd sleeps then), so a window is one full scan.
+
+    A merged page maps its KSM page's pfn (or the zero page's) from its merge on.  For
+    each (target pfn, process) the pages that came to map it within the window, less
+    the KSM page itself and pages already named, are the candidates.  Within one full
     scan ksmd meets a process's merges into one KSM page in address order (a stable
-    merge at the scanned page, the tree page of a two-page merge just before the
-    scanned page, which is the KSM page itself), so where all the unnamed merges of
-    a group fall in one full scan and their number is the candidates' number, the
-    n-th merge is the n-th candidate.  Any other group stays unnamed: merges spread
-    over several scans, unmerged pages, or pages the zero page holds for other
-    reasons (a THP split's remap) break the count."""
-    where: dict[tuple[int, int], list[int]] = {}
-    for inst, pages in end.items():
-        for idx, pfn in pages:
-            if pfn:
-                where.setdefault((pfn, inst), []).append(idx)
-    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for e in events:
-        if _merged(e) and e.get("proc") is not None and "pfn" in e:
-            groups.setdefault((int(e["pfn"]), int(e["proc"])), []).append(e)
+    merge at the scanned page; the tree page of a two-page merge just before the
+    scanned page, which becomes the KSM page), so where the unnamed merges of a group
+    fall in one full scan and number as many as the candidates, the n-th merge is the
+    n-th candidate.  Other groups stay unnamed: a window over several scans with
+    merges in more than one, a page merged and unmerged within the window, or pages
+    the zero page took for other reasons (a THP split's remap)."""
     named = 0
-    for (pfn, proc), evs in groups.items():
-        unknown = [e for e in evs if e.get("item") is None]
-        if not unknown or len({e.get("scan") for e in unknown}) != 1:
-            continue
-        taken = {tuple(e["item"]) for e in evs if isinstance(e.get("item"), list)}
-        own = evs[0].get("page")
-        cands = [i for i in where.get((pfn, proc), [])
-                 if (proc, i) not in taken and [proc, i] != own]
-        if len(cands) != len(unknown):
-            continue
-        for e, i in zip(unknown, cands, strict=True):
-            e["item"] = [proc, i]
-            e["item_from"] = "end"
-            named += 1
+    lo = 0
+    by_scan: dict[int, list[dict[str, Any]]] = {}
+    for e in events:
+        if (_merged(e) and e.get("scan") is not None and e.get("proc") is not None
+                and "pfn" in e):
+            by_scan.setdefault(int(e["scan"]), []).append(e)
+    for key, changes in windows:
+        hi = max(by_scan, default=-1) if key is None else key - 1  # window: scans lo..hi
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for sc in range(lo, hi + 1):
+            for e in by_scan.get(sc, []):
+                groups.setdefault((int(e["pfn"]), int(e["proc"])), []).append(e)
+        if key is not None:
+            lo = key
+        came: dict[tuple[int, int], list[int]] = {}
+        for inst, pages in changes.items():
+            for idx, pfn in pages:
+                came.setdefault((pfn, inst), []).append(idx)
+        for (pfn, proc), evs in groups.items():
+            unknown = [e for e in evs if e.get("item") is None]
+            if not unknown or len({e.get("scan") for e in unknown}) != 1:
+                continue
+            taken = {tuple(e["item"]) for e in evs if isinstance(e.get("item"), list)}
+            own = evs[0].get("page")
+            cands = [i for i in came.get((pfn, proc), [])
+                     if (proc, i) not in taken and [proc, i] != own]
+            if len(cands) != len(unknown):
+                continue
+            for e, i in zip(unknown, cands, strict=True):
+                e["item"] = [proc, i]
+                e["item_from"] = "pagemap"
+                named += 1
     return named
+
+
+def changes(before: Mapping[int, Sequence[tuple[int, int]]],
+            after: Mapping[int, Sequence[tuple[int, int]]]) -> dict[int, list[tuple[int, int]]]:
+    """The pages whose pfn differs between two snapshots (instance -> [(index, pfn)]
+    in address order), in the form :func:`name_by_snapshots` takes."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for inst, pages in after.items():
+        old = dict(before.get(inst, []))
+        out[inst] = [(i, pfn) for i, pfn in pages if old.get(i) != pfn]
+    return out
 
 
 @dataclass(frozen=True)

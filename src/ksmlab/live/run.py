@@ -20,6 +20,9 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from .. import events as kevents
 from ..scenario import (
     Event,
@@ -206,6 +209,9 @@ class LiveRun:
         # KSM's tracepoints recorded into the trace (live/tracefs.py); off by default
         self.kernel_events = kernel_events
         self.t0 = 0.0  # time 0 on time.monotonic()
+        # pagemap snapshots while the stream is recorded: (full_scans or None, changes)
+        self._snaps: list[tuple[int | None, dict[int, list[tuple[int, int]]]]] | None = None
+        self._last: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]] = {}
 
     def check(self) -> None:
         """Refuse (LiveError) before anything is touched if the run cannot work here."""
@@ -312,38 +318,62 @@ class LiveRun:
         tr.kernel_events = stream
         return tr
 
-    def _pages(self, workloads: list[Workload]) -> dict[int, list[tuple[int, int]]]:
-        """instance -> [(page index in its regions, pfn)] in address order, from
-        /proc/PID/pagemap (pfn 0: not present); {} if a pagemap cannot be read."""
-        out: dict[int, list[tuple[int, int]]] = {}
+    def _pages(self, workloads: list[Workload]
+               ) -> dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]]:
+        """instance -> (page index in its regions, pfn) of every page, in address order,
+        from /proc/PID/pagemap (pfn 0: not present); {} if a pagemap cannot be read."""
+        out = {}
         for inst, w in enumerate(workloads):
-            base = 0
-            rows: list[tuple[int, int, int]] = []
+            spans, base = [], 0
             for addr, size in w.ready.get("regions", []):
+                spans.append((int(addr), int(size), base))
+                base += int(size) // 4096
+            idx, pfn = [], []
+            for addr, size, first in sorted(spans):  # address order (top-down mmap)
                 try:
-                    got = pagemap_pfns(self.fs, w.pid, int(addr), int(size))
+                    pfn.append(pagemap_pfns(self.fs, w.pid, addr, size))
                 except OSError as e:
                     self.notes.append(f"no pagemap of workload {w.pid}: {e}")
+                    self._snaps = None
                     return {}
-                rows += [(int(addr) + 4096 * i, base + i, pfn) for i, pfn in enumerate(got)]
-                base += int(size) // 4096
-            out[inst] = [(idx, pfn) for _, idx, pfn in sorted(rows)]
+                idx.append(np.arange(first, first + size // 4096, dtype=np.int64))
+            if idx:
+                out[inst] = (np.concatenate(idx), np.concatenate(pfn))
         return out
 
     def _pagemap(self, workloads: list[Workload]) -> dict[int, tuple[int, int]]:
-        """pfn -> (instance, page index in its regions) of every workload page at time 0;
-        a pfn mapped more than once (the zero page) is left out."""
+        """pfn -> (instance, page index in its regions) of every workload page at time 0
+        (a pfn mapped more than once, the zero page, is left out); starts the snapshots
+        events.name_by_snapshots() names pages from."""
         out: dict[int, tuple[int, int]] = {}
         twice: set[int] = set()
-        for inst, pages in self._pages(workloads).items():
-            for idx, pfn in pages:
+        self._snaps = []
+        self._last = self._pages(workloads)
+        for inst, (idx, pfns) in self._last.items():
+            for i, pfn in zip(idx.tolist(), pfns.tolist(), strict=True):
                 if pfn:
                     if pfn in out:
                         twice.add(pfn)
-                    out[pfn] = (inst, idx)
+                    out[pfn] = (inst, i)
         for pfn in twice:
             del out[pfn]
         return out
+
+    def _snapshot(self, workloads: list[Workload], scans: int | None) -> None:
+        """The pages whose pfn changed since the last snapshot (at a full-scan end, while
+        ksmd sleeps, or when tracing stopped: ``scans`` None)."""
+        if self._snaps is None:
+            return
+        now = self._pages(workloads)
+        if self._snaps is None:
+            return
+        changed: dict[int, list[tuple[int, int]]] = {}
+        for inst, (idx, pfns) in now.items():
+            old = self._last[inst][1]
+            m = pfns != old
+            changed[inst] = list(zip(idx[m].tolist(), pfns[m].tolist(), strict=True))
+        self._snaps.append((scans, changed))
+        self._last = now
 
     def _stream(self, tracer: KernelEvents, workloads: list[Workload],
                 pfns: dict[int, tuple[int, int]]) -> dict[str, Any]:
@@ -352,10 +382,10 @@ class LiveRun:
             self.notes.extend(tracer.notes)
             return {"source": "tracefs", "recorded": False, "events": [], "notes": tracer.notes}
         raw = tracer.stop()
-        end = self._pages(workloads)  # where each page maps now (name_by_end)
+        self._snapshot(workloads, None)  # where each page maps now
         labelled, notes = kevents.label(raw, {w.pid: i for i, w in enumerate(workloads)},
                                         pfns, self.t0)
-        by_end = kevents.name_by_end(labelled, end)
+        named = kevents.name_by_snapshots(labelled, self._snaps or [])
         self.notes.extend(tracer.notes + notes)
         counts: dict[str, int] = {}
         for e in labelled:
@@ -363,7 +393,7 @@ class LiveRun:
         return {"source": "tracefs", "events": labelled, "counts": counts,
                 "lost": tracer.lost, "recorded": True,
                 "enabled": tracer.names, "pages_identified": len(pfns),
-                "named_by_end": by_end}
+                "named_by_pagemap": named, "snapshots": len(self._snaps or [])}
 
     def _wake_khugepaged(self) -> float | None:
         """One khugepaged pass, whole: wake it and wait until it sleeps again.
@@ -484,6 +514,8 @@ class LiveRun:
                 boundary = scans is not None and scans > 0
                 take(boundary)
                 if boundary and scans is not None:
+                    if self._snaps is not None:
+                        self._snapshot(workloads, scans)  # names merged pages (events.py)
                     # ksmd sleeps sleep_millisecs now: the model does these at the
                     # same point, right after the checkpoint, in this order
                     if per_scan:

@@ -35,9 +35,11 @@ import errno
 import os
 import re
 import select
-import struct
 import threading
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from .journal import Journal
 from .kernelfs import KernelFS, KernelWriteError
@@ -316,14 +318,14 @@ PFN_MASK = (1 << 55) - 1  # pagemap bits 0-54 (Documentation/admin-guide/mm/page
 PM_PRESENT = 1 << 63
 
 
-def pagemap_pfns(fs: KernelFS, pid: int, addr: int, size: int) -> list[int]:
+def pagemap_pfns(fs: KernelFS, pid: int, addr: int, size: int) -> npt.NDArray[np.uint64]:
     """The pfn of each 4 KiB page of [addr, addr + size) of process ``pid`` (0 where
     not present); /proc/PID/pagemap shows pfns to root only (CAP_SYS_ADMIN)."""
     n = size // 4096
     raw = fs.read_bytes(f"proc/{pid}/pagemap", (addr // 4096) * 8, n * 8)
-    out = []
-    for (v,) in struct.iter_unpack("<Q", raw):
-        out.append(v & PFN_MASK if v & PM_PRESENT else 0)
+    v = np.frombuffer(raw, dtype="<u8")
+    out: npt.NDArray[np.uint64] = np.where(v & np.uint64(PM_PRESENT), v & np.uint64(PFN_MASK),
+                                           np.uint64(0)).astype(np.uint64)
     return out
 
 
