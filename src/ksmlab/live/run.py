@@ -393,7 +393,8 @@ class LiveRun:
         return {"source": "tracefs", "events": labelled, "counts": counts,
                 "lost": tracer.lost, "recorded": True,
                 "enabled": tracer.names, "pages_identified": len(pfns),
-                "named_by_pagemap": named, "snapshots": len(self._snaps or [])}
+                "named_by_pagemap": named, "snapshots": len(self._snaps or []),
+                "pipe_reads": tracer.reads}
 
     def _wake_khugepaged(self) -> float | None:
         """One khugepaged pass, whole: wake it and wait until it sleeps again.

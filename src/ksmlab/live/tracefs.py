@@ -12,8 +12,8 @@ unmounts; after a SIGKILL, ``ksmlab restore`` (:func:`restore_tracing`) does the
 same from the journal.
 
 How nothing is lost: a background thread reads ``trace_pipe`` while the run
-goes on (non-blocking reads, polled every 50 ms; each read consumes what it
-returns), so the ring buffer only has to hold what arrives between two reads.
+goes on (non-blocking reads; when the pipe is empty it sleeps 50 ms; each read
+consumes what it returns), so the ring buffer only has to hold what arrives between two reads.
 A 128 MiB scenario at pages_to_scan=1000 gives ksmd at most ~40,000 page
 visits a second and at most two events per visit (a merge of two pages fires
 ksm_merge_with_ksm_page twice); 8 MiB per CPU (``BUFFER_KB``) holds ~150,000
@@ -34,7 +34,6 @@ import contextlib
 import errno
 import os
 import re
-import select
 import threading
 from typing import Any
 
@@ -137,6 +136,7 @@ class KernelEvents:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
+        self.reads = 0  # read(2) calls on trace_pipe (a spinning reader would show here)
 
     # ---- journalled changes ----------------------------------------------
     def _journal(self) -> None:
@@ -224,7 +224,11 @@ class KernelEvents:
         self._thread.start()
 
     def _reader(self) -> None:
-        """Drain trace_pipe until told to stop and the pipe is empty."""
+        """Drain trace_pipe until told to stop and the pipe is empty.
+
+        An empty pipe answers EAGAIN; the thread then sleeps POLL_S rather than
+        poll(2), which may report trace_pipe readable while it is empty (a spin that
+        took CPU from ksmd on a 2-CPU machine)."""
         fd = self._fd
         assert fd is not None
         while True:
@@ -237,6 +241,7 @@ class KernelEvents:
                 if e.errno == errno.EINTR:
                     continue
                 return
+            self.reads += 1
             if data:
                 if self._kept < MAX_TEXT:
                     self._chunks.append(data)
@@ -246,8 +251,7 @@ class KernelEvents:
                 continue
             if stopping:
                 return
-            with contextlib.suppress(OSError, ValueError):
-                select.select([fd], [], [], POLL_S)
+            self._stop.wait(POLL_S)
 
     def _close_pipe(self) -> None:
         if self._thread is not None:
