@@ -101,6 +101,8 @@ def test_run_records_the_stream_and_leaves_tracing_as_found(tmp_path: Path) -> N
     tr = Trace.load(tmp_path / "trace-small-live.trace.json.gz")
     ke = tr.kernel_events
     assert ke is not None and ke["lost"] == 0
+    # the reader sleeps on an empty pipe (a spinning one would read thousands of times)
+    assert ke["pipe_reads"] < 1000, ke["pipe_reads"]
     evs = ke["events"]
     # the workloads' mms, in the scenario's order, from their own ksm_enter
     assert [e["proc"] for e in evs if e["event"] == "ksm_enter" and e["proc"] is not None
