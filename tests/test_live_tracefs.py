@@ -107,6 +107,7 @@ def test_run_records_the_stream_and_leaves_tracing_as_found(tmp_path: Path) -> N
     # the workloads' mms, in the scenario's order, from their own ksm_enter
     assert [e["proc"] for e in evs if e["event"] == "ksm_enter" and e["proc"] is not None
             ] == [0, 1]
+    assert sorted(ke["mms"]) == ["0", "1"] and len(set(ke["mms"].values())) == 2
     seqs = [e["seq"] for e in evs if e["event"] == "ksm_start_scan"]
     assert seqs[:3] == [0, 1, 2]
     ms = events.merges(evs)

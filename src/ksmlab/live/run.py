@@ -390,7 +390,10 @@ class LiveRun:
         counts: dict[str, int] = {}
         for e in labelled:
             counts[e["event"]] = counts.get(e["event"], 0) + 1
-        return {"source": "tracefs", "events": labelled, "counts": counts,
+        # each workload's mm pointer, from its own ksm_enter during set-up (in order)
+        mms = {str(e["proc"]): e["mm"] for e in labelled
+               if e["event"] == "ksm_enter" and e.get("proc") is not None}
+        return {"source": "tracefs", "events": labelled, "counts": counts, "mms": mms,
                 "lost": tracer.lost, "recorded": True,
                 "enabled": tracer.names, "pages_identified": len(pfns),
                 "named_by_pagemap": named, "snapshots": len(self._snaps or []),
