@@ -89,7 +89,7 @@ def _warn_journal(ctx: typer.Context) -> None:
         return
     rec = Journal().read()
     if rec is not None and RunLock().holder() is None:
-        names = ", ".join(n for n, _ in rec.saved)
+        names = ", ".join([n for n, _ in rec.saved] + (["tracefs"] if rec.tracing else []))
         err.print(f"ksmlab: warning: a killed run (pid {rec.pid}) left knobs changed ({names}); "
                   "run `ksmlab restore`", markup=False, soft_wrap=True)
 
@@ -161,6 +161,7 @@ def doctor(json_out: JsonOpt = False) -> None:
         print(f"profile     {prof['source']}: {prof.get('path')}")
     if prof.get("warning") and prof["source"] != "shipped":
         print(f"            {prof['warning']}")
+    print(f"events      {d['kernel_events']}")
     if d["journal"]:
         print(f"journal     a killed run left knobs changed: {d['journal']} (ksmlab restore)")
     if d["ksm_mergeable_pids"]:
@@ -245,13 +246,17 @@ def _emit(tr: Trace, summary: metrics.Summary, title: str, json_out: bool,
 
 @app.command()
 def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
-        json_out: JsonOpt = False) -> None:
+        json_out: JsonOpt = False,
+        kernel_events: Annotated[bool, typer.Option(
+            "--kernel-events", help="also record KSM's tracepoints (tracefs) in the trace")]
+        = False) -> None:
     """Run a scenario on the running kernel (root): knobs set and always restored."""
     from .live.run import Interrupted, LiveError, LiveRun
 
     sc = _load(scenario, duration)
     prog, update = _progress_live(sc, quiet=False)
-    live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False))
+    live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False),
+                   kernel_events=kernel_events)
     try:
         live.check()  # before the progress display: a refusal is one line, nothing else
         with prog:
@@ -261,7 +266,11 @@ def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
     except Interrupted as e:
         fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
     summary = metrics.summarize(tr)
-    _emit(tr, summary, f"{sc.name} on Linux {tr.meta['kernel']} (live)", json_out, out, {})
+    extra: dict[str, Any] = {}
+    if tr.kernel_events is not None:
+        ke = tr.kernel_events
+        extra["kernel_events"] = {k: ke.get(k) for k in ("recorded", "counts", "lost")}
+    _emit(tr, summary, f"{sc.name} on Linux {tr.meta['kernel']} (live)", json_out, out, extra)
 
 
 @app.command()
@@ -379,6 +388,10 @@ def validate(
     kernel: Annotated[str | None, typer.Option(
         help="a patched kernel variant: run it under qemu instead (ksmlab kernel validate)")]
     = None,
+    kernel_events: Annotated[bool, typer.Option(
+        "--kernel-events/--no-kernel-events",
+        help="record KSM's tracepoints live and compare them with the model's merges")]
+    = True,
 ) -> None:
     """Live run and model run of each scenario, compared at every full-scan end.
 
@@ -390,6 +403,7 @@ def validate(
         from .kernel.cli import validate_many
 
         raise typer.Exit(validate_many(scenarios, kernel, json_out=json_out))
+    from . import events as kevents
     from . import fidelity
     from .live.run import Interrupted, LiveError, LiveRun
     from .model import get_policy, simulate
@@ -404,7 +418,8 @@ def validate(
     results = []
     for sc in loaded:
         prog, update = _progress_live(sc, quiet=False)
-        live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False))
+        live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False),
+                       kernel_events=kernel_events)
         try:
             live.check()
             with prog:
@@ -413,7 +428,9 @@ def validate(
             fail(f"{sc.name}: {e}")
         except Interrupted as e:
             fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
-        cand = simulate(sc, pol, profile=choice.profile, **fidelity.replay(ref))
+        stream = bool(ref.kernel_events and ref.kernel_events.get("recorded"))
+        cand = simulate(sc, pol, profile=choice.profile, kernel_events=stream,
+                        **fidelity.replay(ref))
         ref.save(out / f"{sc.name}.kernel.trace.json.gz")
         cand.save(out / f"{sc.name}.model.trace.json.gz")
         report.plot_validation(sc.name, ref, cand, out / f"{sc.name}.validate.png",
@@ -424,6 +441,9 @@ def validate(
         if not json_out:
             err.print(f"{sc.name}: {r.agreement * 100:.1f} % of {r.checkpoints} checkpoints "
                       "exact", markup=False)
+            if r.events is not None:
+                err.print(f"{sc.name}: {kevents.text(kevents.StreamFit(**r.events_fit()))}",
+                          markup=False)
     if json_out:
         print(json.dumps({
             "kernel": os.uname().release, "policy": pol,
@@ -446,6 +466,8 @@ def validate(
     for r in results:
         k, m = (", ".join(r.verdicts[s]) or "none" for s in ("kernel", "model"))
         print(f"{r.name}: verdicts kernel {k}; model {m}")
+        if r.events is not None:
+            print(f"{r.name}: {kevents.text(kevents.StreamFit(**r.events_fit()))}")
         for line in fidelity.disagreements(r) + r.verdict_notes + r.notes:
             print(textwrap.fill(line, 80, subsequent_indent="  "))
     print(f"traces and plots in {out}/")

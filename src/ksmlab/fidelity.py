@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import events as kevents
 from .metrics import Summary
 from .trace import KSM_COUNTERS, Trace
 
@@ -96,6 +97,8 @@ class Fidelity:
     borderline: dict[str, list[str]] = field(default_factory=dict)  # side -> within margin
     verdicts_agree: bool | None = None  # None: verdicts not judged (see judge_verdicts)
     verdict_notes: list[str] = field(default_factory=list)  # each difference, excused or not
+    # KSM's event streams compared (events.compare), where both traces carry one
+    events: dict[str, Any] | None = None
 
     def judge_verdicts(self, sides: dict[str, Summary]) -> None:
         """Fill the verdict fields from each side's summary (two sides, ref first)."""
@@ -120,6 +123,10 @@ class Fidelity:
         d = asdict(self)
         d["passed"] = self.passed()
         return d
+
+    def events_fit(self) -> dict[str, Any]:
+        """``events`` without what is not a :class:`events.StreamFit` field."""
+        return {k: v for k, v in (self.events or {}).items() if k != "lost_kernel"}
 
 
 def verdict_agreement(sides: dict[str, Summary]) -> tuple[bool, list[str]]:
@@ -216,6 +223,7 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     pr, pc = _cpu_pct(ref, upto), _cpu_pct(cand, upto)
     cpu_err = rel_diff(pr, pc) if pr is not None and pc is not None else None
     return Fidelity(
+        events=streams(ref, cand),
         name=name,
         checkpoints=len(ks),
         agreement=float(all_exact.mean()) if ks else 0.0,
@@ -226,6 +234,17 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
         counters=counters,
         notes=notes,
     )
+
+
+def streams(ref: Trace, cand: Trace) -> dict[str, Any] | None:
+    """The merges of both event streams, full scan by full scan (:func:`events.compare`);
+    None unless both traces recorded one."""
+    a, b = ref.kernel_events, cand.kernel_events
+    if not (a and a.get("recorded") and b and b.get("recorded")):
+        return None
+    out = kevents.compare(a["events"], b["events"]).to_json()
+    out["lost_kernel"] = a.get("lost", 0)
+    return out
 
 
 def suite_agreement(results: list[Fidelity]) -> float:

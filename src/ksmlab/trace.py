@@ -3,6 +3,9 @@
 A trace is a table of samples over time, one column per counter, named after
 the kernel's own counters, plus metadata (where it came from, the scenario,
 the kernel release or model policy, the knob values) and the events applied.
+A trace may also carry KSM's own event stream (``kernel_events``: the kernel's
+tracepoints in a live trace, the same events emitted by the model; see
+:mod:`ksmlab.events`); traces without it load with ``kernel_events`` None.
 Counters that the kernel never resets (``pages_scanned``, the ``thp_*`` events
 of /proc/vmstat) are stored raw; ``meta["baseline"]`` holds their values just
 before the workload started, and :meth:`Trace.since_start` gives the increase.
@@ -88,6 +91,8 @@ class Trace:
     meta: dict[str, Any]
     columns: dict[str, npt.NDArray[np.float64]]
     events: list[dict[str, Any]] = field(default_factory=list)
+    # {"source": "tracefs"|"model", "recorded": bool, "events": [...], ...} or None
+    kernel_events: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if "t" not in self.columns:
@@ -146,12 +151,15 @@ class Trace:
         return cls(meta, cols, events or [])
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
             "meta": self.meta,
             "events": self.events,
             "columns": {k: _plain(v) for k, v in self.columns.items()},
         }
+        if self.kernel_events is not None:
+            out["kernel_events"] = self.kernel_events
+        return out
 
     def save(self, path: Path) -> Path:
         data = json.dumps(self.to_json(), separators=(",", ":")).encode()
@@ -171,7 +179,7 @@ class Trace:
         if data.get("format") != FORMAT:
             raise TraceError(f"{path}: not a {FORMAT} file")
         cols = {k: np.array(v, dtype=np.float64) for k, v in data["columns"].items()}
-        return cls(data["meta"], cols, data.get("events", []))
+        return cls(data["meta"], cols, data.get("events", []), data.get("kernel_events"))
 
 
 def _plain(v: npt.NDArray[np.float64]) -> list[float | int | None]:

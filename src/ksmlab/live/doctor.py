@@ -13,6 +13,7 @@ from .kernelfs import KernelFS
 from .knobs import all_knobs
 from .run import ksm_competitors, mem_available_mib, problems, thp_competitors
 from .sampler import find_ksmd
+from .tracefs import tracefs_status
 
 
 def diagnose(fs: KernelFS) -> dict[str, Any]:
@@ -36,7 +37,10 @@ def diagnose(fs: KernelFS) -> dict[str, Any]:
         "ksmd_pid": find_ksmd(fs),
         "mem_available_mib": mem_available_mib(fs),
         "knobs": knobs,
-        "journal": dict(rec.saved) if rec else None,
+        "journal": ({**dict(rec.saved), **({"tracefs": "to restore"} if rec.tracing else {})}
+                    if rec else None),
+        # KSM's tracepoints (ksmlab validate / run --kernel-events); not mounted here
+        "kernel_events": tracefs_status(fs),
         "lock_holder": RunLock().holder(),
         # processes a live run would share ksmd (and khugepaged) with
         "ksm_mergeable_pids": ksm_competitors(fs, {os.getpid()}),

@@ -39,23 +39,50 @@ class JournalRecord:
     boot_id: str
     started: float
     saved: list[tuple[str, str]]
+    # tracefs state a run changed (live/tracefs.py): {"mount": "pending"|"mounted"|None,
+    # "saved": [[file, value], ...]} in the order changed; None: tracing untouched
+    tracing: dict[str, Any] | None = None
 
 
 class Journal:
-    """Saved values, written atomically (tmp + fsync + rename) before each change."""
+    """Saved values, written atomically (tmp + fsync + rename) before each change.
+
+    Two parts share the file: the knobs (:meth:`write`, :meth:`remove`) and the
+    tracing state (:meth:`write_tracing`, :meth:`clear_tracing`); the file goes
+    when both are empty.
+    """
 
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder or state_dir()
         self.path = self.folder / "journal.json"
+        self.saved: list[tuple[str, str]] = []
+        self.tracing: dict[str, Any] | None = None
 
     def write(self, saved: list[tuple[str, str]]) -> None:
+        self.saved = list(saved)
+        self._flush()
+
+    def write_tracing(self, tracing: dict[str, Any]) -> None:
+        self.tracing = tracing
+        self._flush()
+
+    def clear_tracing(self) -> None:
+        self.tracing = None
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.saved and not self.tracing:
+            self.path.unlink(missing_ok=True)
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         rec: dict[str, Any] = {
             "pid": os.getpid(),
             "boot_id": boot_id(),
             "started": time.time(),
-            "saved": [list(x) for x in saved],
+            "saved": [list(x) for x in self.saved],
         }
+        if self.tracing:
+            rec["tracing"] = self.tracing
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             json.dump(rec, f)
@@ -67,9 +94,11 @@ class Journal:
         """The journal left by a run, or None (none, unreadable, or from another boot)."""
         try:
             data = json.loads(self.path.read_text())
+            tracing = data.get("tracing")
             rec = JournalRecord(
                 int(data["pid"]), str(data["boot_id"]), float(data["started"]),
                 [(str(n), str(v)) for n, v in data["saved"]],
+                dict(tracing) if tracing else None,
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -78,7 +107,9 @@ class Journal:
         return rec
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """The knobs are back: drop their part (the file, unless tracing is pending)."""
+        self.saved = []
+        self._flush()
 
 
 class RunLock:

@@ -9,6 +9,8 @@ write itself instead of at a later flush.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 from pathlib import Path
@@ -70,3 +72,44 @@ class KernelFS:
             raise KernelWriteError(rel, value, e.errno or errno.EIO) from None
         finally:
             os.close(fd)
+
+    def truncate(self, rel: str) -> None:
+        """Open with O_TRUNC and write nothing (tracefs ``trace``: clears the buffer)."""
+        self.writes.append((rel, ""))
+        try:
+            os.close(os.open(self.path(rel), os.O_WRONLY | os.O_TRUNC))
+        except OSError as e:
+            raise KernelWriteError(rel, "", e.errno or errno.EIO) from None
+
+    def read_bytes(self, rel: str, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of a binary file (/proc/PID/pagemap)."""
+        fd = os.open(self.path(rel), os.O_RDONLY)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    # ---- mounts (tracefs) ----------------------------------------------
+    def mounted(self, rel: str) -> str | None:
+        """The filesystem type mounted at ``/rel`` (from /proc/self/mounts), or None."""
+        where = "/" + rel.strip("/")
+        found = None
+        for line in (self.read_or_none("proc/self/mounts") or "").splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == where:
+                found = parts[2]  # the last mount on a point is the visible one
+        return found
+
+    def mount(self, rel: str, fstype: str) -> None:
+        """mount(2) of a pseudo filesystem (``nodev``) at ``/rel``; recorded in ``writes``."""
+        self.writes.append((rel, f"mount {fstype}"))
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.mount(b"nodev", str(self.path(rel)).encode(), fstype.encode(), 0, None) != 0:
+            raise KernelWriteError(rel, f"mount {fstype}", ctypes.get_errno() or errno.EIO)
+
+    def umount(self, rel: str) -> None:
+        """umount(2) of ``/rel``; recorded in ``writes``."""
+        self.writes.append((rel, "umount"))
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.umount2(str(self.path(rel)).encode(), 0) != 0:
+            raise KernelWriteError(rel, "umount", ctypes.get_errno() or errno.EIO)

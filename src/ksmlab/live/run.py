@@ -20,6 +20,10 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from .. import events as kevents
 from ..scenario import (
     Event,
     KhugepagedWake,
@@ -39,6 +43,7 @@ from .kernelfs import KernelFS, KernelWriteError
 from .knobs import KSM, THP, KnobError, KnobSession, read_all, restore_values
 from .kthread import PASS_TIMEOUT_S, Khugepaged
 from .sampler import Sampler
+from .tracefs import KernelEvents, TracingError, pagemap_pfns, restore_tracing
 from .workload import Workload, WorkloadError, thp_disable
 
 MEMORY_MARGIN_MIB = 256
@@ -143,11 +148,23 @@ def restore_journal(fs: KernelFS, journal: Journal, lock: RunLock) -> list[tuple
     holder = lock.holder()
     if holder is not None and holder != os.getpid():
         raise LiveError(f"a live run (pid {holder}) is in progress; its own restore will run")
+    done: list[tuple[str, str]] = []
+    if rec.tracing:
+        # tracefs first: its files live on a mount the lab may have made
+        journal.tracing = rec.tracing
+        journal.saved = rec.saved
+        failures = restore_tracing(fs, rec.tracing)
+        if failures:
+            raise LiveError("tracefs restore incomplete: " + "; ".join(failures))
+        done += [(str(n), str(v)) for n, v in rec.tracing.get("saved", [])]
+        if rec.tracing.get("mount"):
+            done.append(("sys/kernel/tracing", "unmounted"))
+        journal.clear_tracing()
     failures = restore_values(fs, rec.saved)
     if failures:
         raise LiveError("restore incomplete: " + "; ".join(failures))
     journal.remove()
-    return rec.saved
+    return rec.saved + done
 
 
 @dataclass
@@ -174,8 +191,8 @@ Progress = Callable[[dict[str, float]], None]
 
 class LiveRun:
     def __init__(self, sc: Scenario, fs: KernelFS | None = None,
-                 progress: Progress | None = None, log: Callable[[str], None] | None = None
-                 ) -> None:
+                 progress: Progress | None = None, log: Callable[[str], None] | None = None,
+                 kernel_events: bool = False) -> None:
         self.sc = sc
         self.fs = fs or KernelFS()
         self.progress = progress
@@ -190,6 +207,12 @@ class LiveRun:
         self.khugepaged = Khugepaged(self.fs)
         self.slow_passes = 0  # khugepaged passes not seen to end (PASS_TIMEOUT_S)
         self.enter_passes: int | None = None
+        # KSM's tracepoints recorded into the trace (live/tracefs.py); off by default
+        self.kernel_events = kernel_events
+        self.t0 = 0.0  # time 0 on time.monotonic()
+        # pagemap snapshots while the stream is recorded: (full_scans or None, changes)
+        self._snaps: list[tuple[int | None, dict[int, list[tuple[int, int]]]]] | None = None
+        self._last: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]] = {}
 
     def check(self) -> None:
         """Refuse (LiveError) before anything is touched if the run cannot work here."""
@@ -230,7 +253,11 @@ class LiveRun:
                 raise LiveError(str(e)) from None
             knobs = read_all(self.fs)
             workloads: list[Workload] = []
+            tracer = KernelEvents(self.fs, self.journal) if self.kernel_events else None
+            stream: dict[str, Any] | None = None
             try:
+                if tracer is not None:
+                    tracer.start()  # before the workloads: their ksm_enter is wanted
                 kh_before = self.khugepaged.settle()
                 base_rss = start_in_order(self.sc, workloads)
                 self.enter_passes = _passes(kh_before, self.khugepaged.settle())
@@ -238,11 +265,20 @@ class LiveRun:
                 ours = {os.getpid(), *sampler.pids}
                 self.competitors = thp_competitors(self.fs, ours)
                 self.ksm_others = ksm_competitors(self.fs, ours)
+                pfns = self._pagemap(workloads) if tracer is not None and tracer.available \
+                    else {}
                 self._wake_khugepaged()
                 rows = self._loop(ks, sampler, workloads)
+                if tracer is not None:
+                    stream = self._stream(tracer, workloads, pfns)
             except (WorkloadError, KernelWriteError, KnobError) as e:
                 raise LiveError(str(e)) from None
             finally:
+                if tracer is not None:
+                    try:
+                        tracer.restore()
+                    except TracingError as e:
+                        self.notes.append(str(e))
                 for w in workloads:
                     w.stop()
                 # unmerge_and_remove_all_rmap_items(): free what KSM kept of the dead
@@ -269,6 +305,7 @@ class LiveRun:
             "khugepaged_enter_passes": self.enter_passes,
         }
         tr = Trace.from_rows(meta, rows, self.events)
+        tr.kernel_events = stream
         busy = others_cpu_pct(tr)
         meta["others_cpu_pct"] = None if busy is None else round(busy, 1)
         if busy is not None and busy > BUSY_PCT:
@@ -276,6 +313,87 @@ class LiveRun:
                 f"the machine was busy: other work used {busy:.0f} % of a CPU beside this run "
                 "(ksmd's CPU and the full-scan times are skewed; counters are not)")
         return tr
+
+    def _pages(self, workloads: list[Workload]
+               ) -> dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]]:
+        """instance -> (page index in its regions, pfn) of every page, in address order,
+        from /proc/PID/pagemap (pfn 0: not present); {} if a pagemap cannot be read."""
+        out = {}
+        for inst, w in enumerate(workloads):
+            spans, base = [], 0
+            for addr, size in w.ready.get("regions", []):
+                spans.append((int(addr), int(size), base))
+                base += int(size) // 4096
+            idx, pfn = [], []
+            for addr, size, first in sorted(spans):  # address order (top-down mmap)
+                try:
+                    pfn.append(pagemap_pfns(self.fs, w.pid, addr, size))
+                except OSError as e:
+                    self.notes.append(f"no pagemap of workload {w.pid}: {e}")
+                    self._snaps = None
+                    return {}
+                idx.append(np.arange(first, first + size // 4096, dtype=np.int64))
+            if idx:
+                out[inst] = (np.concatenate(idx), np.concatenate(pfn))
+        return out
+
+    def _pagemap(self, workloads: list[Workload]) -> dict[int, tuple[int, int]]:
+        """pfn -> (instance, page index in its regions) of every workload page at time 0
+        (a pfn mapped more than once, the zero page, is left out); starts the snapshots
+        events.name_by_snapshots() names pages from."""
+        out: dict[int, tuple[int, int]] = {}
+        twice: set[int] = set()
+        self._snaps = []
+        self._last = self._pages(workloads)
+        for inst, (idx, pfns) in self._last.items():
+            for i, pfn in zip(idx.tolist(), pfns.tolist(), strict=True):
+                if pfn:
+                    if pfn in out:
+                        twice.add(pfn)
+                    out[pfn] = (inst, i)
+        for pfn in twice:
+            del out[pfn]
+        return out
+
+    def _snapshot(self, workloads: list[Workload], scans: int | None) -> None:
+        """The pages whose pfn changed since the last snapshot (at a full-scan end, while
+        ksmd sleeps, or when tracing stopped: ``scans`` None)."""
+        if self._snaps is None:
+            return
+        now = self._pages(workloads)
+        if self._snaps is None:
+            return
+        changed: dict[int, list[tuple[int, int]]] = {}
+        for inst, (idx, pfns) in now.items():
+            old = self._last[inst][1]
+            m = pfns != old
+            changed[inst] = list(zip(idx[m].tolist(), pfns[m].tolist(), strict=True))
+        self._snaps.append((scans, changed))
+        self._last = now
+
+    def _stream(self, tracer: KernelEvents, workloads: list[Workload],
+                pfns: dict[int, tuple[int, int]]) -> dict[str, Any]:
+        """Stop the tracepoints and name what they saw in the lab's names."""
+        if not tracer.available:
+            self.notes.extend(tracer.notes)
+            return {"source": "tracefs", "recorded": False, "events": [], "notes": tracer.notes}
+        raw = tracer.stop()
+        self._snapshot(workloads, None)  # where each page maps now
+        labelled, notes = kevents.label(raw, {w.pid: i for i, w in enumerate(workloads)},
+                                        pfns, self.t0)
+        named = kevents.name_by_snapshots(labelled, self._snaps or [])
+        self.notes.extend(tracer.notes + notes)
+        counts: dict[str, int] = {}
+        for e in labelled:
+            counts[e["event"]] = counts.get(e["event"], 0) + 1
+        # each workload's mm pointer, from its own ksm_enter during set-up (in order)
+        mms = {str(e["proc"]): e["mm"] for e in labelled
+               if e["event"] == "ksm_enter" and e.get("proc") is not None}
+        return {"source": "tracefs", "events": labelled, "counts": counts, "mms": mms,
+                "lost": tracer.lost, "recorded": True,
+                "enabled": tracer.names, "pages_identified": len(pfns),
+                "named_by_pagemap": named, "snapshots": len(self._snaps or []),
+                "pipe_reads": tracer.reads}
 
     def _wake_khugepaged(self) -> float | None:
         """One khugepaged pass, whole: wake it and wait until it sleeps again.
@@ -372,7 +490,7 @@ class LiveRun:
         held: list[_Timed] = []  # align_events: due, waiting for a full-scan end
         per_scan = any(r.volatile_pages_per_scan for p in sc.process for r in p.region)
         rows: list[dict[str, float]] = []
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         k = 0  # next regular sample index
         last_scans = sampler.full_scans()
 
@@ -396,6 +514,8 @@ class LiveRun:
                 boundary = scans is not None and scans > 0
                 take(boundary)
                 if boundary and scans is not None:
+                    if self._snaps is not None:
+                        self._snapshot(workloads, scans)  # names merged pages (events.py)
                     # ksmd sleeps sleep_millisecs now: the model does these at the
                     # same point, right after the checkpoint, in this order
                     if per_scan:

@@ -4,9 +4,17 @@ Follows the 6.12-6.18 code path by path; see reference/kernel-behavior.md §1.
 Content ids stand for page contents: ``memcmp_pages`` is id comparison and the
 checksum is ``cid + 1`` (never equal to the initial oldchecksum 0, like
 xxhash of a real page in practice).
+
+With ``Ksm.trace`` a list (off: None), ksmd appends the events of KSM's
+tracepoints where the kernel fires them (include/trace/events/ksm.h), in the
+lab's names of :mod:`ksmlab.events`: pages as ``[process instance, page index]``
+(``Ksm.pages``: the workload's pages at time 0, as the live lab's pagemap
+snapshot), rmap items as their page, mms as the process instance.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ..scenario import KsmKnobs
 from .costs import CpuMeter
@@ -102,6 +110,29 @@ class Ksm:
         self.rmap_items = 0
         self.stable_node_chains = 0
         self.stable_node_dups = 0
+        # KSM's tracepoints (see the module docstring); None: not recorded
+        self.trace: list[dict[str, Any]] | None = None
+        self.pages: dict[Page, list[int]] = {}  # page at time 0 -> [instance, index]
+        self.vma_base: dict[Vma, tuple[int, int]] = {}  # vma -> (instance, first index)
+        self.scan_open: int | None = None  # the full scan in progress (its seq)
+
+    # ---- tracepoints ---------------------------------------------------
+    def _event(self, name: str, **fields: Any) -> None:
+        assert self.trace is not None
+        self.trace.append({"event": name, "t": round(self.now, 9), "scan": self.scan_open,
+                           **fields})
+
+    def _item_page(self, item: RmapItem) -> list[int] | None:
+        base = self.vma_base.get(item.vma)
+        return None if base is None else [base[0], base[1] + item.addr - item.vma.start]
+
+    def _trace_merge(self, name: str, item: RmapItem, page: list[int] | str | None,
+                     err: int, ksm_page: bool | None = None) -> None:
+        """ksm_merge_one_page / ksm_merge_with_ksm_page (try_to_merge_with_zero_page(),
+        try_to_merge_with_ksm_page()); err as the kernel's (-EFAULT)."""
+        extra = {} if ksm_page is None else {"ksm_page": ksm_page}
+        self._event(name, **extra, page=page, item=self._item_page(item),
+                    proc=item.mm.pid - 1, err=0 if err == 0 else -14)
 
     # ---- registration -------------------------------------------------
     def enter(self, mm: Mm) -> None:
@@ -109,6 +140,8 @@ class Ksm:
         if mm in self.rmap_head:
             return
         self.rmap_head[mm] = None
+        if self.trace is not None:
+            self._event("ksm_enter", proc=mm.pid - 1)  # __ksm_enter()
         if self.cur_slot is None:
             self.slots.append(mm)
         else:
@@ -165,6 +198,9 @@ class Ksm:
         if self.cur_slot is None:
             # start of a full scan: lru_add_drain_all(), unstable roots = RB_ROOT
             self.cpu.charge("scan_start_ns")
+            if self.trace is not None:
+                self.scan_open = self.seqnr
+                self._event("ksm_start_scan", seq=self.seqnr, rmap_entries=self.rmap_items)
             self.unstable.reset()
             self.cur_slot = 0
             self.cur_addr = 0
@@ -186,6 +222,9 @@ class Ksm:
             self.cur_prev = None
             if self.cur_slot >= len(self.slots):
                 self.cur_slot = None
+                if self.trace is not None:
+                    self._event("ksm_stop_scan", seq=self.seqnr, rmap_entries=self.rmap_items)
+                    self.scan_open = None
                 self.seqnr += 1  # full_scans
                 if self.pressure_scans > 0:
                     self.pressure_scans -= 1
@@ -327,6 +366,13 @@ class Ksm:
 
     def _remove_node_from_stable_tree(self, node: StableNode) -> None:
         items = list(node.hlist)
+        if self.trace is not None:
+            # the hlist is newest first; every item but the oldest was a pages_sharing
+            kp = self.pages.get(node.kpage) if node.kpage is not None else None
+            for it in reversed(items[1:]):
+                self._event("ksm_remove_rmap_item", page=kp, item=self._item_page(it),
+                            proc=it.mm.pid - 1)
+            self._event("ksm_remove_ksm_page", page=kp)
         for k, it in enumerate(items):
             self._unlink_stable(it, last=k == len(items) - 1)
         node.hlist.clear()
@@ -459,20 +505,27 @@ class Ksm:
             vma = self._find_mergeable_vma(item)
             if vma is None:
                 return 0
-            return self._try_to_merge_one_page(vma, item.addr, page, ZERO_PAGE, 0)
+            err = self._try_to_merge_one_page(vma, item.addr, page, ZERO_PAGE, 0)
+            if self.trace is not None:
+                self._trace_merge("ksm_merge_one_page", item, "zero", err)
+            return err
         return -1
 
     def _try_to_merge_with_ksm_page(
         self, item: RmapItem, page: Page, kpage: Page | None, extra: int = 0
     ) -> int:
         vma = self._find_mergeable_vma(item)
-        if vma is None:
-            return -1
-        err = self._try_to_merge_one_page(vma, item.addr, page, kpage, extra)
-        if err:
-            return err
-        self._remove_rmap_item_from_tree(item)
-        return 0
+        err = -1
+        if vma is not None:
+            err = self._try_to_merge_one_page(vma, item.addr, page, kpage, extra)
+            if not err:
+                self._remove_rmap_item_from_tree(item)
+        if self.trace is not None:
+            # the pfn is kpage's if there is one, else the page's
+            self._trace_merge("ksm_merge_with_ksm_page", item,
+                              self.pages.get(kpage if kpage is not None else page), err,
+                              ksm_page=kpage is not None)
+        return err
 
     def _try_to_merge_two_pages(
         self, item: RmapItem, page: Page, titem: RmapItem, tpage: Page

@@ -37,7 +37,7 @@ from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter, ksmd_wake
 from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
 from .ksm import Ksm
-from .memory import PMD_THP, Mm, System, Vma
+from .memory import PMD_THP, Mm, Page, System, Vma
 from .policies import get_policy
 from .thp import deferred_split_scan, fill_fresh_vma, write_fault
 
@@ -79,7 +79,8 @@ class _Region:
 class Simulation:
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  pins: Sequence[tuple[str, int]] = (),
-                 khugepaged_enter_passes: int | None = None) -> None:
+                 khugepaged_enter_passes: int | None = None,
+                 kernel_events: bool = False) -> None:
         check_supported(sc)
         self.sc = sc
         self.policy = get_policy(policy)
@@ -88,6 +89,8 @@ class Simulation:
         self.sys.ksm_use_zero_pages = sc.ksm.use_zero_pages
         self.cpu = CpuMeter(profile)
         self.ksm = Ksm(self.sys, sc.ksm, self.cpu)
+        if kernel_events:
+            self.ksm.trace = []  # KSM's tracepoints, as the kernel fires them (ksm.py)
         self.khugepaged = Khugepaged(self.sys, sc.thp.khugepaged)
         self.regions: list[_Region] = []
         self.fresh = 0  # next fresh content id index
@@ -169,6 +172,31 @@ class Simulation:
             self.khugepaged.do_scan()
         if sc.fill_at is None:
             self._fill()
+        if self.ksm.trace is not None:
+            self._name_pages()
+
+    def _name_pages(self) -> None:
+        """The pages at time 0 by [instance, index in its regions], as the live lab's
+        pagemap snapshot names them (a page mapped twice is left out, like a pfn)."""
+        base: dict[tuple[int, int], int] = {}
+        seen: set[Page] = set()
+        for inst, (pi, k, _) in enumerate(self.sc.instances()):
+            base[(pi, k)] = inst
+        first = 0
+        last: tuple[int, int] | None = None
+        for reg in self.regions:
+            if (reg.process, reg.replica) != last:
+                first, last = 0, (reg.process, reg.replica)
+            inst = base[(reg.process, reg.replica)]
+            self.ksm.vma_base[reg.vma] = (inst, first)
+            for i, pte in enumerate(reg.vma.pte):
+                if isinstance(pte, Page):
+                    if pte in self.ksm.pages:
+                        seen.add(pte)
+                    self.ksm.pages[pte] = [inst, first + i]
+            first += reg.spec.pages
+        for pg in seen:
+            del self.ksm.pages[pg]
 
     def _register_khugepaged(self) -> None:
         # khugepaged_enter_vma(): at mmap (THP "always") or MADV_HUGEPAGE, and at a THP fault
@@ -376,7 +404,14 @@ class Simulation:
                     for kind_, payload_ in at_scan.pop(self.ksm.seqnr, []) + held:
                         act(kind_, payload_, end, aligned=True)
                     held.clear()
-        return model_trace(sc, self.policy.name, self.profile, rows, self.events)
+        tr = model_trace(sc, self.policy.name, self.profile, rows, self.events)
+        if self.ksm.trace is not None:
+            counts: dict[str, int] = {}
+            for ke in self.ksm.trace:
+                counts[ke["event"]] = counts.get(ke["event"], 0) + 1
+            tr.kernel_events = {"source": "model", "recorded": True, "events": self.ksm.trace,
+                                "counts": counts, "lost": 0}
+        return tr
 
 
 def model_trace(sc: Scenario, policy: str, profile: CostProfile,
@@ -434,6 +469,7 @@ def simulate(
     pins: Sequence[tuple[str, int]] = (),
     engine: str = "auto",
     khugepaged_enter_passes: int | None = None,
+    kernel_events: bool = False,
 ) -> Trace:
     """Run ``scenario`` under kernel ``policy``; deterministic.
 
@@ -446,6 +482,8 @@ def simulate(
     ``khugepaged_enter_passes``: khugepaged passes while the workload is set up (a
     kernel trace's ``khugepaged_enter_passes``); None: what the kernel does when
     no other mm is registered with khugepaged (:func:`khugepaged_enter_passes`).
+    ``kernel_events``: also record KSM's tracepoints as the kernel fires them
+    (``Trace.kernel_events``, :mod:`ksmlab.events`); done by the exact engine.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
@@ -456,7 +494,8 @@ def simulate(
     if engine != "exact":
         from .fast import FastSimulation, unsupported
 
-        why = "pinned events (a replay of a kernel run)" if pins else unsupported(sc)
+        why = ("pinned events (a replay of a kernel run)" if pins
+               else "KSM's event stream" if kernel_events else unsupported(sc))
         if why is None:
             try:
                 return FastSimulation(sc, policy, prof,
@@ -468,4 +507,5 @@ def simulate(
                     raise
         elif engine == "fast":
             raise ModelUnsupported(f"fast engine: {why}")
-    return Simulation(sc, policy, prof, pins, khugepaged_enter_passes).run(progress)
+    return Simulation(sc, policy, prof, pins, khugepaged_enter_passes,
+                      kernel_events).run(progress)
