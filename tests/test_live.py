@@ -22,6 +22,7 @@ from ksmlab.live.knobs import read_all
 from ksmlab.trace import Trace
 
 from .conftest import end_run, run_ksmlab, workload_pids
+from .test_live_tracefs import ksm_events_unavailable
 
 pytestmark = pytest.mark.live
 KSMLAB = [sys.executable, "-m", "ksmlab"]
@@ -204,15 +205,6 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
                                                 "model": ["merge-collapse"]}
     # three processes of three kinds, registered in the scenario's order: exact
     assert by_name["three-procs-uzp0"]["agreement"] == 1.0, by_name["three-procs-uzp0"]
-    # the finer judge: KSM's own tracepoints, merge by merge (page, partner, full scan)
-    streams = [s["events"] for s in d["scenarios"] if s.get("events")]
-    assert len(streams) == len(d["scenarios"]), "validate recorded no kernel event stream"
-    for s in d["scenarios"]:
-        ev = s["events"]
-        assert ev["merges_kernel"] == ev["merges_model"], (s["name"], ev)
-        assert ev["identical_share"] >= 0.99, (s["name"], ev)
-        assert ev["attempts_identical_share"] >= 0.99, (s["name"], ev)
-    assert by_name["three-procs-uzp0"]["events"]["merges_kernel"] > 1000
     assert (out / "seed-uzp1.validate.png").exists()
     # the kernel's side of the races the lab controls: ksmd held around drop_caches,
     # each khugepaged pass waited for, and the set-up pass recorded for the replay
@@ -223,3 +215,14 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
     assert kh.meta["khugepaged_enter_passes"] in (0, 1)
     passes = [e for e in kh.events if e["action"] == "khugepaged"]
     assert len(passes) >= 5 and all(e["khugepaged_pass_s"] is not None for e in passes)
+    # the finer judge: KSM's own tracepoints, merge by merge (page, partner, full scan)
+    if ksm_events_unavailable() is not None:
+        return  # a kernel without KSM's tracepoints (6.12+): counters are the judge
+    streams = [s["events"] for s in d["scenarios"] if s.get("events")]
+    assert len(streams) == len(d["scenarios"]), "validate recorded no kernel event stream"
+    for s in d["scenarios"]:
+        ev = s["events"]
+        assert ev["merges_kernel"] == ev["merges_model"], (s["name"], ev)
+        assert ev["identical_share"] >= 0.99, (s["name"], ev)
+        assert ev["attempts_identical_share"] >= 0.99, (s["name"], ev)
+    assert by_name["three-procs-uzp0"]["events"]["merges_kernel"] > 1000

@@ -204,6 +204,24 @@ def restore() -> None:
         print("nothing to restore: no journal of a killed run")
 
 
+def _live(sc: Scenario, kernel_events: bool = False, name_errors: bool = True) -> Trace:
+    """One live run with its progress display; a refusal or an interruption ends the
+    command in one line (the run has restored everything by then)."""
+    from .live.run import Interrupted, LiveError, LiveRun
+
+    prog, update = _progress_live(sc, quiet=False)
+    live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False),
+                   kernel_events=kernel_events)
+    try:
+        live.check()  # before the progress display: a refusal is one line, nothing else
+        with prog:
+            return live.run()
+    except LiveError as e:
+        fail(f"{sc.name}: {e}" if name_errors else str(e))
+    except Interrupted as e:
+        fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
+
+
 def _progress_live(sc: Scenario, quiet: bool
                    ) -> tuple[Progress, Callable[[dict[str, float]], None]]:
     prog = Progress(
@@ -251,20 +269,8 @@ def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
             "--kernel-events", help="also record KSM's tracepoints (tracefs) in the trace")]
         = False) -> None:
     """Run a scenario on the running kernel (root): knobs set and always restored."""
-    from .live.run import Interrupted, LiveError, LiveRun
-
     sc = _load(scenario, duration)
-    prog, update = _progress_live(sc, quiet=False)
-    live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False),
-                   kernel_events=kernel_events)
-    try:
-        live.check()  # before the progress display: a refusal is one line, nothing else
-        with prog:
-            tr = live.run()
-    except LiveError as e:
-        fail(str(e))
-    except Interrupted as e:
-        fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
+    tr = _live(sc, kernel_events=kernel_events, name_errors=False)
     summary = metrics.summarize(tr)
     extra: dict[str, Any] = {}
     if tr.kernel_events is not None:
@@ -405,7 +411,6 @@ def validate(
         raise typer.Exit(validate_many(scenarios, kernel, json_out=json_out))
     from . import events as kevents
     from . import fidelity
-    from .live.run import Interrupted, LiveError, LiveRun
     from .model import get_policy, simulate
     names = list(fidelity.SUITE) if scenarios == ["all"] else scenarios
     loaded = [_load(n, None) for n in names]  # every file checked before anything runs
@@ -417,17 +422,7 @@ def validate(
     out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
     results = []
     for sc in loaded:
-        prog, update = _progress_live(sc, quiet=False)
-        live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False),
-                       kernel_events=kernel_events)
-        try:
-            live.check()
-            with prog:
-                ref = live.run()
-        except LiveError as e:
-            fail(f"{sc.name}: {e}")
-        except Interrupted as e:
-            fail(f"interrupted by {e}; knobs restored", 128 + e.signum)
+        ref = _live(sc, kernel_events=kernel_events)
         stream = bool(ref.kernel_events and ref.kernel_events.get("recorded"))
         cand = simulate(sc, pol, profile=choice.profile, kernel_events=stream,
                         **fidelity.replay(ref))
@@ -595,19 +590,11 @@ def calibrate(
 def _quiet_run(sc: Scenario, tries: int = 2) -> Trace:
     """A live run to fit costs on: other work beside it skews ksmd's CPU (a test suite
     on the other core doubled it), so a busy run is run again, then refused."""
-    from .live.run import LiveError, LiveRun
     from .trace import BUSY_PCT
 
     busy = 0.0
     for _ in range(tries):
-        prog, update = _progress_live(sc, quiet=False)
-        live = LiveRun(sc, progress=update)
-        try:
-            live.check()
-            with prog:
-                tr = live.run()
-        except LiveError as e:
-            fail(f"{sc.name}: {e}")
+        tr = _live(sc)
         busy = tr.meta.get("others_cpu_pct") or 0.0
         if busy <= BUSY_PCT:
             return tr
