@@ -81,14 +81,21 @@ def ksm_events_unavailable() -> str | None:
     return None if TRACING.exists() else "no /sys/kernel/tracing"
 
 
-def test_run_records_the_stream_and_leaves_tracing_as_found(tmp_path: Path) -> None:
+def prepared(tmp_path: Path, name: str, duration: float
+             ) -> tuple[Path, dict[str, str], dict[str, str] | None]:
+    """The scenario file, and the knobs and tracing state before the run (skips where
+    the kernel has no KSM events; waits for another live run to end)."""
     why = ksm_events_unavailable()
     if why:
         pytest.skip(why)
-    f = tmp_path / "trace-small.toml"
-    f.write_text(SMALL.format(duration=4.0))
+    f = tmp_path / f"{name}.toml"
+    f.write_text(SMALL.format(duration=duration))
     lock_free()
-    knobs, before = read_all(KernelFS()), tracing_state()
+    return f, read_all(KernelFS()), tracing_state()
+
+
+def test_run_records_the_stream_and_leaves_tracing_as_found(tmp_path: Path) -> None:
+    f, knobs, before = prepared(tmp_path, "trace-small", 4.0)
     r = run_ksmlab(["run", str(f), "--kernel-events", "--json", "--out", str(tmp_path)],
                    timeout=120)
     assert r.returncode == 0, r.stderr
@@ -124,13 +131,7 @@ def test_run_records_the_stream_and_leaves_tracing_as_found(tmp_path: Path) -> N
 
 
 def test_sigkill_then_restore_puts_tracing_back(tmp_path: Path) -> None:
-    why = ksm_events_unavailable()
-    if why:
-        pytest.skip(why)
-    f = tmp_path / "trace-slow.toml"
-    f.write_text(SMALL.format(duration=60.0))
-    lock_free()
-    knobs, before = read_all(KernelFS()), tracing_state()
+    f, knobs, before = prepared(tmp_path, "trace-slow", 60.0)
     p = subprocess.Popen([*KSMLAB, "run", str(f), "--kernel-events"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 60
