@@ -7,6 +7,7 @@ fail instead.  One live run at a time (the run lock enforces it anyway).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -124,6 +125,19 @@ def test_signal_ends_the_run_and_restores(tmp_path: Path, sig: signal.Signals) -
     p = start_slow(tmp_path)
     end_run(p, sig)
     assert p.returncode == 128 + sig, p.stderr.read() if p.stderr else ""
+    assert read_all(KernelFS()) == before
+    assert not workload_pids()
+    assert Journal().read() is None
+
+
+def test_a_workload_killed_mid_run_ends_it(tmp_path: Path) -> None:
+    # issue 16 item 4: an OOM-killed workload went unnoticed (exit 0, a false verdict)
+    before = read_all(KernelFS())
+    p = start_slow(tmp_path)
+    os.kill(workload_pids()[0], signal.SIGKILL)
+    _out, errs = p.communicate(timeout=60)
+    assert p.returncode == 2, errs
+    assert "died at" in errs and "SIGKILL" in errs and "knobs restored" in errs
     assert read_all(KernelFS()) == before
     assert not workload_pids()
     assert Journal().read() is None

@@ -87,8 +87,16 @@ def _model_fits(sc: Scenario, engine: str = "auto", pinned: bool = False) -> Non
 def _warn_journal(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand in ("restore", "run", "validate", "demo"):
         return
-    rec = Journal().read()
-    if rec is not None and RunLock().holder() is None:
+    from .live.journal import JournalDamaged
+
+    if RunLock().holder() is not None:
+        return  # a run is in progress: its journal is live, not a killed run's
+    try:
+        rec = Journal().read()
+    except JournalDamaged as e:
+        err.print(f"ksmlab: warning: {e}", markup=False, soft_wrap=True)
+        return
+    if rec is not None:
         names = ", ".join([n for n, _ in rec.saved] + (["tracefs"] if rec.tracing else []))
         err.print(f"ksmlab: warning: a killed run (pid {rec.pid}) left knobs changed ({names}); "
                   "run `ksmlab restore`", markup=False, soft_wrap=True)
@@ -181,18 +189,35 @@ def doctor(json_out: JsonOpt = False) -> None:
 
 
 @app.command()
-def restore() -> None:
+def restore(
+    to_boot: Annotated[bool, typer.Option(
+        "--to-boot", help="put every knob back as this boot had it before the lab's first "
+        "change (when a journal is damaged or lost)")] = False,
+) -> None:
     """Put back knobs left changed by a killed live run (from its journal)."""
-    from .live.run import LiveError, restore_journal
+    from .live.journal import BootValues, JournalDamaged
+    from .live.run import LiveError, restore_journal, restore_to_boot
 
-    if os.geteuid() != 0 and Journal().read() is not None:
-        fail("restoring knobs needs root")
+    if os.geteuid() != 0:
+        try:
+            left = Journal().read() is not None
+        except JournalDamaged:
+            left = True
+        if left or to_boot:
+            fail("restoring knobs needs root")
+        print("nothing to restore: no journal of a killed run")
+        return
     lock = RunLock()
     try:
         lock.acquire()
     except Exception as e:
         fail(str(e))
     try:
+        if to_boot:
+            boot = restore_to_boot(KernelFS(), Journal(), BootValues())
+            print("restored as this boot had them: "
+                  + ", ".join(f"{n}={v}" for n, v in boot))
+            return
         saved = restore_journal(KernelFS(), Journal(), lock)
     except LiveError as e:
         fail(str(e))

@@ -8,7 +8,7 @@ from typing import Any
 from ..profiles import ProfileError, resolve
 from . import machine
 from .damon import active_schemes
-from .journal import Journal, RunLock
+from .journal import Journal, JournalDamaged, RunLock
 from .kernelfs import KernelFS
 from .knobs import all_knobs
 from .run import ksm_competitors, mem_available_mib, problems, thp_competitors
@@ -23,7 +23,13 @@ def diagnose(fs: KernelFS) -> dict[str, Any]:
         if raw is not None:
             knobs[k.name] = k.parse(raw)
     why = problems(fs)
-    rec = Journal().read()
+    holder = RunLock().holder()
+    try:
+        rec = Journal().read() if holder is None else None  # a run's own journal is live
+        damaged = None
+    except JournalDamaged as e:
+        rec, damaged = None, str(e)
+        why.append(damaged)
     ident = machine.identity(fs)
     try:
         profile: dict[str, Any] = resolve(None, ident, machine.key(ident)).to_json()
@@ -41,7 +47,8 @@ def diagnose(fs: KernelFS) -> dict[str, Any]:
                     if rec else None),
         # KSM's tracepoints (ksmlab validate / run --kernel-events); not mounted here
         "kernel_events": tracefs_status(fs),
-        "lock_holder": RunLock().holder(),
+        "lock_holder": holder,
+        "journal_damaged": damaged,
         # processes a live run would share ksmd (and khugepaged) with
         "ksm_mergeable_pids": ksm_competitors(fs, {os.getpid()}),
         "thp_eligible_pids": thp_competitors(fs, {os.getpid()}),

@@ -33,6 +33,18 @@ class LockBusy(RuntimeError):
     pass
 
 
+class JournalDamaged(RuntimeError):
+    """A journal that exists but cannot be read: the knobs a killed run changed are
+    unknown, so nothing may treat the machine's values as its own (one line)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"the journal {path} is damaged ({why}): a killed run changed knobs and their "
+            "saved values are lost; `ksmlab restore --to-boot` puts every knob back as this "
+            "boot had it before the lab's first change")
+        self.path = path
+
+
 @dataclass
 class JournalRecord:
     pid: int
@@ -91,17 +103,28 @@ class Journal:
         os.replace(tmp, self.path)
 
     def read(self) -> JournalRecord | None:
-        """The journal left by a run, or None (none, unreadable, or from another boot)."""
+        """The journal left by a run; None if there is none or it is from another boot.
+
+        Raises JournalDamaged for a file that is there but cannot be read (empty,
+        half-written, not ours): never "nothing to restore" while knobs may be changed.
+        """
         try:
-            data = json.loads(self.path.read_text())
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise JournalDamaged(self.path, e.strerror or str(e)) from None
+        try:
+            data = json.loads(text)
             tracing = data.get("tracing")
             rec = JournalRecord(
                 int(data["pid"]), str(data["boot_id"]), float(data["started"]),
                 [(str(n), str(v)) for n, v in data["saved"]],
                 dict(tracing) if tracing else None,
             )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            why = "empty" if not text.strip() else f"{type(e).__name__}: {e}"
+            raise JournalDamaged(self.path, why[:120]) from None
         if rec.boot_id != boot_id():
             return None  # the knobs went back to their boot values with the reboot
         return rec
@@ -110,6 +133,41 @@ class Journal:
         """The knobs are back: drop their part (the file, unless tracing is pending)."""
         self.saved = []
         self._flush()
+
+
+class BootValues:
+    """The knobs as this boot had them before the lab first changed one.
+
+    Written once per boot (atomically), by the first live run, before its first
+    change and only when no journal is left: the fallback when a journal is lost or
+    damaged (``ksmlab restore --to-boot``).  /run empties at boot, as the knobs do.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or state_dir()
+        self.path = self.folder / "boot-knobs.json"
+
+    def read(self) -> dict[str, str] | None:
+        try:
+            data = json.loads(self.path.read_text())
+            if data["boot_id"] != boot_id():
+                return None
+            return {str(k): str(v) for k, v in data["knobs"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def record(self, knobs: dict[str, str]) -> bool:
+        """Keep ``knobs`` as this boot's unless some are kept already; True if written."""
+        if self.read() is not None:
+            return False
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"boot_id": boot_id(), "recorded": time.time(), "knobs": knobs}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        return True
 
 
 class RunLock:

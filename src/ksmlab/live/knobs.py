@@ -177,6 +177,16 @@ def restore_values(fs: KernelFS, saved: list[tuple[str, str]]) -> list[str]:
         except KernelWriteError as e:
             failures.append(str(e))
 
+    # a name this version does not know (a newer lab's journal, a damaged one) is
+    # reported and left alone; it must not stop the others from going back
+    unknown = []
+    for n, _ in saved:
+        try:
+            knob(n)
+        except KnobError:
+            unknown.append(n)
+    failures += [f"{n}: not a knob ksmlab knows, left alone" for n in unknown]
+    saved = [(n, v) for n, v in saved if n not in unknown]
     original = dict(saved)
     run = original.get("ksm/run") or read_knob(fs, "ksm/run")
     todo = [(n, v) for n, v in saved if n != "ksm/run" and read_knob(fs, n) != v]

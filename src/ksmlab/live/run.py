@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from .. import events as kevents
 from ..scenario import (
+    KHUGEPAGED_PARKED_MS,
     Event,
     KhugepagedWake,
     KsmStart,
@@ -38,9 +39,9 @@ from ..scenario import (
 from ..trace import BUSY_PCT, MONOTONIC, Trace, others_cpu_pct
 from . import machine
 from .damon import active_schemes
-from .journal import Journal, LockBusy, RunLock
+from .journal import BootValues, Journal, JournalDamaged, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
-from .knobs import KSM, THP, KnobError, KnobSession, read_all, restore_values
+from .knobs import KSM, THP, KnobError, KnobSession, knob, read_all, restore_values
 from .kthread import PASS_TIMEOUT_S, Khugepaged
 from .sampler import Sampler
 from .tracefs import KernelEvents, TracingError, pagemap_pfns, restore_tracing
@@ -140,10 +141,13 @@ def scenario_knobs(sc: Scenario) -> list[tuple[str, object]]:
 
 
 def restore_journal(fs: KernelFS, journal: Journal, lock: RunLock) -> list[tuple[str, str]]:
-    """Put back what a killed run left changed; return what the journal held."""
-    rec = journal.read()
+    """Put back what a killed run left changed; return what the journal held.  The
+    journal goes only when every entry is back (else LiveError, journal kept)."""
+    try:
+        rec = journal.read()
+    except JournalDamaged as e:
+        raise LiveError(str(e)) from None
     if rec is None:
-        journal.remove()
         return []
     holder = lock.holder()
     if holder is not None and holder != os.getpid():
@@ -230,6 +234,8 @@ class LiveRun:
             left = restore_journal(self.fs, self.journal, self.lock)
             if left:
                 self.log(f"restored {len(left)} knobs left changed by a killed run")
+            crashed_without_journal(self.fs)
+            BootValues().record(read_all(self.fs))  # once a boot, before any change
             thp_was_disabled = thp_disable(True)
             try:
                 with _terminate_unwinds():
@@ -499,6 +505,7 @@ class LiveRun:
             rows.append(row)
             if self.progress:
                 self.progress(row)
+            check_alive(workloads, row["t"])
 
         while True:
             now = time.monotonic() - t0
@@ -576,6 +583,48 @@ class LiveRun:
                 + ", ".join(str(p) for p in self.competitors[:8])
                 + "): its pages_to_scan per pass is shared with them"
             )
+
+
+def check_alive(workloads: list[Workload], t: float) -> None:
+    """End the run if a workload process died (the OOM killer, say): its memory left
+    with it, so "freed" would count the dead process's pages as KSM's work."""
+    for w in workloads:
+        rc = w.proc.poll()
+        if rc is not None:
+            how = (f"killed by {signal.Signals(-rc).name}" if rc < 0
+                   and -rc in signal.Signals._value2member_map_ else f"exit code {rc}")
+            oom = " (the OOM killer sends SIGKILL)" if rc == -signal.SIGKILL else ""
+            raise LiveError(f"workload process {w.pid} died at {t:.1f} s, {how}{oom}: "
+                            "the run is void; knobs restored")
+
+
+def restore_to_boot(fs: KernelFS, journal: Journal, boot: BootValues
+                    ) -> list[tuple[str, str]]:
+    """Every knob back as this boot had it before the lab's first change, for a journal
+    that is damaged or lost; the journal goes once every knob is back."""
+    values = boot.read()
+    if values is None:
+        raise LiveError("no record of this boot's values (a run records them before its "
+                        f"first change): set the knobs by hand, then delete {journal.path}")
+    saved = [(n, v) for n, v in values.items() if fs.exists(knob(n).rel)]
+    failures = restore_values(fs, saved)
+    if failures:
+        raise LiveError("restore incomplete: " + "; ".join(failures))
+    journal.path.unlink(missing_ok=True)
+    return saved
+
+
+def crashed_without_journal(fs: KernelFS) -> None:
+    """Refuse to take the machine's values as its own when they carry the lab's mark:
+    khugepaged parked at the lab's day-long sleep means a run was killed and its
+    journal lost (deleted, or /run/ksmlab overridden); a baseline read now would make
+    the next restore put the parked value back."""
+    sleep = fs.read_or_none(f"{THP}/khugepaged/scan_sleep_millisecs")
+    if sleep == str(KHUGEPAGED_PARKED_MS):
+        raise LiveError(
+            f"khugepaged/scan_sleep_millisecs is {sleep}, the value the lab parks it at, but "
+            "no journal says so: a killed run's journal is lost; `ksmlab restore --to-boot` "
+            "puts the knobs back as this boot had them")
 
 
 def start_in_order(sc: Scenario, workloads: list[Workload],
