@@ -140,3 +140,33 @@ def test_a_dead_workload_voids_the_run() -> None:
     with pytest.raises(LiveError, match=r"workload process 11 died at 3\.5 s, killed by "
                                         r"SIGKILL \(the OOM killer sends SIGKILL\)"):
         check_alive([alive, oom], 3.5)  # type: ignore[list-item]
+
+
+def test_deleting_the_lock_file_does_not_open_the_lock(fake: FakeKernel) -> None:
+    from ksmlab.live.journal import LockBusy
+
+    first = RunLock()
+    first.acquire()
+    try:
+        assert RunLock().holder() == os.getpid()
+        first.path.unlink()  # issue 16 item 3: this let a second run start
+        with pytest.raises(LockBusy, match="another live run"):
+            RunLock().acquire()
+        assert RunLock().holder() == -1  # held, by whom it cannot tell
+    finally:
+        first.release()
+    assert RunLock().holder() is None
+    with RunLock():
+        pass
+
+
+def test_the_lock_dies_with_its_holder(fake: FakeKernel) -> None:
+    code = ("import time\nfrom ksmlab.live.journal import RunLock\n"
+            "lock = RunLock()\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         env=os.environ.copy())
+    assert p.stdout is not None and p.stdout.readline().strip() == "held"
+    assert RunLock().holder() == p.pid
+    p.kill()
+    p.wait(timeout=10)
+    assert RunLock().holder() is None

@@ -3,15 +3,18 @@
 Both live in a state folder (``/run/ksmlab`` by default, ``$KSMLAB_STATE_DIR``
 to override).  /run is a tmpfs: it empties at boot, exactly when the kernel's
 knobs go back to their boot values, so a journal never outlives its meaning.
-The lock is an ``flock`` on a file: the kernel drops it when the holder dies,
-SIGKILL included, while the journal stays for ``ksmlab restore``.
+The lock is a bound abstract unix socket (:class:`RunLock`): the kernel drops it
+when the holder dies, SIGKILL included, while the journal stays for
+``ksmlab restore``.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
+import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,50 +174,63 @@ class BootValues:
 
 
 class RunLock:
-    """One live run at a time on this machine (KSM and THP state are global)."""
+    """One live run at a time on this machine (KSM and THP state are global).
+
+    The lock is a name in the abstract unix-socket namespace, bound by the run: no
+    file operation can remove it (deleting the old lock file let a second run start
+    beside the first, which then "restored" the first run's knobs under it), and the
+    kernel releases it when the holder dies, SIGKILL included.  The name is per state
+    folder, so tests with their own folder do not meet a real run.  The file beside
+    the journal only tells the holder's pid.
+    """
 
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder or state_dir()
         self.path = self.folder / "lock"
-        self.fd: int | None = None
+        self.sock: socket.socket | None = None
+        digest = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:16]
+        self.name = f"\0ksmlab-run-{digest}"
+
+    def _bind(self) -> socket.socket | None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(self.name)
+        except OSError as e:
+            s.close()
+            if e.errno == errno.EADDRINUSE:
+                return None
+            raise
+        return s
 
     def holder(self) -> int | None:
-        """Pid of the run holding the lock, or None if it is free."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
+        """Pid of the run holding the lock (-1 if it cannot be told), or None if free."""
+        s = self._bind()
+        if s is not None:
+            s.close()
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                return int(os.pread(fd, 32, 0).decode().strip() or "0") or -1
-            except ValueError:
-                return -1
-        finally:
-            os.close(fd)
-        return None
+            return int(self.path.read_text().strip() or "0") or -1
+        except (OSError, ValueError):
+            return -1
 
     def acquire(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            pid = self.holder()
+        s = self._bind()
+        if s is None:
             raise LockBusy(
-                f"another live run holds {self.path} (pid {pid}); KSM state is global, "
-                "so runs cannot overlap"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
+                f"another live run (pid {self.holder()}) holds the lab's lock; KSM state is "
+                "global, so runs cannot overlap"
+            )
+        s.set_inheritable(False)  # a workload child must not keep the lock alive
+        self.sock = s
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, self.path)
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def __enter__(self) -> RunLock:
         self.acquire()
