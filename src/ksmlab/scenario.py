@@ -271,26 +271,7 @@ class Scenario(_Strict):
                     raise ValueError(f"write event names process {e.process}, which does not exist")
                 if e.region >= len(self.process[e.process].region):
                     raise ValueError(f"write event names region {e.region}, which does not exist")
-        self._busy_while_merged()
         return self
-
-    def _busy_while_merged(self) -> None:
-        """max_page_sharing_store() and merge_across_nodes_store() answer EBUSY while KSM
-        pages exist: a set of either once ksmd may have merged, with no unmerge (run=2)
-        between, is refused here rather than mid-run (where it ended the run)."""
-        merged = False  # may KSM pages exist at this point of the timeline?
-        start = [(self.ksm_start_at, 0, None)] if self.ksm_start_at is not None else []
-        timeline = start + [(e.at, 1, e) for e in self.event]
-        for _at, _order, e in sorted(timeline, key=lambda x: (x[0], x[1])):
-            if e is None or isinstance(e, KsmStart):
-                merged = True
-            elif isinstance(e, KsmUnmerge):
-                merged = False
-            elif (isinstance(e, SetKnob) and merged
-                  and e.knob in ("ksm.max_page_sharing", "ksm.merge_across_nodes")):
-                raise ValueError(
-                    f"set {e.knob} at {e.at} s: the kernel refuses it (EBUSY) while KSM pages "
-                    "may exist; put a ksm_unmerge event (run=2) before it")
 
     def khugepaged_wakes(self) -> list[float]:
         """Times the lab wakes khugepaged (besides time 0), when it drives it."""
