@@ -461,7 +461,14 @@ class LiveRun:
             workloads[idx].command("write", region=ev.region, fraction=ev.fraction,
                                    content=ev.content, seed=ev.seed, tag=item.tag)
         elif isinstance(ev, SetKnob):
-            ks.set(ev.sysfs_name, ev.value)
+            try:
+                ks.set(ev.sysfs_name, ev.value)
+            except KernelWriteError as e:
+                # max_page_sharing_store()/merge_across_nodes_store(): EBUSY while KSM
+                # pages exist.  The kernel keeps the old value and goes on, and so does
+                # the run (the model refuses the same set): the samples are kept
+                extra["refused"] = os.strerror(e.errno or 0)
+                self.notes.append(f"{e} at {t:.1f} s: the knob kept its value")
         elif isinstance(ev, Pressure):
             # drop_caches: bit 2 runs drop_slab(), which includes the deferred-split
             # shrinker; bit 1 first does lru_add_drain_all() (fs/drop_caches.c), so no
