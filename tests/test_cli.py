@@ -232,3 +232,52 @@ def test_memory_estimate_follows_the_engine() -> None:
     sc = load("seed-uzp1")  # 128 MiB: 32768 pages
     assert memory_estimate(sc) == (BASE_BYTES + 32768 * 32, "fast")
     assert memory_estimate(sc, pinned=True) == (BASE_BYTES + 32768 * 512, "exact")
+
+
+@pytest.mark.parametrize("cmd", [["run"], ["sim", "-p", "mainline"], ["validate"]])
+def test_an_output_that_cannot_be_written_is_refused_first(tmp_path: Path,
+                                                           cmd: list[str]) -> None:
+    # issue 16 item 5: the live run's results were lost after it (NotADirectoryError)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    before = knobs_now()
+    for out, match in ((not_a_folder, "exists and is not a folder"),
+                       (not_a_folder / "sub", "cannot write there")):
+        r = ksmlab(cmd[0], "seed-uzp1", *cmd[1:], "--out", str(out))
+        one_line_error(r, match)
+    assert knobs_now() == before
+
+
+def test_a_failed_write_keeps_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    import errno
+
+    from typer.testing import CliRunner
+
+    from ksmlab.cli import app
+
+    def full(self: Trace, path: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trace, "save", full)
+    res = CliRunner().invoke(app, ["sim", "seed-uzp1", "-p", "mainline", "-d", "2", "--json",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 1
+    assert json.loads(res.stdout.splitlines()[0])["scenario"] == "seed-uzp1"
+    assert "No space left on device (the summary above is the run's result)" in res.output
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_writes_are_atomic(tmp_path: Path) -> None:
+    from ksmlab.trace import write_atomic
+
+    target = tmp_path / "t.bin"
+    target.write_bytes(b"old")
+
+    def dies(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomic(target, writer=dies)
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]

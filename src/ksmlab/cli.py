@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -266,25 +268,51 @@ def _progress_live(sc: Scenario, quiet: bool
     return prog, update
 
 
+def _check_out(out: Path | None) -> None:
+    """An output folder that cannot take the results is refused before anything runs
+    (a live run's results were lost after it: NotADirectoryError, exit 1)."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".ksmlab-probe-"):
+            pass
+        free = shutil.disk_usage(out).free
+    except OSError as e:
+        fail(f"--out {out}: cannot write there: {e.strerror or e}")
+    if free < MIN_FREE_BYTES:
+        fail(f"--out {out}: only {free >> 10} KiB free (a run's files need a few MiB)")
+
+
+MIN_FREE_BYTES = 8 << 20
+
+
 def _emit(tr: Trace, summary: metrics.Summary, title: str, json_out: bool,
           out: Path | None, extra: dict[str, Any]) -> None:
     files: dict[str, str] = {}
+    lost: str | None = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         stem = f"{tr.meta['scenario']['name']}-{extra.get('policy', 'live')}"
-        files["trace"] = str(tr.save(out / f"{stem}.trace.json.gz"))
-        files["plot"] = str(report.plot_freed([(extra.get("policy", "live"), tr)],
-                                              out / f"{stem}.png", title))
+        try:  # each write is atomic: a full disk leaves no half file
+            files["trace"] = str(tr.save(out / f"{stem}.trace.json.gz"))
+            files["plot"] = str(report.plot_freed([(extra.get("policy", "live"), tr)],
+                                                  out / f"{stem}.png", title))
+        except OSError as e:
+            lost = f"could not write to {out}: {e.strerror or e}"
     if json_out:
         obj = {"scenario": tr.meta["scenario"]["name"], "kernel": tr.meta.get("kernel"),
                **extra, **summary.to_json(), "notes": tr.meta.get("notes", []), "files": files}
         print(json.dumps(obj))
-        return
-    print(report.summary_text(summary, title))
-    for n in tr.meta.get("notes", []):
-        print(f"note: {n}")
-    for k, v in files.items():
-        print(f"{k}: {v}")
+    else:
+        print(report.summary_text(summary, title))
+        for n in tr.meta.get("notes", []):
+            print(f"note: {n}")
+        for k, v in files.items():
+            print(f"{k}: {v}")
+    if lost:  # the summary above is the result; the files are not
+        fail(f"{lost} (the summary above is the run's result)", 1)
 
 
 @app.command()
@@ -295,6 +323,7 @@ def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
         = False) -> None:
     """Run a scenario on the running kernel (root): knobs set and always restored."""
     sc = _load(scenario, duration)
+    _check_out(out)
     tr = _live(sc, kernel_events=kernel_events, name_errors=False)
     summary = metrics.summarize(tr)
     extra: dict[str, Any] = {}
@@ -316,6 +345,7 @@ def sim(scenario: ScenarioArg,
     _policy(get_policy, policy)
     _engine(engine)
     _model_fits(sc, engine)
+    _check_out(out)
     choice = _profile(profile)
     tr = simulate(sc, policy, profile=choice.profile, engine=engine)
     summary = metrics.summarize(tr)
@@ -395,6 +425,7 @@ def compare(scenario: ScenarioArg,
         _policy(get_policy, n)
     _engine(engine)
     _model_fits(sc, engine)
+    _check_out(out)
     choice = _profile(profile)
     results = [(n, simulate(sc, n, profile=choice.profile, engine=engine)) for n in names]
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
@@ -445,6 +476,7 @@ def validate(
     _policy(get_policy, pol)
     choice = _profile(profile)
     out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
+    _check_out(out)
     results = []
     for sc in loaded:
         ref = _live(sc, kernel_events=kernel_events)
@@ -647,8 +679,9 @@ def demo(out: OutOpt = None,
     """The main job: the seed scenarios under every policy, table and plots."""
     from .demo import run_demo
 
-    run_demo(out or Path("ksmlab-out") / time.strftime("demo-%Y%m%d-%H%M%S"), live, err,
-             _profile(None))
+    out = out or Path("ksmlab-out") / time.strftime("demo-%Y%m%d-%H%M%S")
+    _check_out(out)
+    run_demo(out, live, err, _profile(None))
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .metrics import KIB_PER_PAGE, Summary, freed_pages, ksm_accounted_pages
-from .trace import Trace
+from .trace import Trace, write_atomic
 
 WIDTH = 80
 
@@ -174,8 +174,7 @@ def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, writer=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -213,7 +212,6 @@ def plot_validation(name: str, ref: Trace, cand: Trace, path: Path,
         ax.set_xlabel("time (s)")
     fig.suptitle(f"{name}: {labels[0]} (solid, o = full-scan end) vs {labels[1]} (dashed, x)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_atomic(path, writer=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,24 @@ MONOTONIC = frozenset(
     {"pages_scanned", "pages_skipped", "ksmd_cpu_ns", *KHUGEPAGED_COUNTERS}
     | {c for c in VMSTAT_COUNTERS if c != "nr_anon_transparent_hugepages"}
 )
+
+
+def write_atomic(path: Path, data: bytes | None = None,
+                 writer: Callable[[Path], object] | None = None) -> Path:
+    """Write ``data`` (or call ``writer`` on a temporary path) and rename it into place:
+    a full disk or a kill leaves the old file or none, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if writer is not None:
+            writer(tmp)
+        else:
+            tmp.write_bytes(data or b"")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 class TraceError(ValueError):
@@ -163,9 +182,7 @@ class Trace:
 
     def save(self, path: Path) -> Path:
         data = json.dumps(self.to_json(), separators=(",", ":")).encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-        return path
+        return write_atomic(path, gzip.compress(data) if path.suffix == ".gz" else data)
 
     @classmethod
     def load(cls, path: Path) -> Trace:

@@ -253,6 +253,9 @@ class _Child:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole foreground process group: the parent handles it (and
+    # ends this process); a KeyboardInterrupt here only printed a traceback per child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     libc = _libc()
     parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
