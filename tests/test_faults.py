@@ -170,3 +170,46 @@ def test_the_lock_dies_with_its_holder(fake: FakeKernel) -> None:
     p.kill()
     p.wait(timeout=10)
     assert RunLock().holder() is None
+
+
+def test_someone_elses_change_is_left_alone_and_reported(fake: FakeKernel) -> None:
+    # issue 16 item 2: pages_to_scan set to 500 by hand mid-run was overwritten silently
+    s = KnobSession(fake, Journal())
+    s.set("ksm/pages_to_scan", 1234)
+    s.set("ksm/sleep_millisecs", 50)
+    fake.write(f"{KSM}/pages_to_scan", "500")  # an operator, by hand
+    from ksmlab.live.knobs import foreign_changes
+
+    assert foreign_changes(fake, s.saved, s.wrote) == [
+        ("ksm/pages_to_scan", "100", "1234", "500")]
+    s.restore()
+    assert fake.value(f"{KSM}/pages_to_scan") == "500"  # theirs, kept
+    assert fake.value(f"{KSM}/sleep_millisecs") == "20"  # ours, undone
+    assert s.left == ["ksm/pages_to_scan was set to 500 by someone else (saved 100, the lab "
+                      "wrote 1234): left as it is"]
+    assert not Journal().path.exists()
+
+
+def test_after_sigkill_restore_also_leaves_a_hand_set_knob(fake: FakeKernel) -> None:
+    killed_run(fake)  # pages_to_scan 1234, run 1, journalled with what the lab wrote
+    rec = Journal().read()
+    assert rec is not None and rec.wrote == {"ksm/pages_to_scan": "1234", "ksm/run": "1"}
+    fake.write(f"{KSM}/pages_to_scan", "700")  # set by hand before `ksmlab restore`
+    restore_journal(fake, Journal(), RunLock())
+    assert fake.value(f"{KSM}/pages_to_scan") == "700"
+    assert fake.value(f"{KSM}/run") == "0"
+
+
+def test_a_caveat_voids_the_verdicts() -> None:
+    from ksmlab import metrics, report
+    from ksmlab.model import simulate
+
+    tr = simulate(load("seed-uzp1").with_duration(3), "mainline")
+    tr.meta["foreign_knob_changes"] = [
+        {"knob": "ksm/pages_to_scan", "ours": "100", "now": "500", "t": 1.5}]
+    s = metrics.summarize(tr)
+    assert s.caveats == ["ksm/pages_to_scan was set to 500 by someone else at 1.5 s (the run "
+                         "set 100): the verdicts are not the scenario's"]
+    assert "CAVEAT ksm/pages_to_scan" in report.summary_text(s, "t")
+    assert metrics.summarize(simulate(load("seed-uzp1").with_duration(3), "mainline")
+                             ).caveats == []

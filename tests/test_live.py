@@ -144,6 +144,32 @@ def test_a_workload_killed_mid_run_ends_it(tmp_path: Path) -> None:
     assert Journal().read() is None
 
 
+def test_a_knob_changed_by_hand_mid_run_is_noted_and_left(tmp_path: Path) -> None:
+    # issue 16 item 2: the run reported the scenario's budget and then set 100 back
+    before = read_all(KernelFS())
+    f = tmp_path / "by-hand.toml"
+    f.write_text(SLOW.replace("duration = 60", "duration = 5"))
+    p = subprocess.Popen([*KSMLAB, "run", str(f), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (KSM / "pages_to_scan").read_text().strip() == "123"
+                 and bool(workload_pids()), 30, "the run to set its knobs")
+        (KSM / "pages_to_scan").write_text("500")  # an operator, by hand
+        out, errs = p.communicate(timeout=60)
+        assert p.returncode == 0, errs
+        d = json.loads(out)
+        assert any("ksm/pages_to_scan was set to 500 by someone else" in n
+                   for n in d["notes"]), d["notes"]
+        assert any("left as it is" in n for n in d["notes"]), d["notes"]
+        assert d["caveats"], d
+        assert (KSM / "pages_to_scan").read_text().strip() == "500"  # theirs, kept
+    finally:
+        if p.poll() is None:
+            end_run(p)
+        (KSM / "pages_to_scan").write_text(before["ksm/pages_to_scan"])  # ours to undo
+    assert read_all(KernelFS()) == before
+
+
 def test_second_live_run_is_refused(tmp_path: Path) -> None:
     p = start_slow(tmp_path)
     try:

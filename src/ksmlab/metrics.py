@@ -99,6 +99,8 @@ class Summary:
     verdicts: list[Verdict] = field(default_factory=list)  # reached
     undetermined: list[str] = field(default_factory=list)
     near_misses: list[Verdict] = field(default_factory=list)  # missed within the margin
+    # why the verdicts may not hold for the scenario (a knob changed by someone else)
+    caveats: list[str] = field(default_factory=list)
 
     def borderline(self) -> list[Verdict]:
         """Every verdict within the margin of its threshold, reached or not."""
@@ -211,6 +213,9 @@ def summarize(tr: Trace) -> Summary:
         expected_mergeable_mib=mergeable * mib,
     )
     _judge(s, sc, mergeable)
+    for c in tr.meta.get("foreign_knob_changes", []):
+        s.caveats.append(f"{c['knob']} was set to {c['now']} by someone else at {c['t']:.1f} s "
+                         "(the run set " + f"{c['ours']}): the verdicts are not the scenario's")
     return s
 
 

@@ -48,6 +48,8 @@ def summary_text(s: Summary, title: str) -> str:
     for v in s.near_misses:  # not a verdict, but too close to leave out
         out += textwrap.wrap(f"NEAR MISS {v.name}: {v.evidence}", WIDTH,
                              subsequent_indent="  ")
+    for c in s.caveats:
+        out += textwrap.wrap(f"CAVEAT {c}", WIDTH, subsequent_indent="  ")
     for u in s.undetermined:
         out += textwrap.wrap(f"undetermined {u}", WIDTH, subsequent_indent="  ")
     return "\n".join(out)

@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class JournalRecord:
     # tracefs state a run changed (live/tracefs.py): {"mount": "pending"|"mounted"|None,
     # "saved": [[file, value], ...]} in the order changed; None: tracing untouched
     tracing: dict[str, Any] | None = None
+    # the value the run last wrote to each knob: a knob found at neither its saved
+    # value nor this one was changed by someone else, and restore leaves it alone
+    wrote: dict[str, str] = field(default_factory=dict)
 
 
 class Journal:
@@ -72,9 +75,13 @@ class Journal:
         self.path = self.folder / "journal.json"
         self.saved: list[tuple[str, str]] = []
         self.tracing: dict[str, Any] | None = None
+        self.wrote: dict[str, str] = {}
 
-    def write(self, saved: list[tuple[str, str]]) -> None:
+    def write(self, saved: list[tuple[str, str]], wrote: dict[str, str] | None = None
+              ) -> None:
         self.saved = list(saved)
+        if wrote is not None:
+            self.wrote = dict(wrote)
         self._flush()
 
     def write_tracing(self, tracing: dict[str, Any]) -> None:
@@ -95,6 +102,7 @@ class Journal:
             "boot_id": boot_id(),
             "started": time.time(),
             "saved": [list(x) for x in self.saved],
+            "wrote": self.wrote,
         }
         if self.tracing:
             rec["tracing"] = self.tracing
@@ -124,6 +132,7 @@ class Journal:
                 int(data["pid"]), str(data["boot_id"]), float(data["started"]),
                 [(str(n), str(v)) for n, v in data["saved"]],
                 dict(tracing) if tracing else None,
+                {str(k): str(v) for k, v in data.get("wrote", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             why = "empty" if not text.strip() else f"{type(e).__name__}: {e}"
@@ -135,6 +144,7 @@ class Journal:
     def remove(self) -> None:
         """The knobs are back: drop their part (the file, unless tracing is pending)."""
         self.saved = []
+        self.wrote = {}
         self._flush()
 
 

@@ -163,13 +163,40 @@ class RestoreError(RuntimeError):
     pass
 
 
-def restore_values(fs: KernelFS, saved: list[tuple[str, str]]) -> list[str]:
+def foreign_changes(fs: KernelFS, saved: list[tuple[str, str]], wrote: dict[str, str]
+                    ) -> list[tuple[str, str, str, str]]:
+    """(knob, saved value, value the lab wrote, value now) of every knob the lab wrote
+    that is now at neither value: someone else changed it during the run."""
+    out = []
+    for name, orig in saved:
+        ours = wrote.get(name)
+        if ours is None:
+            continue
+        try:
+            now = read_knob(fs, name)
+        except (KnobError, OSError):
+            continue
+        if now not in (orig, ours):
+            out.append((name, orig, ours, now))
+    return out
+
+
+def restore_values(fs: KernelFS, saved: list[tuple[str, str]],
+                   wrote: dict[str, str] | None = None,
+                   left: list[str] | None = None) -> list[str]:
     """Write back ``saved`` (in the order first changed) and return the failures.
 
     Unmerge first (run=2) if a knob that is busy while merged must change; then
-    every knob but ``run`` in reverse order; ``run`` last.
+    every knob but ``run`` in reverse order; ``run`` last.  With ``wrote`` (what the
+    lab wrote), a knob someone else changed since is left as it is and named in
+    ``left``: their setting, not the lab's to undo.
     """
     failures: list[str] = []
+    for name, orig, ours, now in foreign_changes(fs, saved, wrote or {}):
+        if left is not None:
+            left.append(f"{name} was set to {now} by someone else (saved {orig}, the lab "
+                        f"wrote {ours}): left as it is")
+        saved = [(n, v) for n, v in saved if n != name]
 
     def put(name: str, value: str) -> None:
         try:
@@ -210,12 +237,14 @@ class KnobSession:
         self.fs = fs
         self.journal = journal
         self.saved: list[tuple[str, str]] = []
+        self.wrote: dict[str, str] = {}  # what the lab last wrote, per knob
+        self.left: list[str] = []  # knobs someone else changed, left as they were
 
     def _save(self, name: str) -> None:
         if any(n == name for n, _ in self.saved):
             return
         self.saved.append((name, read_knob(self.fs, name)))
-        self.journal.write(self.saved)  # on disk before the kernel sees the change
+        self.journal.write(self.saved, self.wrote)  # on disk before the kernel sees it
 
     def set(self, name: str, value: object) -> None:
         k = knob(name)
@@ -225,6 +254,9 @@ class KnobSession:
         if name == "ksm/advisor_mode":
             self._save("ksm/pages_to_scan")
         self._save(name)
+        if self.wrote.get(name) != text:
+            self.wrote[name] = text
+            self.journal.write(self.saved, self.wrote)
         if name != "ksm/run" and read_knob(self.fs, name) == text:
             return
         self.fs.write(k.rel, text)
@@ -234,7 +266,7 @@ class KnobSession:
             self.journal.remove()
             return
         with signals_blocked():
-            failures = restore_values(self.fs, self.saved)
+            failures = restore_values(self.fs, self.saved, self.wrote, self.left)
             if failures:
                 raise RestoreError(
                     "could not restore every knob (journal kept for `ksmlab restore`): "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +42,16 @@ from . import machine
 from .damon import active_schemes
 from .journal import BootValues, Journal, JournalDamaged, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
-from .knobs import KSM, THP, KnobError, KnobSession, knob, read_all, restore_values
+from .knobs import (
+    KSM,
+    THP,
+    KnobError,
+    KnobSession,
+    foreign_changes,
+    knob,
+    read_all,
+    restore_values,
+)
 from .kthread import PASS_TIMEOUT_S, Khugepaged
 from .sampler import Sampler
 from .tracefs import KernelEvents, TracingError, pagemap_pfns, restore_tracing
@@ -164,9 +174,12 @@ def restore_journal(fs: KernelFS, journal: Journal, lock: RunLock) -> list[tuple
         if rec.tracing.get("mount"):
             done.append(("sys/kernel/tracing", "unmounted"))
         journal.clear_tracing()
-    failures = restore_values(fs, rec.saved)
+    left: list[str] = []
+    failures = restore_values(fs, rec.saved, rec.wrote, left)
     if failures:
         raise LiveError("restore incomplete: " + "; ".join(failures))
+    for line in left:  # not failures: someone's own setting since the run was killed
+        print(f"ksmlab: note: {line}", file=sys.stderr)
     journal.remove()
     return rec.saved + done
 
@@ -211,6 +224,7 @@ class LiveRun:
         self.khugepaged = Khugepaged(self.fs)
         self.slow_passes = 0  # khugepaged passes not seen to end (PASS_TIMEOUT_S)
         self.enter_passes: int | None = None
+        self.foreign: list[dict[str, Any]] = []  # knobs someone else changed mid-run
         # KSM's tracepoints recorded into the trace (live/tracefs.py); off by default
         self.kernel_events = kernel_events
         self.t0 = 0.0  # time 0 on time.monotonic()
@@ -292,6 +306,7 @@ class LiveRun:
                 ks.set("ksm/run", 2)
         # only counters the kernel never resets have a baseline; gauges such as
         # pages_unshared describe KSM's state before run=2 and mean nothing here
+        self.notes.extend(ks.left)  # knobs someone else set, left as they set them
         baseline = {k: v for k, v in baseline.items() if k in MONOTONIC}
         baseline.update(base_rss)  # the workload's own interpreter before it mapped anything
         self._check_setup(rows)
@@ -309,6 +324,7 @@ class LiveRun:
             "notes": self.notes,
             # khugepaged passes while the workload was set up (the model replays them)
             "khugepaged_enter_passes": self.enter_passes,
+            "foreign_knob_changes": self.foreign,
         }
         tr = Trace.from_rows(meta, rows, self.events)
         tr.kernel_events = stream
@@ -540,6 +556,7 @@ class LiveRun:
                     held.clear()
             elif k * sc.sample_interval <= now:
                 take(boundary=False)
+                self._watch_knobs(ks, rows[-1]["t"])
                 k = int(now / sc.sample_interval) + 1  # skip ticks missed, never bunch up
             next_t = k * sc.sample_interval
             if next_t > sc.duration + 1e-9 and not pending:
@@ -547,6 +564,16 @@ class LiveRun:
             if pending:
                 next_t = min(next_t, pending[0].at)
             time.sleep(max(0.0, min(next_t - (time.monotonic() - t0), POLL_S)))
+
+    def _watch_knobs(self, ks: KnobSession, t: float) -> None:
+        """Note a knob someone else changes while the run goes on (once per knob): the
+        run no longer measures its scenario, and restore will leave that knob alone."""
+        seen = {c["knob"] for c in self.foreign}
+        for name, _orig, ours, now in foreign_changes(self.fs, ks.saved, ks.wrote):
+            if name not in seen:
+                self.foreign.append({"knob": name, "ours": ours, "now": now, "t": t})
+                self.notes.append(f"{name} was set to {now} by someone else at {t:.1f} s "
+                                  f"(the run set {ours}): this run's verdicts do not hold")
 
     def _check_setup(self, rows: list[dict[str, float]]) -> None:
         """Record what the kernel did not give us (THPs it could not allocate, ...)."""
