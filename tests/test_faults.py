@@ -193,7 +193,7 @@ def test_someone_elses_change_is_left_alone_and_reported(fake: FakeKernel) -> No
 def test_after_sigkill_restore_also_leaves_a_hand_set_knob(fake: FakeKernel) -> None:
     killed_run(fake)  # pages_to_scan 1234, run 1, journalled with what the lab wrote
     rec = Journal().read()
-    assert rec is not None and rec.wrote == {"ksm/pages_to_scan": "1234", "ksm/run": "1"}
+    assert rec is not None and rec.wrote == {"ksm/pages_to_scan": ["1234"], "ksm/run": ["1"]}
     fake.write(f"{KSM}/pages_to_scan", "700")  # set by hand before `ksmlab restore`
     restore_journal(fake, Journal(), RunLock())
     assert fake.value(f"{KSM}/pages_to_scan") == "700"
@@ -213,3 +213,20 @@ def test_a_caveat_voids_the_verdicts() -> None:
     assert "CAVEAT ksm/pages_to_scan" in report.summary_text(s, "t")
     assert metrics.summarize(simulate(load("seed-uzp1").with_duration(3), "mainline")
                              ).caveats == []
+
+
+def test_a_refused_write_does_not_disown_the_labs_value(fake: FakeKernel) -> None:
+    # the lab set 64, then a set of 32 was refused (EBUSY: pages shared); 64 is still
+    # the lab's and goes back (CI found it left at 64 when only the last was kept)
+    from ksmlab.live.kernelfs import KernelWriteError
+
+    s = KnobSession(fake, Journal())
+    s.set("ksm/max_page_sharing", 64)
+    fake.path(f"{KSM}/pages_shared").write_text("5")
+    with pytest.raises(KernelWriteError):
+        s.set("ksm/max_page_sharing", 32)
+    fake.path(f"{KSM}/pages_shared").write_text("0")
+    rec = Journal().read()
+    assert rec is not None and rec.wrote["ksm/max_page_sharing"] == ["64", "32"]
+    s.restore()
+    assert fake.value(f"{KSM}/max_page_sharing") == "256" and s.left == []

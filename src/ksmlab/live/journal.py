@@ -57,9 +57,10 @@ class JournalRecord:
     # tracefs state a run changed (live/tracefs.py): {"mount": "pending"|"mounted"|None,
     # "saved": [[file, value], ...]} in the order changed; None: tracing untouched
     tracing: dict[str, Any] | None = None
-    # the value the run last wrote to each knob: a knob found at neither its saved
+    # every value the run wrote (or was about to write) to each knob: a knob found at
+    # none of them nor its saved value was set by someone else; restore leaves it alone
     # value nor this one was changed by someone else, and restore leaves it alone
-    wrote: dict[str, str] = field(default_factory=dict)
+    wrote: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Journal:
@@ -75,13 +76,13 @@ class Journal:
         self.path = self.folder / "journal.json"
         self.saved: list[tuple[str, str]] = []
         self.tracing: dict[str, Any] | None = None
-        self.wrote: dict[str, str] = {}
+        self.wrote: dict[str, list[str]] = {}
 
-    def write(self, saved: list[tuple[str, str]], wrote: dict[str, str] | None = None
+    def write(self, saved: list[tuple[str, str]], wrote: dict[str, list[str]] | None = None
               ) -> None:
         self.saved = list(saved)
         if wrote is not None:
-            self.wrote = dict(wrote)
+            self.wrote = {k: list(v) for k, v in wrote.items()}
         self._flush()
 
     def write_tracing(self, tracing: dict[str, Any]) -> None:
@@ -132,7 +133,7 @@ class Journal:
                 int(data["pid"]), str(data["boot_id"]), float(data["started"]),
                 [(str(n), str(v)) for n, v in data["saved"]],
                 dict(tracing) if tracing else None,
-                {str(k): str(v) for k, v in data.get("wrote", {}).items()},
+                {str(k): [str(x) for x in v] for k, v in data.get("wrote", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             why = "empty" if not text.strip() else f"{type(e).__name__}: {e}"

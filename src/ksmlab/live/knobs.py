@@ -163,26 +163,27 @@ class RestoreError(RuntimeError):
     pass
 
 
-def foreign_changes(fs: KernelFS, saved: list[tuple[str, str]], wrote: dict[str, str]
-                    ) -> list[tuple[str, str, str, str]]:
-    """(knob, saved value, value the lab wrote, value now) of every knob the lab wrote
-    that is now at neither value: someone else changed it during the run."""
+def foreign_changes(fs: KernelFS, saved: list[tuple[str, str]],
+                    wrote: dict[str, list[str]]) -> list[tuple[str, str, str, str]]:
+    """(knob, saved value, value the lab last wrote, value now) of every knob the lab
+    wrote that is now at its saved value nor any the lab wrote (a refused write too:
+    the journal has it before the kernel answers): someone else changed it."""
     out = []
     for name, orig in saved:
-        ours = wrote.get(name)
-        if ours is None:
+        values = wrote.get(name)
+        if not values:
             continue
         try:
             now = read_knob(fs, name)
         except (KnobError, OSError):
             continue
-        if now not in (orig, ours):
-            out.append((name, orig, ours, now))
+        if now != orig and now not in values:
+            out.append((name, orig, values[-1], now))
     return out
 
 
 def restore_values(fs: KernelFS, saved: list[tuple[str, str]],
-                   wrote: dict[str, str] | None = None,
+                   wrote: dict[str, list[str]] | None = None,
                    left: list[str] | None = None) -> list[str]:
     """Write back ``saved`` (in the order first changed) and return the failures.
 
@@ -237,7 +238,7 @@ class KnobSession:
         self.fs = fs
         self.journal = journal
         self.saved: list[tuple[str, str]] = []
-        self.wrote: dict[str, str] = {}  # what the lab last wrote, per knob
+        self.wrote: dict[str, list[str]] = {}  # every value the lab wrote, per knob
         self.left: list[str] = []  # knobs someone else changed, left as they were
 
     def _save(self, name: str) -> None:
@@ -254,8 +255,9 @@ class KnobSession:
         if name == "ksm/advisor_mode":
             self._save("ksm/pages_to_scan")
         self._save(name)
-        if self.wrote.get(name) != text:
-            self.wrote[name] = text
+        values = self.wrote.setdefault(name, [])
+        if text not in values:
+            values.append(text)
             self.journal.write(self.saved, self.wrote)
         if name != "ksm/run" and read_knob(self.fs, name) == text:
             return
