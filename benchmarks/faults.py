@@ -141,7 +141,7 @@ def workload_dies(folder: Path) -> tuple[bool, str, bool | None]:
     p = start(folder)
     os.kill(orphans()[0], signal.SIGKILL)  # as the OOM killer would
     _out, err = p.communicate(timeout=60)
-    return p.returncode == 2 and "died at" in err, err.strip()[-60:], None
+    return p.returncode == 2 and "died" in err and "SIGKILL" in err, err.strip()[-60:], None
 
 
 def knob_by_hand(folder: Path) -> tuple[bool, str, bool | None]:

@@ -230,3 +230,11 @@ def test_a_refused_write_does_not_disown_the_labs_value(fake: FakeKernel) -> Non
     assert rec is not None and rec.wrote["ksm/max_page_sharing"] == ["64", "32"]
     s.restore()
     assert fake.value(f"{KSM}/max_page_sharing") == "256" and s.left == []
+
+
+def test_how_a_workload_ended_is_said_plainly() -> None:
+    from ksmlab.live.workload import how_it_ended
+
+    assert how_it_ended(-9) == "killed by SIGKILL (the OOM killer sends SIGKILL)"
+    assert how_it_ended(-15) == "killed by SIGTERM"
+    assert how_it_ended(1) == "exit code 1"

@@ -55,7 +55,7 @@ from .knobs import (
 from .kthread import PASS_TIMEOUT_S, Khugepaged
 from .sampler import Sampler
 from .tracefs import KernelEvents, TracingError, pagemap_pfns, restore_tracing
-from .workload import Workload, WorkloadError, thp_disable
+from .workload import Workload, WorkloadError, how_it_ended, thp_disable
 
 MEMORY_MARGIN_MIB = 256
 POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full scan
@@ -625,11 +625,8 @@ def check_alive(workloads: list[Workload], t: float) -> None:
     for w in workloads:
         rc = w.proc.poll()
         if rc is not None:
-            how = (f"killed by {signal.Signals(-rc).name}" if rc < 0
-                   and -rc in signal.Signals._value2member_map_ else f"exit code {rc}")
-            oom = " (the OOM killer sends SIGKILL)" if rc == -signal.SIGKILL else ""
-            raise LiveError(f"workload process {w.pid} died at {t:.1f} s, {how}{oom}: "
-                            "the run is void; knobs restored")
+            raise LiveError(f"workload process {w.pid} died at {t:.1f} s, "
+                            f"{how_it_ended(rc)}: the run is void; knobs restored")
 
 
 def restore_to_boot(fs: KernelFS, journal: Journal, boot: BootValues

@@ -280,6 +280,18 @@ def main() -> None:
 # ----------------------------------------------------------------------------- parent
 
 
+def how_it_ended(rc: int) -> str:
+    """A child's end, said as a person would look for it (the OOM killer: SIGKILL)."""
+    if rc >= 0:
+        return f"exit code {rc}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f"signal {-rc}"
+    return f"killed by {name}" + (" (the OOM killer sends SIGKILL)"
+                                  if rc == -signal.SIGKILL else "")
+
+
 class Workload:
     """A running workload process, seen from the parent."""
 
@@ -308,9 +320,11 @@ class Workload:
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
-            raise WorkloadError(
-                f"workload {self.pid} did not answer (exit code {self.proc.poll()})"
-            )
+            rc = self.proc.poll()
+            if rc is None:
+                raise WorkloadError(f"workload process {self.pid} did not answer in "
+                                    f"{self.timeout:.0f} s")
+            raise WorkloadError(f"workload process {self.pid} died, {how_it_ended(rc)}")
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
             raise WorkloadError(f"workload: {reply['error']}")
