@@ -41,6 +41,7 @@ SUITE = (
     "thp-z0-dup", "thp-z50-unique", "thp-z90-dup", "two-procs-dup", "smart-scan-on",
     "smart-scan-off", "uzp0-1000", "prctl-uzp1", "chains-mps8", "volatile", "pressure-409",
     "khugepaged-recollapse", "ksm-before-fill", "three-procs-uzp0", "three-procs-uzp1",
+    "three-procs-fill",
 )
 # A subset CI runs live (under five minutes): the thread's two claims, processes of
 # different kinds registering in order, and the two scenarios where kernel work races
