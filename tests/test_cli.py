@@ -281,3 +281,17 @@ def test_writes_are_atomic(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         write_atomic(target, writer=dies)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_conventions_version_bare_command_and_80_columns() -> None:
+    from ksmlab import __version__
+
+    r = ksmlab("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"ksmlab {__version__}"
+    r = ksmlab()
+    assert r.returncode == 0 and "Commands:" in r.stdout and r.stderr == ""
+    for cmd in ("policies", "scenarios"):
+        out = ksmlab(cmd).stdout.splitlines()
+        assert out and max(len(line) for line in out) <= 80, cmd
+    # a description wraps under itself, whole: no word cut at the edge
+    assert "stable chains of many dups" in " ".join(ksmlab("scenarios").stdout.split())

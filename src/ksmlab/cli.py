@@ -107,8 +107,17 @@ def _warn_journal(ctx: typer.Context) -> None:
 app.add_typer(kernel_app, name="kernel")  # patched kernels under qemu (ksmlab.kernel)
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"ksmlab {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(ctx: typer.Context) -> None:
+def _main(ctx: typer.Context,
+          version: Annotated[bool, typer.Option(
+              "--version", is_eager=True, callback=_version, help="print the version")]
+          = False) -> None:
     _warn_journal(ctx)
 
 
@@ -123,9 +132,10 @@ def scenarios(json_out: JsonOpt = False) -> None:
     if json_out:
         print(json.dumps({"scenarios": items}))
         return
-    for it in items:
-        print(f"{it['name']:<22} {it['mib']:>6} MiB {it['duration']:>5.0f} s  "
-              f"{it['description']}"[:100])
+    for it in items:  # 80 columns: the description wraps under itself, never cut
+        head = f"{it['name']:<22} {it['mib']:>7} MiB {it['duration']:>5.0f} s  "
+        print(textwrap.fill(str(it["description"]), 80, initial_indent=head,
+                            subsequent_indent=" " * len(head)))
 
 
 @app.command()
@@ -139,7 +149,7 @@ def policies(json_out: JsonOpt = False) -> None:
             for p in POLICIES.values()]}))
         return
     for p in POLICIES.values():
-        print(f"{p.name}: {p.description}")
+        print(textwrap.fill(f"{p.name}: {p.description}", 80, subsequent_indent="  "))
         for rule, src in p.sources.items():
             print(textwrap.fill(f"{rule}: {src}", 80, initial_indent="    ",
                                 subsequent_indent="      "))
@@ -689,6 +699,8 @@ def main() -> None:
     from .live.run import LiveError
     from .model import ModelUnsupported
 
+    if len(sys.argv) == 1:  # bare `ksmlab`: what it can do, not an error
+        sys.argv.append("--help")
     try:
         rc = app(standalone_mode=False)  # click returns the code of typer.Exit here
         sys.exit(rc if isinstance(rc, int) else 0)
