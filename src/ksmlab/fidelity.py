@@ -48,6 +48,15 @@ SUITE = (
 # ksmd (the shrinker, khugepaged)
 CI_SUBSET = ("seed-uzp1", "uzp0-1000", "three-procs-uzp0", "pressure-409",
              "khugepaged-recollapse")
+# Scenarios where a race the lab does not yet control still shows, now and then, with
+# what was seen.  CI validates one again when it misses, and fails on a second miss.
+KNOWN_RACES = {
+    "khugepaged-recollapse": (
+        "1 run in 7 on 2026-11-30: the kernel's first merge of the full scan after a "
+        "khugepaged pass went into another KSM page than the model's (events: scan 3), "
+        "and pages_scanned was 3 pages short from then on; splits, collapses and "
+        "merges equal"),
+}
 # `ksmlab calibrate --quick`: what this machine's profile is fitted on (disjoint from
 # CI_SUBSET, which is judged against it; about 3 min live).  Between them they charge
 # every cost: unique pages (visits, checksums, unstable-tree levels), merges into the
