@@ -31,13 +31,14 @@ from .fidelity import replay
 from .model.costs import DEFAULT_PROFILE, CostProfile, ksmd_wake
 from .model.run import Simulation
 from .scenario import Scenario
-from .trace import Trace
+from .trace import Trace, write_atomic
 
 PRIOR_WEIGHT = 0.2  # how hard the hand-set priors pull, against relative errors per scenario
 # ... and the scaled shipped profile in a quick fit: one run of each of nine scenarios
 # is noisy (the same full scan moved by a third between quiet runs), and a firmer pull
 # to a shape fitted on four whole-suite runs predicted the held-out scenarios better
-# (on this machine's traces, median CPU error 13.0 -> 11.6 %, worst 27 -> 21 %)
+# (benchmarks/quick_fit.py on the suite run of 2026-11-30: worst held-out CPU error
+# 20.8 % at the whole-suite weight, 13.8 % at this one)
 QUICK_PRIOR_WEIGHT = 1.0
 WHOLE_RUN_WEIGHT = 2.0  # a scenario's whole-run CPU, against its scans' errors together
 # not fitted linearly: wall time, and the length of a batch's cold start
@@ -222,9 +223,7 @@ def profile_document(profile: CostProfile, data: list[Interval], kernel: str,
 
 
 def save(doc: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
+    return write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def holdout(kernels: list[tuple[str, Trace]], policy: str, base: CostProfile | None = None

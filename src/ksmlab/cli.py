@@ -278,6 +278,9 @@ def _progress_live(sc: Scenario, quiet: bool
     return prog, update
 
 
+MIN_FREE_BYTES = 8 << 20  # a run's trace and plot, with room to spare
+
+
 def _check_out(out: Path | None) -> None:
     """An output folder that cannot take the results is refused before anything runs
     (a live run's results were lost after it: NotADirectoryError, exit 1)."""
@@ -294,9 +297,6 @@ def _check_out(out: Path | None) -> None:
         fail(f"--out {out}: cannot write there: {e.strerror or e}")
     if free < MIN_FREE_BYTES:
         fail(f"--out {out}: only {free >> 10} KiB free (a run's files need a few MiB)")
-
-
-MIN_FREE_BYTES = 8 << 20
 
 
 def _emit(tr: Trace, summary: metrics.Summary, title: str, json_out: bool,
@@ -672,15 +672,10 @@ def _quiet_run(sc: Scenario, tries: int = 2) -> Trace:
 
 
 def _writable(path: Path) -> None:
-    """Refuse an --out that cannot be written before any live run (one line)."""
-    if path.exists() and path.is_dir():
+    """Refuse a profile file that cannot be written before any live run (one line)."""
+    if path.is_dir():
         fail(f"--out {path}: is a folder; name the profile's file")
-    parent = path.parent if str(path.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        fail(f"--out {path}: cannot write there")
+    _check_out(path.parent)
 
 
 @app.command()

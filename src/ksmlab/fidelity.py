@@ -62,7 +62,8 @@ KNOWN_RACES = {
 # every cost: unique pages (visits, checksums, unstable-tree levels), merges into the
 # stable tree and its chains, THP splits and the remap's zero tests, smart scan's
 # skips, merges with the zero page, volatile pages, and batches of 100 and of 1000
-# pages (the cold start).  Six of these left 30 % of held-out CPU error (thp-z0-dup).
+# pages (the cold start).  Six of these (no thp-z0-dup, volatile, seed-uzp1-nothp)
+# left 30 % of held-out CPU error in thp-z0-dup on one day's traces.
 CALIBRATION_SET = ("thp-z50-unique", "thp-z90-dup", "thp-z0-dup", "chains-mps8",
                    "smart-scan-on", "seed-uzp0-nothp", "seed-uzp1-nothp", "seed-uzp0",
                    "volatile")
@@ -266,9 +267,9 @@ def suite_agreement(results: list[Fidelity]) -> float:
 def suite_cpu_rel_err(results: list[Fidelity]) -> float | None:
     """ksmd's CPU summed over the scenarios, model against kernel.  One run's CPU moves
     from the next by up to a third on these VMs (the same first full scan of seed-uzp0
-    took 31.6, 33.6 and 50.9 ms in three quiet runs), more than the model's error; the
-    sum over several scenarios averages that out and still shows a cost the model
-    gets wrong everywhere."""
+    took 31.6, 33.6 and 50.9 ms in three runs, the last measured quiet), more than the
+    model's error; the sum over several scenarios averages that out and still shows a
+    cost the model gets wrong everywhere."""
     pairs = [r.cpu_pct for r in results if None not in r.cpu_pct]
     if not pairs:
         return None

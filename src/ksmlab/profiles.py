@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .model.costs import CostProfile, load_profile
+from .trace import write_atomic
 
 ENV = "KSMLAB_PROFILE"
 
@@ -127,9 +128,4 @@ def resolve(explicit: Path | None, ident: dict[str, Any] | None, key: str | None
 def save_machine(doc: dict[str, Any], key: str) -> Path:
     """Store a fitted profile document as this machine's (atomically: a run killed
     mid-write leaves the old profile, never half a file)."""
-    path = machine_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(machine_path(key), (json.dumps(doc, indent=1) + "\n").encode())

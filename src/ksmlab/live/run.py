@@ -58,6 +58,7 @@ from .tracefs import KernelEvents, TracingError, pagemap_pfns, restore_tracing
 from .workload import Workload, WorkloadError, how_it_ended, thp_disable
 
 MEMORY_MARGIN_MIB = 256
+WATCH_S = 1.0  # how often a run looks for knobs someone else changed
 POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full scan
 
 
@@ -225,6 +226,7 @@ class LiveRun:
         self.slow_passes = 0  # khugepaged passes not seen to end (PASS_TIMEOUT_S)
         self.enter_passes: int | None = None
         self.foreign: list[dict[str, Any]] = []  # knobs someone else changed mid-run
+        self._next_watch = 0.0
         # KSM's tracepoints recorded into the trace (live/tracefs.py); off by default
         self.kernel_events = kernel_events
         self.t0 = 0.0  # time 0 on time.monotonic()
@@ -556,7 +558,9 @@ class LiveRun:
                     held.clear()
             elif k * sc.sample_interval <= now:
                 take(boundary=False)
-                self._watch_knobs(ks, rows[-1]["t"])
+                if now >= self._next_watch:  # ~20 sysfs reads: once a second, not a sample
+                    self._next_watch = now + WATCH_S
+                    self._watch_knobs(ks, rows[-1]["t"])
                 k = int(now / sc.sample_interval) + 1  # skip ticks missed, never bunch up
             next_t = k * sc.sample_interval
             if next_t > sc.duration + 1e-9 and not pending:
