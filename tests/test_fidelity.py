@@ -218,3 +218,36 @@ def test_suite_cpu_sums_before_comparing() -> None:
     assert fidelity.suite_cpu_rel_err([r(None, 1.0)]) is None
     assert "ksmd CPU summed over the scenarios within 5.0 %" in fidelity.table(
         [r(1.0, 1.4), r(3.0, 2.4)])
+
+
+def test_a_replay_keeps_the_thps_the_kernels_shrinker_kept() -> None:
+    """pressure-409: a kernel trace whose shrinker left the THP at page 512 whole (a
+    failed split, counted) is replayed as such, and the model says it did so."""
+    from ksmlab import fidelity
+    from ksmlab.model.run import simulate
+    from ksmlab.scenario import load
+    from ksmlab.trace import Trace
+
+    sc = load("pressure-409").with_duration(9.0)
+    plain = simulate(sc, "mainline", engine="exact")
+    pressure = [e for e in plain.events if e["action"] == "pressure"]
+    assert len(pressure) == 1
+    kernel = Trace(plain.meta, dict(plain.columns), [
+        *[e for e in plain.events if e["action"] != "pressure"],
+        {**pressure[0], "aligned": False, "thps_kept": {"0": [512]},
+         "vmstat": {"thp_split_page_failed": 1}}])
+    rep = fidelity.replay(kernel)
+    assert rep["shrinker"] == [{"thps_kept": {"0": [512]},
+                                "vmstat": {"thp_split_page_failed": 1}}]
+    again = simulate(sc, "mainline", **rep)
+    # the first sample after the event: the shrinker split one THP less and counted a
+    # failure; ksmd's next batch then failed once more on the kept THP (two of its
+    # pages pinned: the page and its unstable-tree partner) and split it, as the
+    # kernel's ksmd did with a THP it reached before the shrinker
+    i = int(np.searchsorted(plain.t, pressure[0]["t"], side="right"))
+    assert plain.t[i] == again.t[i]
+    after = {c: again.since_start(c)[i] - plain.since_start(c)[i]
+             for c in ("thp_underused_split_page", "thp_split_page_failed", "thp_split_page")}
+    assert after == {"thp_underused_split_page": -1, "thp_split_page_failed": 2,
+                     "thp_split_page": 0}
+    assert any("left 1 underused THP" in n for n in again.meta["notes"])

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,6 +212,16 @@ def test_value_the_kernel_refuses(tmp_path: Path) -> None:
     assert fit.checkpoints > 0 and fit.agreement == 1.0, fit
 
 
+def _why(s: dict[str, Any]) -> str:
+    """A failed scenario in a few lines: the counters that differ, where first, the
+    event streams' first divergence and the notes (the whole dict is cut by pytest)."""
+    off = {c: (v["exact_share"], v["worst_checkpoint"]) for c, v in s["counters"].items()
+           if v["exact_share"] < 1.0}
+    return (f"{s['name']}: agreement {s['agreement']:.3f}; counters off (share exact, "
+            f"worst full scan): {off}; events: {(s.get('events') or {}).get('first_divergence')}"
+            f"; notes: {s['notes']}")
+
+
 def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
     """Issue 11: counters and verdicts exactly, as on any machine; ksmd CPU and
     full-scan times only against a profile fitted in this same run, on this machine,
@@ -237,17 +248,15 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
     assert d["profile"]["source"] == "machine" and d["profile"]["warning"] is None, d["profile"]
     by_name = {s["name"]: s for s in d["scenarios"]}
     assert set(by_name) == set(fidelity.CI_SUBSET)
-    for name in fidelity.KNOWN_RACES:  # a known, rare race: once more, then judged
-        if name in by_name and by_name[name]["agreement"] < fidelity.EXACT_TARGET:
-            again = run_ksmlab(["validate", name, "--json", "--out", str(out)], timeout=300,
-                               env=env)
-            assert again.returncode in (0, 1), again.stderr
-            [by_name[name]] = json.loads(again.stdout)["scenarios"]
-            d["scenarios"] = list(by_name.values())
+    # the lab held ksmd in time at every full-scan end with events due (an event
+    # after a batch of the next scan is what failed pressure-409 on a slower machine)
+    for f in sorted(out.glob("*.kernel.trace.json.gz")):
+        late = [e for e in Trace.load(f).events if e.get("ksmd_ran_pages")]
+        assert not late, (f.name, late)
     assert d["verdicts_agree"], d
     for s in d["scenarios"]:
         # machine-independent: every counter at every full-scan end, and the verdicts
-        assert s["agreement"] >= fidelity.EXACT_TARGET, s
+        assert s["agreement"] >= fidelity.EXACT_TARGET, _why(s)
         assert s["max_rel_diff"] <= fidelity.REL_TARGET, s
         assert s["verdicts_agree"] is not False, s
         # this machine's costs, fitted above on other scenarios.  One run's ksmd CPU

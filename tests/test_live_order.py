@@ -71,3 +71,60 @@ def test_an_mm_entering_mid_scan_goes_behind_the_cursor() -> None:
     w.ksm.enter(late)
     assert [m.name for m in w.ksm.slots] == ["late", "test"]
     assert w.ksm.slots[w.ksm.cur_slot].name == "test"  # the cursor stays where it was
+
+
+def test_ksmd_is_held_first_thing_at_a_full_scan_end_with_events_due(tmp_path: Any) -> None:
+    """ksmd sleeps sleep_millisecs (20 ms) after the batch that ends a full scan.  The
+    lab writes run=0 before the checkpoint sample and the events, or a slower machine
+    lets ksmd run a batch of the next scan first (it split the THP the shrinker was to
+    split: pressure-409 failed CI twice so).  The exact sequence, as damo's tests do."""
+    from ksmlab.live.kernelfs import KernelFS
+    from ksmlab.live.run import LiveRun
+
+    log: list[str] = []
+
+    class Fs(KernelFS):
+        def write(self, rel: str, value: str) -> None:
+            log.append(f"write {rel}={value}")
+            super().write(rel, value)
+
+    class Ks:
+        saved: ClassVar[list[tuple[str, str]]] = []
+        wrote: ClassVar[dict[str, list[str]]] = {}
+
+        def set(self, name: str, value: object) -> None:
+            log.append(f"set {name}={value}")
+
+        def expect(self, name: str, value: object) -> None:
+            log.append(f"expect {name}={value}")
+
+    class Sampler:
+        scans = iter([0, 0, 0, 1])
+
+        def full_scans(self) -> int:
+            return next(self.scans, 1)
+
+        def pages_scanned(self) -> int:
+            log.append("read pages_scanned")
+            return 100
+
+        def sample(self, t: float, boundary: bool = False) -> dict[str, float]:
+            if boundary:
+                log.append("checkpoint sample")
+            return {"t": t}
+
+    for d in ("proc/sys/vm", "sys/kernel/mm/ksm"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "proc/sys/vm/drop_caches").touch()
+    sc = Scenario.model_validate({
+        "name": "hold", "duration": 0.2, "sample_interval": 0.1,
+        "process": [{"region": [{"size_mib": 2, "content": {"zero": 1.0}}]}],
+        "event": [{"at": 0.0, "action": "pressure"}]})
+    run = LiveRun(sc, fs=Fs(tmp_path))
+    run._loop(Ks(), Sampler(), [])  # type: ignore[arg-type]
+    assert log == ["expect ksm/run=0", "set ksm/run=1",
+                   "read pages_scanned", "set ksm/run=0", "read pages_scanned",
+                   "checkpoint sample", "write proc/sys/vm/drop_caches=3", "set ksm/run=1"]
+    [pressure] = [e for e in run.events if e["action"] == "pressure"]
+    assert pressure["aligned"] and pressure["full_scans"] == 1
+    assert pressure["ksmd_ran_pages"] == 0 and pressure["ksmd_held_s"] >= 0

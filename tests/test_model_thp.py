@@ -95,3 +95,21 @@ def test_khugepaged_pass_covers_eight_pmds() -> None:
     assert w.khugepaged.pages_collapsed == 8
     w.khugepaged.do_scan()
     assert w.khugepaged.pages_collapsed == 16
+
+
+def test_a_thp_someone_else_holds_is_not_split_and_leaves_the_queue() -> None:
+    """deferred_split_scan(): a failed split of an underused THP drops it from the
+    queue for good (6.12-6.18); a replay says which THPs the kernel could not split."""
+    ids = ([0] * 461 + unique(51)) * 2
+    w = world(ids, max_ptes_none=409)
+    first = w.vma.pte[0]
+    assert isinstance(first, Page) and first.folio is not None
+    held = first.folio
+    assert deferred_split_scan(w.sys, lambda f: f is held, failed_counted=1) == 1
+    assert w.sys.vmstat["thp_underused_split_page"] == 1
+    assert w.sys.vmstat["thp_split_page_failed"] == 1
+    assert held.alive and held.pmd_mapped and not held.queued and not w.sys.deferred
+    # a lost folio_trylock() counts no failure
+    w = world(ids, max_ptes_none=409)
+    assert deferred_split_scan(w.sys, lambda f: f.index == 0, failed_counted=0) == 1
+    assert w.sys.vmstat["thp_split_page_failed"] == 0

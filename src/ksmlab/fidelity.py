@@ -48,20 +48,6 @@ SUITE = (
 # ksmd (the shrinker, khugepaged)
 CI_SUBSET = ("seed-uzp1", "uzp0-1000", "three-procs-uzp0", "pressure-409",
              "khugepaged-recollapse")
-# Scenarios where a race the lab does not yet control still shows, now and then, with
-# what was seen.  CI validates one again when it misses, and fails on a second miss.
-KNOWN_RACES = {
-    "khugepaged-recollapse": (
-        "1 run in 7 on 2026-11-30: the kernel's first merge of the full scan after a "
-        "khugepaged pass went into another KSM page than the model's (events: scan 3), "
-        "and pages_scanned was 3 pages short from then on; splits, collapses and "
-        "merges equal"),
-    "pressure-409": (
-        "1 run in 9 on 2026-11-30 (a CI run): drop_caches' underused shrinker split 30 "
-        "of the 31 THPs the model splits (thp_underused_split_page), one held by "
-        "something the lab does not see; ksmd split it at its next try; the other "
-        "counters equal but pages_scanned (a few pages) and thp_split_page_failed"),
-}
 # `ksmlab calibrate --quick`: what this machine's profile is fitted on (disjoint from
 # CI_SUBSET, which is judged against it; about 3 min live).  Between them they charge
 # every cost: unique pages (visits, checksums, unstable-tree levels), merges into the
@@ -198,10 +184,21 @@ def pins(tr: Trace) -> list[tuple[str, int]]:
     return [(str(e["action"]), int(e["full_scans"])) for e in tr.events if e.get("aligned")]
 
 
+def shrinker(tr: Trace) -> list[dict[str, Any]]:
+    """Per pressure event, what the kernel's shrinker did to the workload: the THPs it
+    left whole (``thps_kept``) and the change of its counters (``vmstat``).  A THP the
+    shrinker found underused but could not split (held by a reference the lab does not
+    see for that moment) leaves the queue for good; the model replays that."""
+    return [{k: e[k] for k in ("thps_kept", "vmstat") if k in e}
+            for e in tr.events if e.get("action") == "pressure"]
+
+
 def replay(tr: Trace) -> dict[str, Any]:
-    """What the model takes from a kernel trace to replay its run: the pinned events
-    and the khugepaged passes of the workload's set-up (None for a trace without)."""
-    return {"pins": pins(tr), "khugepaged_enter_passes": tr.meta.get("khugepaged_enter_passes")}
+    """What the model takes from a kernel trace to replay its run: the pinned events,
+    the khugepaged passes of the workload's set-up (None for a trace without) and
+    what the shrinker did at each pressure event."""
+    return {"pins": pins(tr), "khugepaged_enter_passes": tr.meta.get("khugepaged_enter_passes"),
+            "shrinker": shrinker(tr)}
 
 
 def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:

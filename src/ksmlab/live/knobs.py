@@ -247,6 +247,17 @@ class KnobSession:
         self.saved.append((name, read_knob(self.fs, name)))
         self.journal.write(self.saved, self.wrote)  # on disk before the kernel sees it
 
+    def expect(self, name: str, value: object) -> None:
+        """Journal now a value this session will write later, so that the write itself
+        does no file I/O (holding ksmd must land inside its sleep_millisecs)."""
+        k = knob(name)
+        text = k.check(value)
+        self._save(name)
+        values = self.wrote.setdefault(name, [])
+        if text not in values:
+            values.append(text)
+            self.journal.write(self.saved, self.wrote)
+
     def set(self, name: str, value: object) -> None:
         k = knob(name)
         text = k.check(value)

@@ -53,12 +53,16 @@ from .knobs import (
     restore_values,
 )
 from .kthread import PASS_TIMEOUT_S, Khugepaged
+from .pagemap import pagemap_pfns, thp_heads
 from .sampler import Sampler
-from .tracefs import KernelEvents, TracingError, pagemap_pfns, restore_tracing
+from .tracefs import KernelEvents, TracingError, restore_tracing
 from .workload import Workload, WorkloadError, how_it_ended, thp_disable
 
 MEMORY_MARGIN_MIB = 256
 WATCH_S = 1.0  # how often a run looks for knobs someone else changed
+# counters a pressure event records the change of (its own work: ksmd is held)
+_SHRINKER_COUNTERS = ("thp_split_page", "thp_split_page_failed", "thp_underused_split_page",
+                      "thp_split_pmd")
 POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full scan
 
 
@@ -227,6 +231,9 @@ class LiveRun:
         self.enter_passes: int | None = None
         self.foreign: list[dict[str, Any]] = []  # knobs someone else changed mid-run
         self._next_watch = 0.0
+        self._hold_since: float | None = None  # ksmd held at a full-scan end since
+        self._hold_events = 0
+        self._hold_late: int | None = None
         # KSM's tracepoints recorded into the trace (live/tracefs.py); off by default
         self.kernel_events = kernel_events
         self.t0 = 0.0  # time 0 on time.monotonic()
@@ -361,6 +368,26 @@ class LiveRun:
                 out[inst] = (np.concatenate(idx), np.concatenate(pfn))
         return out
 
+    def _thps(self, workloads: list[Workload]) -> dict[str, list[int]] | None:
+        """instance -> page index of each THP of the workload not split yet, or None
+        if a pagemap or /proc/kpageflags cannot be read."""
+        try:
+            out: dict[str, list[int]] = {}
+            for inst, w in enumerate(workloads):
+                idx, pfn = [], []
+                base = 0
+                for addr, size in w.ready.get("regions", []):
+                    pfn.append(pagemap_pfns(self.fs, w.pid, int(addr), int(size)))
+                    idx.append(np.arange(base, base + int(size) // 4096, dtype=np.int64))
+                    base += int(size) // 4096
+                if idx:
+                    out[str(inst)] = thp_heads(self.fs, np.concatenate(idx),
+                                               np.concatenate(pfn))
+            return out
+        except OSError as e:
+            self.notes.append(f"no THP map of the workload after the event: {e}")
+            return None
+
     def _pagemap(self, workloads: list[Workload]) -> dict[int, tuple[int, int]]:
         """pfn -> (instance, page index in its regions) of every workload page at time 0
         (a pfn mapped more than once, the zero page, is left out); starts the snapshots
@@ -442,8 +469,8 @@ class LiveRun:
         excess, which the event records as ``ksmd_held_s``.
         """
         held: dict[str, float] = {}
-        if not self.ksm_running:
-            yield held
+        if not self.ksm_running or self._hold_since is not None:
+            yield held  # held since the full-scan end (_hold_at_boundary())
             return
         ks.set("ksm/run", 0)
         t = time.monotonic()
@@ -452,6 +479,39 @@ class LiveRun:
         finally:
             ks.set("ksm/run", 1)
             held["ksmd_held_s"] = round(time.monotonic() - t, 4)
+
+    def _hold_at_boundary(self, ks: KnobSession, sampler: Sampler) -> None:
+        """Hold ksmd (run=0) the moment a full scan ends with events due there.
+
+        ksmd sleeps only sleep_millisecs (20 ms) after the batch that ended the scan;
+        the checkpoint sample and the pagemap snapshot before the events take about as
+        long, and on a slower machine longer: ksmd then ran a batch of the next scan
+        before the event (it split a THP the shrinker was to split), which the model,
+        applying the event at the scan end, does not.  So run=0 comes first; a batch
+        that started anyway shows as ``ksmd_ran_pages`` on the events.  The same for
+        the writes of ``volatile_pages_per_scan``.  A hold shorter than the sleep
+        changes nothing: ksmd ends its sleep, then waits for run=1.
+        """
+        before = sampler.pages_scanned()
+        ks.set("ksm/run", 0)  # journalled in advance (KnobSession.expect)
+        self._hold_since = time.monotonic()
+        self._hold_events = len(self.events)
+        after = sampler.pages_scanned()
+        self._hold_late = None if before is None or after is None else after - before
+
+    def _release_at_boundary(self, ks: KnobSession) -> None:
+        if self._hold_since is None:
+            return
+        if self.ksm_running:  # not if an event stopped KSM (run=0 or 2) meanwhile
+            ks.set("ksm/run", 1)
+        took = round(time.monotonic() - self._hold_since, 4)
+        for e in self.events[self._hold_events:]:
+            e["ksmd_held_s"] = took
+            e["ksmd_ran_pages"] = self._hold_late
+        if self._hold_late:
+            self.notes.append(f"ksmd scanned {self._hold_late} pages of the next scan before "
+                              "the events due at a full-scan end: the lab was late")
+        self._hold_since = None
 
     def _apply(self, item: _Timed, ks: KnobSession, workloads: list[Workload], t: float,
                scans: int | None = None, aligned: bool = False) -> None:
@@ -501,8 +561,19 @@ class LiveRun:
                     f"{others} THPs of other processes were mapped at the pressure event at "
                     f"{t:.1f} s: the shrinker splits theirs too, and thp_split_page counts them")
             with self._ksmd_held(ks) as held:
+                before = Sampler(self.fs).vmstat()
                 self.fs.write("proc/sys/vm/drop_caches", "3")
+                after = Sampler(self.fs).vmstat()
+                kept = self._thps(workloads)
             extra.update(held)
+            # what the shrinker did, while ksmd was held: a THP it found underused
+            # but could not split (another reference, or its lock, held for that
+            # moment) leaves the queue for good (deferred_split_scan(), 6.12-6.18);
+            # the model replays which THPs stayed (fidelity.replay())
+            extra["vmstat"] = {k: int(after[k] - before[k]) for k in _SHRINKER_COUNTERS
+                               if k in after and k in before}
+            if kept is not None:
+                extra["thps_kept"] = kept
         name = ev if isinstance(ev, str) else ev.action
         # full_scans when applied: the model can replay an aligned event at the same scan
         self.events.append({"t": round(t, 4), "action": name, "planned": item.at,
@@ -524,6 +595,8 @@ class LiveRun:
         t0 = self.t0 = time.monotonic()
         k = 0  # next regular sample index
         last_scans = sampler.full_scans()
+        if (sc.align_events and pending) or per_scan:
+            ks.expect("ksm/run", 0)  # the boundary hold then writes no journal
 
         def take(boundary: bool) -> None:
             row = sampler.sample(round(time.monotonic() - t0, 4), boundary)
@@ -544,6 +617,8 @@ class LiveRun:
             if scans != last_scans:
                 last_scans = scans
                 boundary = scans is not None and scans > 0
+                if boundary and (held or per_scan) and self.ksm_running:
+                    self._hold_at_boundary(ks, sampler)  # first: ksmd sleeps 20 ms only
                 take(boundary)
                 if boundary and scans is not None:
                     if self._snaps is not None:
@@ -556,6 +631,7 @@ class LiveRun:
                     for item in held:
                         self._apply(item, ks, workloads, time.monotonic() - t0, scans, True)
                     held.clear()
+                    self._release_at_boundary(ks)
             elif k * sc.sample_interval <= now:
                 take(boundary=False)
                 if now >= self._next_watch:  # ~20 sysfs reads: once a second, not a sample

@@ -114,6 +114,10 @@ class Sampler:
         v = self.fs.read_or_none(f"{KSM}/full_scans")
         return int(v) if v is not None and v.isdigit() else None
 
+    def pages_scanned(self) -> int | None:
+        v = self.fs.read_or_none(f"{KSM}/pages_scanned")
+        return int(v) if v is not None and v.isdigit() else None
+
     def sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
         return {"t": t, "full_scan_end": float(full_scan_end), **self.ksm(), **self.vmstat(),
                 **self.processes(), **self.ksmd_cpu_ns(), **self.cpu_use()}

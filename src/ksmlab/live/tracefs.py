@@ -37,9 +37,6 @@ import re
 import threading
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from .journal import Journal
 from .kernelfs import KernelFS, KernelWriteError
 from .knobs import signals_blocked
@@ -316,21 +313,6 @@ class KernelEvents:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
-
-
-PFN_MASK = (1 << 55) - 1  # pagemap bits 0-54 (Documentation/admin-guide/mm/pagemap.rst)
-PM_PRESENT = 1 << 63
-
-
-def pagemap_pfns(fs: KernelFS, pid: int, addr: int, size: int) -> npt.NDArray[np.uint64]:
-    """The pfn of each 4 KiB page of [addr, addr + size) of process ``pid`` (0 where
-    not present); /proc/PID/pagemap shows pfns to root only (CAP_SYS_ADMIN)."""
-    n = size // 4096
-    raw = fs.read_bytes(f"proc/{pid}/pagemap", (addr // 4096) * 8, n * 8)
-    v = np.frombuffer(raw, dtype="<u8")
-    out: npt.NDArray[np.uint64] = np.where(v & np.uint64(PM_PRESENT), v & np.uint64(PFN_MASK),
-                                           np.uint64(0)).astype(np.uint64)
-    return out
 
 
 # ---- parsing -------------------------------------------------------------------

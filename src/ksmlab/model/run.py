@@ -37,7 +37,7 @@ from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter, ksmd_wake
 from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
 from .ksm import Ksm
-from .memory import PMD_THP, Mm, Page, System, Vma
+from .memory import PMD_THP, Mm, Page, System, Thp, Vma
 from .policies import get_policy
 from .thp import deferred_split_scan, fill_fresh_vma, write_fault
 
@@ -80,7 +80,8 @@ class Simulation:
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  pins: Sequence[tuple[str, int]] = (),
                  khugepaged_enter_passes: int | None = None,
-                 kernel_events: bool = False) -> None:
+                 kernel_events: bool = False,
+                 shrinker: Sequence[Mapping[str, Any]] = ()) -> None:
         check_supported(sc)
         self.sc = sc
         self.policy = get_policy(policy)
@@ -103,6 +104,8 @@ class Simulation:
         self.heap: list[tuple[float, int, int, str, object]] = []
         self.pins = list(pins)
         self.enter_passes = khugepaged_enter_passes
+        self.shrinker = list(shrinker)  # a replay: what each pressure event's shrinker did
+        self.notes: list[str] = []
         self.seq = 0
         self._setup()
 
@@ -167,6 +170,7 @@ class Simulation:
                 ids = [int(x) for x in content.region_ids(sc, ref)]
                 rng = np.random.default_rng([reg.seed, pi, k, ri, 0x5EED])
                 self.regions.append(_Region(pi, k, ri, reg, vma, ids, rng, ref))
+        self._vma_bases()
         self._register_khugepaged()
         for _ in range(khugepaged_enter_passes(self.khugepaged.slots, self.enter_passes)):
             self.khugepaged.do_scan()
@@ -175,28 +179,47 @@ class Simulation:
         if self.ksm.trace is not None:
             self._name_pages()
 
-    def _name_pages(self) -> None:
-        """The pages at time 0 by [instance, index in its regions], as the live lab's
-        pagemap snapshot names them (a page mapped twice is left out, like a pfn)."""
-        base: dict[tuple[int, int], int] = {}
-        seen: set[Page] = set()
-        for inst, (pi, k, _) in enumerate(self.sc.instances()):
-            base[(pi, k)] = inst
+    def _vma_bases(self) -> None:
+        """Each VMA's (instance, index of its first page in the instance's regions): the
+        names the live lab gives pages (pagemap) and THPs (kpageflags)."""
+        inst_of = {(pi, k): inst for inst, (pi, k, _) in enumerate(self.sc.instances())}
         first = 0
         last: tuple[int, int] | None = None
         for reg in self.regions:
             if (reg.process, reg.replica) != last:
                 first, last = 0, (reg.process, reg.replica)
-            inst = base[(reg.process, reg.replica)]
-            self.ksm.vma_base[reg.vma] = (inst, first)
+            self.ksm.vma_base[reg.vma] = (inst_of[(reg.process, reg.replica)], first)
+            first += reg.spec.pages
+
+    def _name_pages(self) -> None:
+        """The pages at time 0 by [instance, index in its regions], as the live lab's
+        pagemap snapshot names them (a page mapped twice is left out, like a pfn)."""
+        seen: set[Page] = set()
+        for reg in self.regions:
+            inst, first = self.ksm.vma_base[reg.vma]
             for i, pte in enumerate(reg.vma.pte):
                 if isinstance(pte, Page):
                     if pte in self.ksm.pages:
                         seen.add(pte)
                     self.ksm.pages[pte] = [inst, first + i]
-            first += reg.spec.pages
         for pg in seen:
             del self.ksm.pages[pg]
+
+    def _kernel_kept(self) -> Callable[[Thp], bool] | None:
+        """A replay's next pressure event: the THPs the kernel's shrinker left whole
+        (``thps_kept``), as a test on the model's folios; None: no record of it."""
+        if not self.shrinker:
+            return None
+        kept = self.shrinker.pop(0).get("thps_kept")
+        if kept is None:
+            return None
+        names = {(int(inst), int(i)) for inst, idx in kept.items() for i in idx}
+
+        def held(folio: Thp) -> bool:
+            inst, first = self.ksm.vma_base[folio.vma]
+            return (inst, first + folio.index) in names
+
+        return held
 
     def _register_khugepaged(self) -> None:
         # khugepaged_enter_vma(): at mmap (THP "always") or MADV_HUGEPAGE, and at a THP fault
@@ -234,7 +257,23 @@ class Simulation:
             for i, cid in zip(targets.tolist(), cids, strict=True):
                 write_fault(self.sys, reg.vma, i, cid)
         elif isinstance(e, Pressure):
-            deferred_split_scan(self.sys)
+            failed = (self.shrinker[0].get("vmstat") or {}).get("thp_split_page_failed", 0) \
+                if self.shrinker else 0
+            kept = self._kernel_kept()
+            held: list[Thp] = []
+
+            def kernel_held(folio: Thp) -> bool:
+                if kept is not None and kept(folio):
+                    held.append(folio)
+                    return True
+                return False
+
+            deferred_split_scan(self.sys, kernel_held, int(failed))
+            if held:
+                self.notes.append(
+                    f"replayed: at the pressure event at {t:.1f} s the kernel's shrinker "
+                    f"left {len(held)} underused THP(s) whole (held by another reference "
+                    "for that moment); the model kept them too")
             # ksm-huge-under-pressure: pressure lasts until two full scans begun
             # after the event have ended (KSM needs two visits to merge a page)
             ksm.pressure_scans = 2 if ksm.at_scan_start() else 3
@@ -405,6 +444,8 @@ class Simulation:
                         act(kind_, payload_, end, aligned=True)
                     held.clear()
         tr = model_trace(sc, self.policy.name, self.profile, rows, self.events)
+        if self.notes:
+            tr.meta["notes"] = self.notes
         if self.ksm.trace is not None:
             counts: dict[str, int] = {}
             for ke in self.ksm.trace:
@@ -470,6 +511,7 @@ def simulate(
     engine: str = "auto",
     khugepaged_enter_passes: int | None = None,
     kernel_events: bool = False,
+    shrinker: Sequence[Mapping[str, Any]] = (),
 ) -> Trace:
     """Run ``scenario`` under kernel ``policy``; deterministic.
 
@@ -484,6 +526,8 @@ def simulate(
     no other mm is registered with khugepaged (:func:`khugepaged_enter_passes`).
     ``kernel_events``: also record KSM's tracepoints as the kernel fires them
     (``Trace.kernel_events``, :mod:`ksmlab.events`); done by the exact engine.
+    ``shrinker``: per pressure event of a kernel trace, the THPs its shrinker left
+    whole (``thps_kept``) and the failures it counted; a replay, on the exact engine.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
@@ -494,7 +538,7 @@ def simulate(
     if engine != "exact":
         from .fast import FastSimulation, unsupported
 
-        why = ("pinned events (a replay of a kernel run)" if pins
+        why = ("pinned events (a replay of a kernel run)" if pins or shrinker
                else "KSM's event stream" if kernel_events else unsupported(sc))
         if why is None:
             try:
@@ -508,4 +552,4 @@ def simulate(
         elif engine == "fast":
             raise ModelUnsupported(f"fast engine: {why}")
     return Simulation(sc, policy, prof, pins, khugepaged_enter_passes,
-                      kernel_events).run(progress)
+                      kernel_events, shrinker).run(progress)

@@ -3,6 +3,7 @@ queue and the underused shrinker (mm/huge_memory.c, mm/migrate.c)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..scenario import HPAGE_PMD_NR
@@ -169,8 +170,15 @@ def thp_underused(sys: System, folio: Thp) -> bool:
     return False
 
 
-def deferred_split_scan(sys: System) -> int:
-    """deferred_split_scan() over the whole queue (a ``pressure`` event)."""
+def deferred_split_scan(sys: System, held: Callable[[Thp], bool] | None = None,
+                        failed_counted: int = 0) -> int:
+    """deferred_split_scan() over the whole queue (a ``pressure`` event).
+
+    ``held``: THPs someone else holds at that moment (a replay: the kernel kept them),
+    whose split fails and drops them from the queue; ``failed_counted`` of those
+    failures count thp_split_page_failed (a refcount failure does, a lost
+    folio_trylock() does not).
+    """
     split = 0
     for folio in list(sys.deferred):
         if not folio.alive:
@@ -185,7 +193,13 @@ def deferred_split_scan(sys: System) -> int:
                 sys.deferred.pop(folio, None)
                 folio.queued = False
                 continue
-        res = split_folio(sys, folio, "shrinker")
+        if held is not None and held(folio):
+            if failed_counted > 0:
+                sys.vmstat["thp_split_page_failed"] += 1
+                failed_counted -= 1
+            res = SplitResult(False)
+        else:
+            res = split_folio(sys, folio, "shrinker")
         if res.ok:
             split += 1
             if underused:
