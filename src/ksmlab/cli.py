@@ -29,6 +29,7 @@ from .trace import Trace, TraceError
 
 if TYPE_CHECKING:
     from .fidelity import Fidelity
+    from .live.attach import Attach
 
 EXAMPLES = """\b
 Examples:
@@ -241,14 +242,15 @@ def restore(
         print("nothing to restore: no journal of a killed run")
 
 
-def _live(sc: Scenario, kernel_events: bool = False, name_errors: bool = True) -> Trace:
+def _live(sc: Scenario, kernel_events: bool = False, name_errors: bool = True,
+          attach: Attach | None = None) -> Trace:
     """One live run with its progress display; a refusal or an interruption ends the
     command in one line (the run has restored everything by then)."""
     from .live.run import Interrupted, LiveError, LiveRun
 
     prog, update = _progress_live(sc, quiet=False)
     live = LiveRun(sc, progress=update, log=lambda m: err.print(m, markup=False),
-                   kernel_events=kernel_events)
+                   kernel_events=kernel_events, attach=attach)
     try:
         live.check()  # before the progress display: a refusal is one line, nothing else
         with prog:
@@ -450,9 +452,33 @@ def compare(scenario: ScenarioArg,
         report.plot_freed(results, out / f"{sc.name}-compare.png", sc.name)
 
 
+def _pid_scenarios(pid: int, uzp: list[int], duration: float | None, pages_to_scan: int
+                   ) -> list[tuple[Scenario, Attach]]:
+    """validate --pid: one run per use_zero_pages value, each capturing the process
+    when KSM is unmerged (live/attach.py); the image names the scenario's process."""
+    from .live.attach import Attach
+
+    runs = []
+    for u in uzp:
+        base: dict[str, Any] = {
+            "name": f"pid{pid}-uzp{u}", "duration": duration or 30.0,
+            "description": f"process {pid} as captured, use_zero_pages={u}",
+            "ksm": {"use_zero_pages": u, "pages_to_scan": pages_to_scan}}
+
+        def build(folder: Path, base: dict[str, Any] = base) -> Scenario:
+            return Scenario.model_validate({**base, "process": [{"name": "captured",
+                                                                  "image": str(folder)}]})
+
+        # what the lab checks before the capture: the knobs (the memory exists already)
+        template = Scenario.model_validate({**base, "process": [{"region": [{"size_mib": 2}]}]})
+        runs.append((template, Attach(pid, Path(), build)))
+    return runs
+
+
 @app.command()
 def validate(
-    scenarios: Annotated[list[str], typer.Argument(help="names, files, or 'all' (the suite)")],
+    scenarios: Annotated[list[str] | None, typer.Argument(
+        help="names, files, or 'all' (the suite)")] = None,
     policy: Annotated[str | None, typer.Option(help="default: the one matching this kernel")]
     = None,
     profile: Annotated[Path | None, typer.Option(help="cost profile JSON")] = None,
@@ -464,6 +490,15 @@ def validate(
         "--kernel-events/--no-kernel-events",
         help="record KSM's tracepoints live and compare them with the model's merges")]
     = True,
+    pid: Annotated[int | None, typer.Option(
+        "--pid", help="a running process (paused for an exact run): capture it, run KSM "
+        "on it live, and compare with the model's run of its image")] = None,
+    use_zero_pages: Annotated[str, typer.Option(
+        "--use-zero-pages", help="with --pid: 0, 1 or 0,1 (a run each)")] = "0,1",
+    duration: DurationOpt = None,
+    pages_to_scan: Annotated[int, typer.Option(
+        "--pages-to-scan", help="with --pid: ksm/pages_to_scan (a GiB guest takes 262144 "
+        "pages a full scan)")] = 1000,
 ) -> None:
     """Live run and model run of each scenario, compared at every full-scan end.
 
@@ -471,6 +506,7 @@ def validate(
     verdicts (up to borderline ones); 1 otherwise, after the full table or JSON; 2 for
     bad input. With --kernel, every scenario runs, then 1 if any was not confirmed
     (2 if any could not run)."""
+    scenarios = scenarios or []
     if kernel is not None:
         from .kernel.cli import validate_many
 
@@ -478,9 +514,24 @@ def validate(
     from . import events as kevents
     from . import fidelity
     from .model import get_policy, simulate
-    names = list(fidelity.SUITE) if scenarios == ["all"] else scenarios
-    loaded = [_load(n, None) for n in names]  # every file checked before anything runs
-    for sc in loaded:
+    if pid is not None:
+        if scenarios:
+            fail("--pid runs the captured process: name no scenario beside it")
+        try:
+            uzp = sorted({int(x) for x in use_zero_pages.split(",")})
+        except ValueError:
+            uzp = []
+        if not uzp or not set(uzp) <= {0, 1}:
+            fail(f"--use-zero-pages {use_zero_pages}: use 0, 1 or 0,1")
+        runs: list[tuple[Scenario, Attach | None]] = list(_pid_scenarios(pid, uzp, duration,
+                                                                       pages_to_scan))
+    elif not scenarios:
+        fail("name scenarios to validate (or 'all', or --pid PID)")
+    else:
+        names = list(fidelity.SUITE) if scenarios == ["all"] else scenarios
+        # every file checked before anything runs
+        runs = [(_load(n, duration), None) for n in names]
+    for sc, _ in runs:
         _model_fits(sc, pinned=True)  # replays run on the exact engine
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
@@ -488,8 +539,15 @@ def validate(
     out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
     _check_out(out)
     results = []
-    for sc in loaded:
-        ref = _live(sc, kernel_events=kernel_events)
+    for sc, attach in runs:
+        if attach is not None:
+            from .live.attach import Attach
+
+            attach = Attach(attach.pid, out / f"{sc.name}.image", attach.scenario)
+        ref = _live(sc, kernel_events=kernel_events, attach=attach)
+        if attach is not None:
+            sc = attach.scenario(attach.folder)
+            _model_fits(sc, pinned=True)
         stream = bool(ref.kernel_events and ref.kernel_events.get("recorded"))
         cand = simulate(sc, pol, profile=choice.profile, kernel_events=stream,
                         **fidelity.replay(ref))
@@ -679,6 +737,50 @@ def _writable(path: Path) -> None:
 
 
 @app.command()
+def capture(
+    pids: Annotated[list[int], typer.Argument(help="processes to read (root)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="image folder to write")],
+    json_out: JsonOpt = False,
+) -> None:
+    """A memory image of running processes: what KSM would scan, page by page.
+
+    Reads the VMAs with VM_MERGEABLE through /proc/PID/smaps, pagemap, kpageflags
+    and mem (present pages only: nothing is faulted in, nothing written). Pause a
+    process first (kill -STOP, or QEMU's `stop`) for an exact image."""
+    from .live.capture import capture as do_capture
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / "image.json").exists())):
+        fail(f"--out {out}: exists and is not an empty folder or an image")
+    im = do_capture(pids, out)
+    st = im.stats()
+    mib = st["pages"] * 4096 / 2**20
+    rate = im.meta.bytes_read / 2**20 / max(im.meta.capture_s, 1e-9)
+    disk = sum(f.stat().st_size for f in out.iterdir())
+    if json_out:
+        print(json.dumps({"folder": str(out), **st, "capture_s": im.meta.capture_s,
+                          "read_mib_s": round(rate, 1), "disk_bytes": disk,
+                          "bytes_per_page": round(disk / max(st["pages"], 1), 2),
+                          "processes": [p.model_dump(mode="json", exclude={"vmas"})
+                                        for p in im.meta.processes],
+                          "notes": im.meta.notes}))
+        return
+    n = len(im.meta.processes)
+    who = ", ".join(f"{p.pid} {p.comm}" for p in im.meta.processes)
+    print(f"captured {n} process{'es' if n > 1 else ''} ({who}): {mib:.0f} MiB mergeable "
+          f"in {sum(len(p.vmas) for p in im.meta.processes)} VMAs")
+    present = max(st["present"], 1)
+    print(f"  {st['present']} pages present: {st['zero'] / present * 100:.1f} % zero-filled, "
+          f"{st['thp']} THPs, {st['zero_pte']} zero-page PTEs, {st['ksm']} KSM pages, "
+          f"{st['contents']} distinct contents")
+    print(f"  read {im.meta.bytes_read / 2**20:.0f} MiB in {im.meta.capture_s:.2f} s "
+          f"({rate:.0f} MiB/s); {disk / 2**20:.1f} MiB on disk "
+          f"({disk / max(st['pages'], 1):.1f} B/page) in {out}/")
+    for note in im.meta.notes:
+        print(textwrap.fill(f"note: {note}", 80, subsequent_indent="  "))
+
+
+@app.command()
 def demo(out: OutOpt = None,
          live: Annotated[bool, typer.Option(help="also run live where possible")] = True) -> None:
     """The main job: the seed scenarios under every policy, table and plots."""
@@ -691,6 +793,8 @@ def demo(out: OutOpt = None,
 
 def main() -> None:
     """Entry point: user errors are one line and exit code 2, never a traceback."""
+    from .image import ImageError
+    from .live.capture import CaptureError
     from .live.run import LiveError
     from .model import ModelUnsupported
 
@@ -701,7 +805,8 @@ def main() -> None:
         sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (ScenarioError, KnobError, TraceError, LiveError, UserError, ModelUnsupported) as e:
+    except (ScenarioError, KnobError, TraceError, LiveError, UserError, ModelUnsupported,
+            CaptureError, ImageError) as e:
         err.print(f"ksmlab: error: {e}", markup=False, soft_wrap=True)
         sys.exit(2)
     except RestoreError as e:

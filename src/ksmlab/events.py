@@ -49,13 +49,16 @@ Page = list[int] | str | None  # [proc, index], "zero", or unknown
 
 
 def label(raw: Sequence[Mapping[str, Any]], mm_pids: Mapping[int, int],
-          pfns: Mapping[int, tuple[int, int]], t0: float
+          pfns: Mapping[int, tuple[int, int]], t0: float,
+          known_mms: Mapping[str, int] | None = None
           ) -> tuple[list[dict[str, Any]], list[str]]:
     """Kernel events (tracefs.parse) -> events in the lab's names.
 
     ``mm_pids``: workload pid -> instance; ``pfns``: pfn -> (instance, page index)
-    at time 0; ``t0``: time 0 on the trace clock (``time.monotonic()``)."""
-    mms: dict[str, int] = {}
+    at time 0; ``t0``: time 0 on the trace clock (``time.monotonic()``);
+    ``known_mms``: mm pointer -> instance for processes whose ksm_enter came before
+    the stream (a captured process)."""
+    mms: dict[str, int] = dict(known_mms or {})
     foreign: set[str] = set()
     items: dict[str, tuple[str, list[int]]] = {}
     scan: int | None = None

@@ -107,7 +107,36 @@ class Process(_Strict):
     # how merging is enabled: madvise(MADV_MERGEABLE) per region, or
     # prctl(PR_SET_MEMORY_MERGE) for the whole process before it maps anything
     merge: Literal["madvise", "prctl", "none"] = "madvise"
-    region: list[Region] = Field(min_length=1)
+    region: list[Region] = Field(default_factory=list)
+    # instead of regions: the memory of a captured process (`ksmlab capture`): the
+    # folder, and which of its processes
+    image: str | None = None
+    image_process: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _memory(self) -> Process:
+        if (self.image is None) == (not self.region):
+            raise ValueError("a process has regions or an image (one of them)")
+        if self.image is not None:
+            from .image import ImageError, load_meta
+
+            try:
+                meta = load_meta(self.image)
+            except ImageError as e:
+                raise ValueError(str(e)) from None
+            if self.image_process >= len(meta.processes):
+                raise ValueError(f"image_process {self.image_process}: the image holds "
+                                 f"{len(meta.processes)} process(es)")
+        return self
+
+    @property
+    def pages(self) -> int:
+        """4 KiB pages of one copy: its regions, or the captured VMAs of its image."""
+        if self.image is not None:
+            from .image import load_meta
+
+            return load_meta(self.image).processes[self.image_process].pages
+        return sum(r.pages for r in self.region)
 
 
 class KsmKnobs(_Strict):
@@ -256,6 +285,16 @@ class Scenario(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _one_content_space(self) -> Scenario:
+        # an image's content ids are its own (memcmp ranks of what it holds): they
+        # mean nothing beside synthetic ids or another capture's
+        images = {p.image for p in self.process}
+        if len(images) > 1:
+            raise ValueError("image processes cannot be mixed with region processes or "
+                             "with other images (each capture numbers its own contents)")
+        return self
+
+    @model_validator(mode="after")
     def _events_fit(self) -> Scenario:
         for e in self.event:
             if (isinstance(e, SetKnob) and self.drive_khugepaged
@@ -267,6 +306,9 @@ class Scenario(_Strict):
                     f"event {e.action} at {e.at} s is after duration {self.duration} s"
                 )
             if isinstance(e, Write):
+                if e.process < len(self.process) and self.process[e.process].image:
+                    raise ValueError(f"write event names process {e.process}, an image "
+                                     "(its memory is what was captured)")
                 if e.process >= len(self.process):
                     raise ValueError(f"write event names process {e.process}, which does not exist")
                 if e.region >= len(self.process[e.process].region):
@@ -287,11 +329,11 @@ class Scenario(_Strict):
 
     @property
     def total_pages(self) -> int:
-        return sum(p.count * sum(r.pages for r in p.region) for p in self.process)
+        return sum(p.count * p.pages for p in self.process)
 
     @property
     def total_mib(self) -> int:
-        return sum(p.count * sum(r.size_mib for r in p.region) for p in self.process)
+        return -(-self.total_pages * PAGE_SIZE // MiB)
 
     def instances(self) -> list[tuple[int, int, Process]]:
         """(process index, replica, process) for every workload process to start."""
@@ -321,11 +363,15 @@ def builtin_names() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
 
 
-def parse(text: str, source: str = "<scenario>") -> Scenario:
+def parse(text: str, source: str = "<scenario>", base: Path | None = None) -> Scenario:
+    """``base``: the folder a relative ``image`` is found from (the file's)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{source}: not valid TOML: {e}") from None
+    for proc in data.get("process", []) if isinstance(data.get("process"), list) else []:
+        if isinstance(proc, dict) and isinstance(proc.get("image"), str) and base is not None:
+            proc["image"] = str((base / proc["image"]).resolve())
     try:
         return Scenario.model_validate(data)
     except ValidationError as e:
@@ -340,7 +386,7 @@ def load(name_or_path: str) -> Scenario:
             text = path.read_text()
         except OSError as e:
             raise ScenarioError(f"{name_or_path}: cannot read: {e.strerror}") from None
-        return parse(text, str(path))
+        return parse(text, str(path), path.parent)
     if name_or_path in builtin_names():
         text = (resources.files("ksmlab") / "scenarios" / f"{name_or_path}.toml").read_text()
         return parse(text, name_or_path)

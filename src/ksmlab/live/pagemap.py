@@ -4,6 +4,8 @@ flags to root only (CAP_SYS_ADMIN); reading them never faults a page in."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import numpy.typing as npt
 
@@ -11,12 +13,21 @@ from ..scenario import HPAGE_PMD_NR
 from .kernelfs import KernelFS
 
 PFN_MASK = (1 << 55) - 1  # pagemap bits 0-54
+PM_FILE = 1 << 61  # a page-cache page (or shared anon)
+PM_SWAP = 1 << 62
 PM_PRESENT = 1 << 63
 # include/uapi/linux/kernel-page-flags.h
 KPF_COMPOUND_HEAD = 15
+KPF_NOPAGE = 20
 KPF_KSM = 21
 KPF_THP = 22  # any page of an anon (or file) THP/large folio
 KPF_ZERO_PAGE = 24
+
+
+def pagemap_entries(fs: KernelFS, pid: int, addr: int, size: int) -> npt.NDArray[np.uint64]:
+    """The raw pagemap word of each 4 KiB page of [addr, addr + size)."""
+    raw = fs.read_bytes(f"proc/{pid}/pagemap", (addr // 4096) * 8, (size // 4096) * 8)
+    return np.frombuffer(raw, dtype="<u8").copy()
 
 
 def pagemap_pfns(fs: KernelFS, pid: int, addr: int, size: int) -> npt.NDArray[np.uint64]:
@@ -31,11 +42,24 @@ def pagemap_pfns(fs: KernelFS, pid: int, addr: int, size: int) -> npt.NDArray[np
 
 
 def kpageflags(fs: KernelFS, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The /proc/kpageflags word of each pfn (0 for pfn 0: not present)."""
+    """The /proc/kpageflags word of each pfn (0 for pfn 0: not present); one read per
+    run of consecutive pfns (a THP's 512 are one)."""
     out = np.zeros(len(pfns), dtype=np.uint64)
-    for i, pfn in enumerate(pfns.tolist()):
-        if pfn:
-            out[i] = np.frombuffer(fs.read_bytes("proc/kpageflags", pfn * 8, 8), dtype="<u8")[0]
+    want = pfns != 0
+    if not want.any():
+        return out
+    uniq, inverse = np.unique(pfns[want], return_inverse=True)
+    words = np.empty(len(uniq), dtype=np.uint64)
+    breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+    fd = os.open(fs.path("proc/kpageflags"), os.O_RDONLY)
+    try:
+        for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(uniq)].tolist(),
+                          strict=True):
+            raw = os.pread(fd, (hi - lo) * 8, int(uniq[lo]) * 8)
+            words[lo:hi] = np.frombuffer(raw, dtype="<u8")
+    finally:
+        os.close(fd)
+    out[want] = words[inverse]
     return out
 
 

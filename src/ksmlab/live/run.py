@@ -39,6 +39,7 @@ from ..scenario import (
 )
 from ..trace import BUSY_PCT, MONOTONIC, Trace, others_cpu_pct
 from . import machine
+from .attach import Attach, Attached
 from .damon import active_schemes
 from .journal import BootValues, Journal, JournalDamaged, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
@@ -214,8 +215,9 @@ Progress = Callable[[dict[str, float]], None]
 class LiveRun:
     def __init__(self, sc: Scenario, fs: KernelFS | None = None,
                  progress: Progress | None = None, log: Callable[[str], None] | None = None,
-                 kernel_events: bool = False) -> None:
+                 kernel_events: bool = False, attach: Attach | None = None) -> None:
         self.sc = sc
+        self.attach = attach  # a process already running (validate --pid), not a workload
         self.fs = fs or KernelFS()
         self.progress = progress
         self.log = log or (lambda s: None)
@@ -246,6 +248,9 @@ class LiveRun:
         why = problems(self.fs, self.sc)
         if why:
             raise LiveError(why[0])
+        if self.attach is None and any(p.image is not None for p in self.sc.process):
+            raise LiveError(f"{self.sc.name}: an image process is memory that was captured; "
+                            "`ksmlab validate --pid PID` runs KSM on a process live")
 
     def run(self) -> Trace:
         self.check()
@@ -288,7 +293,10 @@ class LiveRun:
                 if tracer is not None:
                     tracer.start()  # before the workloads: their ksm_enter is wanted
                 kh_before = self.khugepaged.settle()
-                base_rss = start_in_order(self.sc, workloads)
+                if self.attach is not None:
+                    base_rss = self._attach(self.attach, workloads)
+                else:
+                    base_rss = start_in_order(self.sc, workloads)
                 self.enter_passes = _passes(kh_before, self.khugepaged.settle())
                 sampler.pids = [w.pid for w in workloads]
                 ours = {os.getpid(), *sampler.pids}
@@ -430,8 +438,15 @@ class LiveRun:
             return {"source": "tracefs", "recorded": False, "events": [], "notes": tracer.notes}
         raw = tracer.stop()
         self._snapshot(workloads, None)  # where each page maps now
+        known: dict[str, int] = {}
+        if self.attach is not None and not self.ksm_others:
+            # it entered KSM before the stream began; no other process has mergeable
+            # memory, so the one mm in the stream is its
+            seen = {str(e["mm"]) for e in raw if e.get("mm") is not None}
+            if len(seen) == 1:
+                known = {seen.pop(): 0}
         labelled, notes = kevents.label(raw, {w.pid: i for i, w in enumerate(workloads)},
-                                        pfns, self.t0)
+                                        pfns, self.t0, known)
         named = kevents.name_by_snapshots(labelled, self._snaps or [])
         self.notes.extend(tracer.notes + notes)
         counts: dict[str, int] = {}
@@ -479,6 +494,21 @@ class LiveRun:
         finally:
             ks.set("ksm/run", 1)
             held["ksmd_held_s"] = round(time.monotonic() - t, 4)
+
+    def _attach(self, at: Attach, workloads: list[Workload]) -> dict[str, float]:
+        """Capture the process now that KSM is unmerged (run=2) and khugepaged parked,
+        so the image is the state KSM starts from; its scenario becomes the run's."""
+        from .capture import CaptureError, capture
+
+        try:
+            im = capture([at.pid], at.folder, self.fs)
+        except CaptureError as e:
+            raise LiveError(str(e)) from None
+        self.sc = at.scenario(at.folder)
+        w = Attached(self.fs, at.pid, im)
+        workloads.append(w)  # type: ignore[arg-type]  # the parts of Workload a run uses
+        self.notes.extend(im.meta.notes)
+        return dict(w.ready["base"])
 
     def _hold_at_boundary(self, ks: KnobSession, sampler: Sampler) -> None:
         """Hold ksmd (run=0) the moment a full scan ends with events due there.

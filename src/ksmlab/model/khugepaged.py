@@ -82,11 +82,14 @@ class Khugepaged:
         mm = self.slots[self.slot]
         progress = 1
         for vma in mm.vmas:
-            if not self.sys.thp_allowed(vma) or self.address >= vma.end:
+            # hstart/hend: the whole 2 MiB ranges inside the VMA
+            hstart = vma.start + -(-vma.lo // HPAGE_PMD_NR) * HPAGE_PMD_NR
+            hend = vma.start + vma.hi // HPAGE_PMD_NR * HPAGE_PMD_NR
+            if not self.sys.thp_allowed(vma) or self.address >= hend or hend <= hstart:
                 progress += 1
                 continue
-            self.address = max(self.address, vma.start)
-            while self.address < vma.end:
+            self.address = max(self.address, hstart)
+            while self.address < hend:
                 if self._scan_pmd(vma, (self.address - vma.start) // HPAGE_PMD_NR):
                     self.pages_collapsed += 1
                 self.address += HPAGE_PMD_NR

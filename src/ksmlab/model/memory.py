@@ -81,14 +81,20 @@ PMD_NONE, PMD_THP, PMD_TABLE = 0, 1, 2
 
 class Vma:
     __slots__ = (
-        "anon_vma", "hugepage", "mergeable", "mm", "nohugepage", "npages", "pmd", "pte", "start",
+        "anon_vma", "hi", "hugepage", "lo", "mergeable", "mm", "nohugepage", "npages", "pmd",
+        "pte", "start",
     )
 
-    def __init__(self, mm: Mm, start: int, npages: int) -> None:
+    def __init__(self, mm: Mm, start: int, npages: int, lo: int = 0, hi: int | None = None
+                 ) -> None:
         assert start % HPAGE_PMD_NR == 0 and npages % HPAGE_PMD_NR == 0
         self.mm = mm
         self.start = start
         self.npages = npages
+        # a VMA of a captured process need not be 2 MiB aligned: the model keeps it in
+        # whole 2 MiB ranges and these bound the real one (pages outside stay pte_none)
+        self.lo = lo
+        self.hi = npages if hi is None else hi
         self.mergeable = False  # VM_MERGEABLE
         self.hugepage = False  # VM_HUGEPAGE
         self.nohugepage = False  # VM_NOHUGEPAGE
@@ -163,11 +169,11 @@ class System:
         self.deferred: dict[Thp, None] = {}
         self.next_vpn = 1 << 30  # top-down mmap cursor (page numbers)
 
-    def mmap(self, mm: Mm, npages: int) -> Vma:
+    def mmap(self, mm: Mm, npages: int, lo: int = 0, hi: int | None = None) -> Vma:
         """A 2 MiB-aligned anon mapping below the previous one (top-down mmap)."""
         self.next_vpn -= npages + HPAGE_PMD_NR
         self.next_vpn -= self.next_vpn % HPAGE_PMD_NR
-        vma = Vma(mm, self.next_vpn, npages)
+        vma = Vma(mm, self.next_vpn, npages, lo, hi)
         mm.add_vma(vma)
         return vma
 

@@ -21,13 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import content
+from .. import content, image
 from ..scenario import (
+    HPAGE_PMD_NR,
+    PAGE_SIZE,
     KhugepagedWake,
     KsmStart,
     KsmStop,
     KsmUnmerge,
     Pressure,
+    Process,
     Region,
     Scenario,
     SetKnob,
@@ -39,7 +42,7 @@ from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
 from .ksm import Ksm
 from .memory import PMD_THP, Mm, Page, System, Thp, Vma
 from .policies import get_policy
-from .thp import deferred_split_scan, fill_fresh_vma, write_fault
+from .thp import deferred_split_scan, fill_fresh_vma, fill_from_image, write_fault
 
 
 class ModelUnsupported(ValueError):
@@ -106,6 +109,7 @@ class Simulation:
         self.enter_passes = khugepaged_enter_passes
         self.shrinker = list(shrinker)  # a replay: what each pressure event's shrinker did
         self.notes: list[str] = []
+        self.image_vmas: dict[Mm, list[tuple[Vma, int]]] = {}
         self.seq = 0
         self._setup()
 
@@ -154,6 +158,9 @@ class Simulation:
             if proc.merge == "prctl":
                 mm.merge_any = True  # PR_SET_MEMORY_MERGE before any mmap
                 self.ksm.enter(mm)
+            if proc.image is not None:
+                self._map_image(mm, proc)
+                continue
             for ri, reg in enumerate(proc.region):
                 ref = refs[r]
                 r += 1
@@ -179,6 +186,26 @@ class Simulation:
         if self.ksm.trace is not None:
             self._name_pages()
 
+    def _map_image(self, mm: Mm, proc: Process) -> None:
+        """A captured process's VMAs (ksmlab capture), in its address order, each in
+        whole 2 MiB ranges of the model's address space, with its pages as they were."""
+        assert proc.image is not None
+        im = image.load(proc.image)
+        ip = im.meta.processes[proc.image_process]
+        cid, flags = im.cid[proc.image_process], im.flags[proc.image_process]
+        made = []
+        for iv in reversed(ip.vmas):  # mmap() places each below the one before
+            lo = (iv.start // PAGE_SIZE) % HPAGE_PMD_NR
+            npages = -(-(lo + iv.pages) // HPAGE_PMD_NR) * HPAGE_PMD_NR
+            vma = self.sys.mmap(mm, npages, lo, lo + iv.pages)
+            vma.hugepage, vma.nohugepage, vma.mergeable = iv.hugepage, iv.nohugepage, True
+            fill_from_image(self.sys, vma, cid[iv.first:iv.first + iv.pages],
+                            flags[iv.first:iv.first + iv.pages])
+            made.append((vma, iv.first - lo))
+        self.image_vmas[mm] = made
+        mm.merge_any = ip.merge_any
+        self.ksm.enter(mm)
+
     def _vma_bases(self) -> None:
         """Each VMA's (instance, index of its first page in the instance's regions): the
         names the live lab gives pages (pagemap) and THPs (kpageflags)."""
@@ -190,14 +217,16 @@ class Simulation:
                 first, last = 0, (reg.process, reg.replica)
             self.ksm.vma_base[reg.vma] = (inst_of[(reg.process, reg.replica)], first)
             first += reg.spec.pages
+        for inst, mm in enumerate(self.sys.mms):  # image pages: index in its arrays
+            for vma, base in self.image_vmas.get(mm, []):
+                self.ksm.vma_base[vma] = (inst, base)
 
     def _name_pages(self) -> None:
         """The pages at time 0 by [instance, index in its regions], as the live lab's
         pagemap snapshot names them (a page mapped twice is left out, like a pfn)."""
         seen: set[Page] = set()
-        for reg in self.regions:
-            inst, first = self.ksm.vma_base[reg.vma]
-            for i, pte in enumerate(reg.vma.pte):
+        for vma, (inst, first) in self.ksm.vma_base.items():
+            for i, pte in enumerate(vma.pte):
                 if isinstance(pte, Page):
                     if pte in self.ksm.pages:
                         seen.add(pte)

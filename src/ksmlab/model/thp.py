@@ -6,6 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
+from .. import image as img
 from ..scenario import HPAGE_PMD_NR
 from .memory import (
     KSM_ZERO_PTE,
@@ -241,3 +245,45 @@ def fill_fresh_vma(sys: System, vma: Vma, ids: list[int]) -> None:
             vma.pte[base : base + HPAGE_PMD_NR] = [Page(c) for c in chunk]
             vma.pmd[j] = PMD_TABLE
         mm.anon_rss += HPAGE_PMD_NR
+
+
+def fill_from_image(sys: System, vma: Vma, cid: npt.NDArray[np.uint32],
+                    flags: npt.NDArray[np.uint8]) -> None:
+    """Map a captured VMA's pages as they were (ksmlab/image.py): PMD-mapped THPs,
+    4 KiB pages, zero-page PTEs, and nothing where nothing was.  ``cid``/``flags``
+    cover [vma.lo, vma.hi).  THPs that existed before time 0 are not counted as faults
+    (the kernel's baseline holds them); they are on the deferred split queue as
+    their fault put them there (the model cannot know whether the shrinker has since
+    found them used)."""
+    mm = vma.mm
+    vma.anon_vma = True
+    c = cid.tolist()
+    f = flags.tolist()
+    for j in range(vma.npages // HPAGE_PMD_NR):
+        base = j * HPAGE_PMD_NR
+        lo, hi = max(base, vma.lo), min(base + HPAGE_PMD_NR, vma.hi)
+        if lo >= hi:
+            continue
+        k0 = lo - vma.lo
+        if hi - lo == HPAGE_PMD_NR and f[k0] & img.THP:
+            folio = Thp(vma, base, [])
+            folio.pages = [Page(c[k0 + i], folio) for i in range(HPAGE_PMD_NR)]
+            vma.pte[base : base + HPAGE_PMD_NR] = folio.pages
+            vma.pmd[j] = PMD_THP
+            sys.nr_anon_thp += 1
+            mm.khugepaged = True
+            mm.anon_rss += HPAGE_PMD_NR
+            deferred_split_folio(sys, folio, partially_mapped=False)
+            continue
+        any_pte = False
+        for i in range(lo, hi):
+            fl = f[i - vma.lo]
+            if fl & img.ZERO_PTE:
+                vma.pte[i] = ZERO_PTE
+                any_pte = True
+            elif fl & img.PRESENT:
+                vma.pte[i] = Page(c[i - vma.lo])
+                mm.anon_rss += 1
+                any_pte = True
+        vma.pmd[j] = PMD_TABLE if any_pte else PMD_NONE
+

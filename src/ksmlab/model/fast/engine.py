@@ -113,6 +113,8 @@ KSM_RMAP_ITEM_SIZE = 64
 
 def unsupported(sc: Scenario) -> str | None:
     """Why the fast engine cannot run ``sc`` exactly (None: it can)."""
+    if any(p.image is not None for p in sc.process):
+        return "image processes (captured memory) run on the exact engine"
     if sc.duplicate_pool >= DUP_MAX:
         return "duplicate_pool too large for 32-bit content codes"
     if sc.total_pages >= min(MAX_UNIQUE, 1 << 31) - HPAGE_PMD_NR:

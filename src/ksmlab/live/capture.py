@@ -1,0 +1,296 @@
+"""``ksmlab capture``: a memory image of running processes (ksmlab/image.py).
+
+What KSM would scan: each VMA with VM_MERGEABLE (/proc/PID/smaps ``mg``), page by
+page from /proc/PID/pagemap (present, swapped, page-cache) and /proc/kpageflags
+(THP, the zero page, KSM), and the contents of present anonymous pages from
+/proc/PID/mem.  Only present pages are read: a read of an absent page through
+/proc/PID/mem would fault it in (the zero page, or the huge zero page), so the
+target's mappings and contents stay as they were.  A running target changes while
+it is read; pause it (SIGSTOP, or QEMU's ``stop``) for an exact image.
+
+Contents become ids in ``memcmp`` order: each distinct page is known by a 128-bit
+BLAKE2b digest, ordered by its first 32 bytes, and pages that tie there are read
+again whole and compared as bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import image as img
+from ..scenario import HPAGE_PMD_NR, PAGE_SIZE
+from .kernelfs import KernelFS
+from .pagemap import (
+    KPF_COMPOUND_HEAD,
+    KPF_KSM,
+    KPF_THP,
+    KPF_ZERO_PAGE,
+    PFN_MASK,
+    PM_FILE,
+    PM_PRESENT,
+    PM_SWAP,
+    kpageflags,
+    pagemap_entries,
+)
+
+READ_PAGES = 4096  # pages per /proc/PID/mem read (16 MiB)
+PREFIX_WORDS = 4  # the first 32 bytes order contents; ties are read whole
+
+
+class CaptureError(RuntimeError):
+    """A process that cannot be captured; one line (exit code 2)."""
+
+
+@dataclass
+class _Vma:
+    start: int
+    end: int
+    flags: set[str]
+    name: str
+    anon_huge_kib: int = 0
+
+
+def smaps_vmas(text: str) -> list[_Vma]:
+    """The VMAs of /proc/PID/smaps with their VmFlags and AnonHugePages."""
+    out: list[_Vma] = []
+    for line in text.splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            lo, _, hi = head[0].partition("-")
+            try:
+                out.append(_Vma(int(lo, 16), int(hi, 16), set(), head[5] if len(head) > 5
+                                else ""))
+            except ValueError:
+                continue
+        elif out and line.startswith("VmFlags:"):
+            out[-1].flags = set(line.split()[1:])
+        elif out and line.startswith("AnonHugePages:"):
+            out[-1].anon_huge_kib = int(line.split()[1])
+    return out
+
+
+@dataclass
+class _Contents:
+    """Distinct non-zero contents met so far, by digest."""
+
+    ids: dict[bytes, int] = field(default_factory=dict)
+    prefix: list[npt.NDArray[np.uint64]] = field(default_factory=list)
+    where: list[tuple[int, int]] = field(default_factory=list)  # (process, address)
+
+    def add(self, digest: bytes, prefix: npt.NDArray[np.uint64], proc: int, addr: int) -> int:
+        k = self.ids.get(digest)
+        if k is None:
+            k = self.ids[digest] = len(self.where)
+            self.prefix.append(prefix)
+            self.where.append((proc, addr))
+        return k
+
+
+def _status(fs: KernelFS, pid: int) -> dict[str, str]:
+    out = {}
+    for line in (fs.read_or_none(f"proc/{pid}/status") or "").splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _kib(v: str | None) -> int:
+    return int(v.split()[0]) if v else 0
+
+
+class Capture:
+    def __init__(self, fs: KernelFS | None = None) -> None:
+        self.fs = fs or KernelFS()
+        self.contents = _Contents()
+        self.fds: list[int] = []
+        self.bytes_read = 0
+        self.notes: list[str] = []
+
+    def _check(self, pid: int) -> list[_Vma]:
+        if not self.fs.exists(f"proc/{pid}"):
+            raise CaptureError(f"no process {pid}")
+        try:
+            vmas = smaps_vmas(self.fs.read(f"proc/{pid}/smaps"))
+            self.fs.read_bytes(f"proc/{pid}/pagemap", 0, 8)
+            os.close(os.open(self.fs.path("proc/kpageflags"), os.O_RDONLY))
+        except PermissionError:
+            raise CaptureError(f"process {pid} is not ours to read: its pagemap pfns, "
+                               "/proc/kpageflags and /proc/PID/mem need root") from None
+        except FileNotFoundError:
+            raise CaptureError(f"no process {pid}") from None
+        mergeable = [v for v in vmas if "mg" in v.flags]
+        if not mergeable:
+            raise CaptureError(
+                f"process {pid} has nothing mergeable (no VMA with VM_MERGEABLE: it needs "
+                "madvise(MADV_MERGEABLE), or prctl(PR_SET_MEMORY_MERGE) as "
+                "`ksmlab exec --merge-any` sets)")
+        return mergeable
+
+    def process(self, proc: int, pid: int) -> tuple[img.ImageProcess, npt.NDArray[np.uint32],
+                                                    npt.NDArray[np.uint8]]:
+        vmas = self._check(pid)
+        try:
+            fd = os.open(self.fs.path(f"proc/{pid}/mem"), os.O_RDONLY)
+        except OSError as e:
+            raise CaptureError(f"process {pid}: cannot read its memory: {e.strerror}") from None
+        self.fds.append(fd)
+        st = _status(self.fs, pid)
+        rollup = {k: v.strip() for k, _, v in (
+            ln.partition(":") for ln in (self.fs.read_or_none(f"proc/{pid}/smaps_rollup")
+                                          or "").splitlines())}
+        any_file = (self.fs.read_or_none(f"proc/{pid}/ksm_merge_any") or "0").strip()
+        out_vmas: list[img.ImageVma] = []
+        cids, flags = [], []
+        first = 0
+        for v in vmas:
+            c, f = self._vma(proc, pid, fd, v)
+            thp_kib = int((f[::HPAGE_PMD_NR] & img.THP != 0).sum()) * 2048
+            if thp_kib != v.anon_huge_kib:
+                self.notes.append(f"process {pid} VMA {v.start:#x}: {thp_kib} KiB seen in THPs, "
+                                  f"smaps AnonHugePages {v.anon_huge_kib} KiB")
+            out_vmas.append(img.ImageVma(
+                start=v.start, pages=(v.end - v.start) // PAGE_SIZE, first=first,
+                hugepage="hg" in v.flags, nohugepage="nh" in v.flags, name=v.name))
+            first += len(c)
+            cids.append(c)
+            flags.append(f)
+        cmdline = (self.fs.read_or_none(f"proc/{pid}/cmdline") or "").replace("\0", " ").strip()
+        meta = img.ImageProcess(
+            pid=pid, comm=st.get("Name", "?"), cmdline=cmdline[:400],
+            merge_any=any_file == "1", rss_anon_kib=_kib(st.get("RssAnon")),
+            anon_huge_kib=_kib(rollup.get("AnonHugePages")), vmas=out_vmas)
+        return meta, np.concatenate(cids), np.concatenate(flags)
+
+    def _vma(self, proc: int, pid: int, fd: int, v: _Vma
+             ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint8]]:
+        n = (v.end - v.start) // PAGE_SIZE
+        ent = pagemap_entries(self.fs, pid, v.start, v.end - v.start)
+        present = (ent & np.uint64(PM_PRESENT)) != 0
+        swapped = (ent & np.uint64(PM_SWAP)) != 0
+        file = present & ((ent & np.uint64(PM_FILE)) != 0)
+        pfn = np.where(present, ent & np.uint64(PFN_MASK), np.uint64(0))
+        kpf = kpageflags(self.fs, pfn)
+        zero_pte = present & ((kpf >> np.uint64(KPF_ZERO_PAGE)) & np.uint64(1) != 0)
+        ksm = present & ((kpf >> np.uint64(KPF_KSM)) & np.uint64(1) != 0)
+        anon = present & ~file
+        flags = np.zeros(n, dtype=np.uint8)
+        flags[anon & ~zero_pte] |= img.PRESENT  # a page of its own (not the zero page)
+        flags[file] |= img.FILE
+        flags[zero_pte] |= img.ZERO_PTE
+        flags[ksm] |= img.KSM
+        self._thps(v, pfn, kpf, anon, flags)
+        if swapped.any():
+            self.notes.append(f"process {pid}: {int(swapped.sum())} pages swapped out "
+                              "(not read: absent in the image)")
+        cid = np.zeros(n, dtype=np.uint32)
+        tmp = np.full(n, -1, dtype=np.int64)
+        readable = anon & ~zero_pte
+        idx = np.flatnonzero(readable)
+        if len(idx):
+            runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
+            for run in runs:
+                for lo in range(0, len(run), READ_PAGES):
+                    part = run[lo:lo + READ_PAGES]
+                    self._read(proc, fd, v.start, part, tmp)
+        cid[tmp >= 0] = tmp[tmp >= 0].astype(np.uint32) + 1  # renumbered in finish()
+        return cid, flags
+
+    def _thps(self, v: _Vma, pfn: npt.NDArray[np.uint64], kpf: npt.NDArray[np.uint64],
+              anon: npt.NDArray[np.bool_], flags: npt.NDArray[np.uint8]) -> None:
+        """2 MiB ranges inside the VMA held by one PMD-order THP: its head first, 512
+        present anon pages on consecutive pfns."""
+        off = (-(v.start // PAGE_SIZE)) % HPAGE_PMD_NR
+        n = len(pfn)
+        head = np.uint64((1 << KPF_THP) | (1 << KPF_COMPOUND_HEAD))
+        for lo in range(off, n - HPAGE_PMD_NR + 1, HPAGE_PMD_NR):
+            hi = lo + HPAGE_PMD_NR
+            if (kpf[lo] & head) != head or not anon[lo:hi].all():
+                continue
+            if np.array_equal(pfn[lo:hi] - pfn[lo], np.arange(HPAGE_PMD_NR, dtype=np.uint64)):
+                flags[lo:hi] |= img.THP
+
+    def _read(self, proc: int, fd: int, start: int, pages: npt.NDArray[np.int64],
+              tmp: npt.NDArray[np.int64]) -> None:
+        addr = start + int(pages[0]) * PAGE_SIZE
+        size = len(pages) * PAGE_SIZE
+        try:
+            buf = os.pread(fd, size, addr)
+        except OSError as e:
+            raise CaptureError(f"reading {size} bytes at {addr:#x}: {e.strerror}") from None
+        if len(buf) != size:
+            raise CaptureError(f"short read at {addr:#x}: the process changed its mappings")
+        self.bytes_read += size
+        words = np.frombuffer(buf, dtype=">u8").reshape(len(pages), PAGE_SIZE // 8)
+        nonzero = np.flatnonzero(words.any(axis=1))
+        tmp[pages] = -1
+        mv = memoryview(buf)
+        for i in nonzero.tolist():
+            page = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            digest = hashlib.blake2b(page, digest_size=16).digest()
+            tmp[pages[i]] = self.contents.add(
+                digest, words[i, :PREFIX_WORDS].astype(np.uint64), proc,
+                addr + i * PAGE_SIZE)
+
+    def order(self) -> npt.NDArray[np.uint32]:
+        """rank[k]: the memcmp rank (1..) of the k-th distinct content met."""
+        c = self.contents
+        u = len(c.where)
+        rank = np.zeros(u + 1, dtype=np.uint32)
+        if not u:
+            return rank
+        pre = np.stack(c.prefix)
+        order = np.lexsort(tuple(pre[:, k] for k in reversed(range(PREFIX_WORDS))))
+        sp = pre[order]
+        tie = np.r_[False, (sp[1:] == sp[:-1]).all(axis=1)]
+        i = 0
+        while i < u:
+            j = i + 1
+            while j < u and tie[j]:
+                j += 1
+            if j - i > 1:  # equal first 32 bytes: compare whole pages
+                group = order[i:j]
+                pages = [self._page(*c.where[k]) for k in group.tolist()]
+                order[i:j] = group[sorted(range(len(group)), key=pages.__getitem__)]
+            i = j
+        rank[1:][order] = np.arange(1, u + 1, dtype=np.uint32)
+        return rank
+
+    def _page(self, proc: int, addr: int) -> bytes:
+        return os.pread(self.fds[proc], PAGE_SIZE, addr)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def capture(pids: list[int], out: Path, fs: KernelFS | None = None) -> img.Image:
+    """Capture ``pids`` into the image folder ``out``; CaptureError for a PID that is
+    gone, not ours to read, or has nothing mergeable."""
+    t = time.monotonic()
+    cap = Capture(fs)
+    procs, cids, flags = [], [], []
+    try:
+        for i, pid in enumerate(pids):
+            meta, c, f = cap.process(i, pid)
+            procs.append(meta)
+            cids.append(c)
+            flags.append(f)
+        rank = cap.order()
+    finally:
+        cap.close()
+    cids = [rank[c] for c in cids]  # tmp+1 -> memcmp rank; 0 stays 0
+    meta_all = img.ImageMeta(
+        captured=datetime.now(UTC).isoformat(timespec="seconds"), kernel=os.uname().release,
+        contents=len(cap.contents.where), processes=procs,
+        capture_s=round(time.monotonic() - t, 3), bytes_read=cap.bytes_read, notes=cap.notes)
+    img.save(out, meta_all, cids, flags)
+    return img.load(out)
