@@ -422,16 +422,37 @@ Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
 
 
 @app.command()
-def compare(scenario: ScenarioArg,
+def compare(scenario: Annotated[str | None, typer.Argument(
+                help="built-in name (ksmlab scenarios) or a .toml")] = None,
             policies: Annotated[str, typer.Option("--policies", help="A,B,... or all")] = "all",
             duration: DurationOpt = None, fmt: Fmt = "text", out: OutOpt = None,
-            profile: ProfileOpt = None, engine: EngineOpt = "auto") -> None:
-    """The same scenario under several policies, side by side."""
+            profile: ProfileOpt = None, engine: EngineOpt = "auto",
+            pid: PidOpt = None, use_zero_pages: PidUzpOpt = "0",
+            pages_to_scan: PidScanOpt = 100) -> None:
+    """The same scenario under several policies, side by side.
+
+    With --pid: capture the process (ksmlab capture) and compare its memory as it is."""
     from .model import POLICIES, get_policy, simulate
 
     if fmt not in ("text", "markdown", "json"):
         fail(f"--format {fmt}: use text, markdown or json")
-    sc = _load(scenario, duration)
+    if (scenario is None) == (pid is None):
+        fail("name a scenario or --pid PID (one of them)")
+    if pid is not None:
+        from .live.capture import capture
+
+        [uzp] = _uzp_values(use_zero_pages) if "," not in use_zero_pages else [-1]
+        if uzp < 0:
+            fail("compare --pid takes one --use-zero-pages value")
+        _check_out(out)
+        folder = (out or Path(tempfile.mkdtemp(prefix="ksmlab-capture-"))) / f"pid{pid}.image"
+        capture([pid], folder)
+        sc = Scenario.model_validate({**_pid_base(pid, uzp, duration or 60.0, pages_to_scan),
+                                      "process": [{"name": "captured", "image": str(folder)}]})
+        err.print(f"captured process {pid} into {folder}", markup=False)
+    else:
+        assert scenario is not None
+        sc = _load(scenario, duration)
     names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
     for n in names:
         _policy(get_policy, n)
@@ -460,10 +481,7 @@ def _pid_scenarios(pid: int, uzp: list[int], duration: float | None, pages_to_sc
 
     runs = []
     for u in uzp:
-        base: dict[str, Any] = {
-            "name": f"pid{pid}-uzp{u}", "duration": duration or 30.0,
-            "description": f"process {pid} as captured, use_zero_pages={u}",
-            "ksm": {"use_zero_pages": u, "pages_to_scan": pages_to_scan}}
+        base = _pid_base(pid, u, duration, pages_to_scan)
 
         def build(folder: Path, base: dict[str, Any] = base) -> Scenario:
             return Scenario.model_validate({**base, "process": [{"name": "captured",
@@ -473,6 +491,32 @@ def _pid_scenarios(pid: int, uzp: list[int], duration: float | None, pages_to_sc
         template = Scenario.model_validate({**base, "process": [{"region": [{"size_mib": 2}]}]})
         runs.append((template, Attach(pid, Path(), build)))
     return runs
+
+
+def _pid_base(pid: int, uzp: int, duration: float | None, pages_to_scan: int
+              ) -> dict[str, Any]:
+    return {"name": f"pid{pid}-uzp{uzp}", "duration": duration or 30.0,
+            "description": f"process {pid} as captured, use_zero_pages={uzp}",
+            "ksm": {"use_zero_pages": uzp, "pages_to_scan": pages_to_scan}}
+
+
+def _uzp_values(text: str) -> list[int]:
+    try:
+        uzp = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        uzp = []
+    if not uzp or not set(uzp) <= {0, 1}:
+        fail(f"--use-zero-pages {text}: use 0, 1 or 0,1")
+    return uzp
+
+
+PidUzpOpt = Annotated[str, typer.Option(
+    "--use-zero-pages", help="with --pid: 0, 1 or 0,1 (a run each)")]
+PidScanOpt = Annotated[int, typer.Option(
+    "--pages-to-scan", min=1, help="with --pid: ksm/pages_to_scan (a GiB guest takes "
+    "262144 pages a full scan)")]
+PidOpt = Annotated[int | None, typer.Option(
+    "--pid", help="a running process (paused for an exact image): capture it first")]
 
 
 @app.command()
@@ -490,15 +534,8 @@ def validate(
         "--kernel-events/--no-kernel-events",
         help="record KSM's tracepoints live and compare them with the model's merges")]
     = True,
-    pid: Annotated[int | None, typer.Option(
-        "--pid", help="a running process (paused for an exact run): capture it, run KSM "
-        "on it live, and compare with the model's run of its image")] = None,
-    use_zero_pages: Annotated[str, typer.Option(
-        "--use-zero-pages", help="with --pid: 0, 1 or 0,1 (a run each)")] = "0,1",
-    duration: DurationOpt = None,
-    pages_to_scan: Annotated[int, typer.Option(
-        "--pages-to-scan", help="with --pid: ksm/pages_to_scan (a GiB guest takes 262144 "
-        "pages a full scan)")] = 1000,
+    pid: PidOpt = None, use_zero_pages: PidUzpOpt = "0,1", duration: DurationOpt = None,
+    pages_to_scan: PidScanOpt = 1000,
 ) -> None:
     """Live run and model run of each scenario, compared at every full-scan end.
 
@@ -517,12 +554,7 @@ def validate(
     if pid is not None:
         if scenarios:
             fail("--pid runs the captured process: name no scenario beside it")
-        try:
-            uzp = sorted({int(x) for x in use_zero_pages.split(",")})
-        except ValueError:
-            uzp = []
-        if not uzp or not set(uzp) <= {0, 1}:
-            fail(f"--use-zero-pages {use_zero_pages}: use 0, 1 or 0,1")
+        uzp = _uzp_values(use_zero_pages)
         runs: list[tuple[Scenario, Attach | None]] = list(_pid_scenarios(pid, uzp, duration,
                                                                        pages_to_scan))
     elif not scenarios:
@@ -778,6 +810,29 @@ def capture(
           f"({disk / max(st['pages'], 1):.1f} B/page) in {out}/")
     for note in im.meta.notes:
         print(textwrap.fill(f"note: {note}", 80, subsequent_indent="  "))
+
+
+@app.command(name="exec", context_settings={"allow_extra_args": True,
+                                            "ignore_unknown_options": True})
+def exec_(ctx: typer.Context,
+          merge_any: Annotated[bool, typer.Option(
+              "--merge-any", help="prctl(PR_SET_MEMORY_MERGE): all its memory mergeable")]
+          = False) -> None:
+    """Run a program with all its memory mergeable (ksmlab exec --merge-any -- CMD ...).
+
+    A program that does not madvise(MADV_MERGEABLE) itself becomes a workload KSM
+    scans (capture, compare --pid, validate --pid), as systemd's MemoryKSM= does."""
+    from .live.workload import exec_merge_any
+
+    argv = [a for a in ctx.args if a != "--"] if ctx.args[:1] == ["--"] else list(ctx.args)
+    if not merge_any:
+        fail("exec needs --merge-any (what it is for)")
+    if not argv:
+        fail("exec --merge-any -- CMD [ARGS...]: no command")
+    try:
+        exec_merge_any(argv)
+    except OSError as e:
+        fail(f"{argv[0]}: {e.strerror or e}")
 
 
 @app.command()

@@ -64,7 +64,7 @@ class ImageProcess(_Strict):
     pid: int
     comm: str
     cmdline: str = ""
-    merge_any: bool = False  # prctl(PR_SET_MEMORY_MERGE): /proc/PID/ksm_merge_any
+    merge_any: bool = False  # prctl(PR_SET_MEMORY_MERGE): /proc/PID/ksm_stat
     rss_anon_kib: int = 0  # RssAnon at capture: the whole process, not only its VMAs here
     anon_huge_kib: int = 0  # AnonHugePages at capture (smaps_rollup)
     vmas: list[ImageVma]

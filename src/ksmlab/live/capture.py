@@ -146,7 +146,8 @@ class Capture:
         rollup = {k: v.strip() for k, _, v in (
             ln.partition(":") for ln in (self.fs.read_or_none(f"proc/{pid}/smaps_rollup")
                                           or "").splitlines())}
-        any_file = (self.fs.read_or_none(f"proc/{pid}/ksm_merge_any") or "0").strip()
+        # "ksm_merge_any: yes" in /proc/PID/ksm_stat (6.8+): prctl(PR_SET_MEMORY_MERGE)
+        merge_any = "ksm_merge_any: yes" in (self.fs.read_or_none(f"proc/{pid}/ksm_stat") or "")
         out_vmas: list[img.ImageVma] = []
         cids, flags = [], []
         first = 0
@@ -165,7 +166,7 @@ class Capture:
         cmdline = (self.fs.read_or_none(f"proc/{pid}/cmdline") or "").replace("\0", " ").strip()
         meta = img.ImageProcess(
             pid=pid, comm=st.get("Name", "?"), cmdline=cmdline[:400],
-            merge_any=any_file == "1", rss_anon_kib=_kib(st.get("RssAnon")),
+            merge_any=merge_any, rss_anon_kib=_kib(st.get("RssAnon")),
             anon_huge_kib=_kib(rollup.get("AnonHugePages")), vmas=out_vmas)
         return meta, np.concatenate(cids), np.concatenate(flags)
 
@@ -187,6 +188,10 @@ class Capture:
         flags[zero_pte] |= img.ZERO_PTE
         flags[ksm] |= img.KSM
         self._thps(v, pfn, kpf, anon, flags)
+        if ksm.any():
+            self.notes.append(f"process {pid}: {int(ksm.sum())} pages were KSM pages (merged "
+                              "already); the model starts from them unmerged, as run=2 leaves "
+                              "them")
         if swapped.any():
             self.notes.append(f"process {pid}: {int(swapped.sum())} pages swapped out "
                               "(not read: absent in the image)")

@@ -75,6 +75,14 @@ def thp_disable(on: bool) -> bool:
     return before
 
 
+def exec_merge_any(argv: list[str]) -> None:
+    """prctl(PR_SET_MEMORY_MERGE, 1), then exec ``argv``: every VMA of the program is
+    mergeable (MMF_VM_MERGE_ANY survives execve since 6.7, 3c6f33b7273a), as
+    systemd's MemoryKSM= does.  Returns only on failure (OSError)."""
+    _check(_libc().prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0), "prctl(PR_SET_MEMORY_MERGE)")
+    os.execvp(argv[0], argv)
+
+
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
