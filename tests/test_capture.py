@@ -163,3 +163,14 @@ def test_validate_pid_runs_ksm_on_a_paused_process_exactly(tmp_path: Path) -> No
     finally:
         p.kill()
         p.wait()
+
+
+def test_exec_merge_any_makes_a_program_a_workload() -> None:
+    r = run_ksmlab(["exec", "--merge-any", "--", "cat", "/proc/self/ksm_stat"], timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "ksm_merge_any: yes" in r.stdout
+    r = run_ksmlab(["exec", "--merge-any", "--", "no-such-program-here"], timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "ksmlab: error: no-such-program-here: No such file or directory"
+    r = run_ksmlab(["exec", "--", "true"], timeout=30)
+    assert r.returncode == 2 and "--merge-any" in r.stderr

@@ -784,7 +784,7 @@ def capture(
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / "image.json").exists())):
         fail(f"--out {out}: exists and is not an empty folder or an image")
-    im = do_capture(pids, out)
+    im = do_capture(pids, out).image
     st = im.stats()
     mib = st["pages"] * 4096 / 2**20
     rate = im.meta.bytes_read / 2**20 / max(im.meta.capture_s, 1e-9)

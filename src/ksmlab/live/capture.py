@@ -82,6 +82,7 @@ class _Contents:
     """Distinct non-zero contents met so far, by digest."""
 
     ids: dict[bytes, int] = field(default_factory=dict)
+    fingerprint: list[int] = field(default_factory=list)  # the digest's first 8 bytes
     prefix: list[npt.NDArray[np.uint64]] = field(default_factory=list)
     where: list[tuple[int, int]] = field(default_factory=list)  # (process, address)
 
@@ -89,6 +90,7 @@ class _Contents:
         k = self.ids.get(digest)
         if k is None:
             k = self.ids[digest] = len(self.where)
+            self.fingerprint.append(int.from_bytes(digest[:8], "little") | 1)
             self.prefix.append(prefix)
             self.where.append((proc, addr))
         return k
@@ -277,10 +279,9 @@ class Capture:
         self.fds = []
 
 
-def capture(pids: list[int], out: Path, fs: KernelFS | None = None) -> img.Image:
-    """Capture ``pids`` into the image folder ``out``; CaptureError for a PID that is
-    gone, not ours to read, or has nothing mergeable."""
-    t = time.monotonic()
+def _take(pids: list[int], fs: KernelFS | None, ordered: bool
+          ) -> tuple[Capture, list[img.ImageProcess], list[npt.NDArray[np.uint32]],
+                     list[npt.NDArray[np.uint8]], npt.NDArray[np.uint32]]:
     cap = Capture(fs)
     procs, cids, flags = [], [], []
     try:
@@ -289,13 +290,52 @@ def capture(pids: list[int], out: Path, fs: KernelFS | None = None) -> img.Image
             procs.append(meta)
             cids.append(c)
             flags.append(f)
-        rank = cap.order()
+        rank = cap.order() if ordered else np.zeros(0, dtype=np.uint32)
     finally:
         cap.close()
+    return cap, procs, cids, flags, rank
+
+
+def _fingerprints(cap: Capture, cids: list[npt.NDArray[np.uint32]]
+                  ) -> list[npt.NDArray[np.uint64]]:
+    """Per page, 64 bits of its content's digest (0: zero-filled or absent)."""
+    fp = np.array([0, *cap.contents.fingerprint], dtype=np.uint64)
+    return [fp[c] for c in cids]
+
+
+@dataclass(frozen=True)
+class Captured:
+    image: img.Image
+    fingerprints: list[npt.NDArray[np.uint64]]  # per process, per page
+
+
+def capture(pids: list[int], out: Path, fs: KernelFS | None = None) -> Captured:
+    """Capture ``pids`` into the image folder ``out``; CaptureError for a PID that is
+    gone, not ours to read, or has nothing mergeable."""
+    t = time.monotonic()
+    cap, procs, cids, flags, rank = _take(pids, fs, ordered=True)
+    fps = _fingerprints(cap, cids)
     cids = [rank[c] for c in cids]  # tmp+1 -> memcmp rank; 0 stays 0
     meta_all = img.ImageMeta(
         captured=datetime.now(UTC).isoformat(timespec="seconds"), kernel=os.uname().release,
         contents=len(cap.contents.where), processes=procs,
         capture_s=round(time.monotonic() - t, 3), bytes_read=cap.bytes_read, notes=cap.notes)
     img.save(out, meta_all, cids, flags)
-    return img.load(out)
+    return Captured(img.load(out), fps)
+
+
+def changed_pages(pid: int, before: Captured, fs: KernelFS | None = None) -> int:
+    """Pages of the captured VMAs whose content (or presence) is not what the capture
+    read: what a running process wrote while KSM ran.  KSM's own work (a merge, a
+    split, the zero remap) keeps every page's content, so it is not counted.  VMAs
+    mapped or unmapped since are not compared (their count would need an address map)."""
+    cap, procs, cids, flags, _ = _take([pid], fs, ordered=False)
+    old_vmas = [(v.start, v.pages) for v in before.image.meta.processes[0].vmas]
+    if [(v.start, v.pages) for v in procs[0].vmas] != old_vmas:
+        raise CaptureError(f"process {pid} changed its mappings during the run")
+    now = _fingerprints(cap, cids)[0]
+    was = before.fingerprints[0]
+    mask = img.PRESENT | img.ZERO_PTE
+    here = (flags[0] & mask) != 0
+    there = (before.image.flags[0] & mask) != 0
+    return int(((now != was) | (here != there)).sum())

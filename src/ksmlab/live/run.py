@@ -40,6 +40,7 @@ from ..scenario import (
 from ..trace import BUSY_PCT, MONOTONIC, Trace, others_cpu_pct
 from . import machine
 from .attach import Attach, Attached
+from .capture import Captured
 from .damon import active_schemes
 from .journal import BootValues, Journal, JournalDamaged, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
@@ -236,6 +237,9 @@ class LiveRun:
         self._hold_since: float | None = None  # ksmd held at a full-scan end since
         self._hold_events = 0
         self._hold_late: int | None = None
+        self.attach_paused = False
+        self.captured: Captured | None = None
+        self.changed_pages: int | None = None  # of an attached process still running
         # KSM's tracepoints recorded into the trace (live/tracefs.py); off by default
         self.kernel_events = kernel_events
         self.t0 = 0.0  # time 0 on time.monotonic()
@@ -306,6 +310,8 @@ class LiveRun:
                     else {}
                 self._wake_khugepaged()
                 rows = self._loop(ks, sampler, workloads)
+                if self.attach is not None and not self.attach_paused:
+                    self._changed_during_run(self.attach.pid)
                 if tracer is not None:
                     stream = self._stream(tracer, workloads, pfns)
             except (WorkloadError, KernelWriteError, KnobError) as e:
@@ -343,6 +349,10 @@ class LiveRun:
             "khugepaged_enter_passes": self.enter_passes,
             "foreign_knob_changes": self.foreign,
         }
+        if self.attach is not None:
+            meta["attached"] = {"pid": self.attach.pid, "paused": self.attach_paused,
+                                "image": str(self.attach.folder),
+                                "changed_pages": self.changed_pages}
         tr = Trace.from_rows(meta, rows, self.events)
         tr.kernel_events = stream
         busy = others_cpu_pct(tr)
@@ -500,15 +510,34 @@ class LiveRun:
         so the image is the state KSM starts from; its scenario becomes the run's."""
         from .capture import CaptureError, capture
 
+        stat = (self.fs.read_or_none(f"proc/{at.pid}/stat") or "").rsplit(")", 1)[-1].split()
+        self.attach_paused = bool(stat) and stat[0] in ("T", "t")
         try:
-            im = capture([at.pid], at.folder, self.fs)
+            self.captured = capture([at.pid], at.folder, self.fs)
         except CaptureError as e:
             raise LiveError(str(e)) from None
+        im = self.captured.image
         self.sc = at.scenario(at.folder)
         w = Attached(self.fs, at.pid, im)
         workloads.append(w)  # type: ignore[arg-type]  # the parts of Workload a run uses
         self.notes.extend(im.meta.notes)
         return dict(w.ready["base"])
+
+    def _changed_during_run(self, pid: int) -> None:
+        """A running process changes its memory while KSM runs; the model runs the
+        image as captured.  Read it again and say how much changed."""
+        from .capture import CaptureError, changed_pages
+
+        assert self.captured is not None
+        try:
+            n = changed_pages(pid, self.captured, self.fs)
+        except CaptureError as e:
+            self.notes.append(f"the process kept running; its change is unknown: {e}")
+            return
+        self.changed_pages = n
+        self.notes.append(f"the process kept running: {n} of its pages "
+                          f"({n * 4 / 1024:.1f} MiB) changed during the run, which the "
+                          "model, running the image as captured, does not see")
 
     def _hold_at_boundary(self, ks: KnobSession, sampler: Sampler) -> None:
         """Hold ksmd (run=0) the moment a full scan ends with events due there.
@@ -667,6 +696,7 @@ class LiveRun:
                 if now >= self._next_watch:  # ~20 sysfs reads: once a second, not a sample
                     self._next_watch = now + WATCH_S
                     self._watch_knobs(ks, rows[-1]["t"])
+                    self._watch_ksm(workloads, rows[-1]["t"])
                 k = int(now / sc.sample_interval) + 1  # skip ticks missed, never bunch up
             next_t = k * sc.sample_interval
             if next_t > sc.duration + 1e-9 and not pending:
@@ -684,6 +714,18 @@ class LiveRun:
                 self.foreign.append({"knob": name, "ours": ours, "now": now, "t": t})
                 self.notes.append(f"{name} was set to {now} by someone else at {t:.1f} s "
                                   f"(the run set {ours}): this run's verdicts do not hold")
+
+    def _watch_ksm(self, workloads: list[Workload], t: float) -> None:
+        """Note a process that makes memory mergeable while the run goes on (a QEMU
+        guest started beside it): ksmd scans it in the same full scans, and the global
+        counters (pages_scanned, full_scans' pace) count its pages too."""
+        ours = {os.getpid(), *(w.pid for w in workloads)}
+        for pid in ksm_competitors(self.fs, ours):
+            if pid not in self.ksm_others:
+                self.ksm_others.append(pid)
+                self.notes.append(f"process {pid} made memory mergeable at {t:.1f} s: ksmd "
+                                  "scans it too, so the global counters (pages_scanned) "
+                                  "count its pages from then on")
 
     def _check_setup(self, rows: list[dict[str, float]]) -> None:
         """Record what the kernel did not give us (THPs it could not allocate, ...)."""
