@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages the kernel-lab tests need (patches checked against the pinned
-# source, the guest rootfs assembled); installed when missing and we are root.
-SYSTEM_DEBS := busybox-static cpio linux-source-6.12
+# source, the guest rootfs assembled, the idle QEMU guest booted); installed when
+# missing and we are root.
+SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86
 
 .PHONY: demo test lint bench clean system-deps
 

@@ -196,7 +196,8 @@ def stage(root: Path, p: Plan) -> Path:
         t.parent.mkdir(parents=True, exist_ok=True)
         if not t.exists():
             shutil.copy2(src, t)
-    (root / "usr/bin/python3").symlink_to("python3.11")
+    if (root / "usr/bin/python3.11").exists():  # images without Python (the idle guest's)
+        (root / "usr/bin/python3").symlink_to("python3.11")
     (root / "init").write_text(p.init)
     (root / "init").chmod(0o755)
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
