@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages the kernel-lab tests need (patches checked against the pinned
-# source, the guest rootfs assembled, the idle QEMU guest booted); installed when
+# source, the guest rootfs assembled, the idle QEMU guest booted; memcached for
+# benchmarks/real_workloads.py); installed when
 # missing and we are root.
-SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86
+SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached
 
 .PHONY: demo test lint bench clean system-deps
 

@@ -322,6 +322,13 @@ class Scenario(_Strict):
             return []
         return [k * period for k in range(1, int(self.duration / period) + 1)]
 
+    @property
+    def khugepaged_wakes_at_start(self) -> bool:
+        """The lab wakes khugepaged at time 0 (and the model makes that pass): not with
+        a captured process, where khugepaged's cursor (somewhere in an mm it has
+        scanned since the process began) cannot be known; validate --pid parks it."""
+        return self.thp.enabled != "never" and all(p.image is None for p in self.process)
+
     def khugepaged_kernel_sleep_ms(self) -> int:
         """What khugepaged/scan_sleep_millisecs is in the kernel during the run."""
         return KHUGEPAGED_PARKED_MS if self.drive_khugepaged else (

@@ -308,7 +308,8 @@ class LiveRun:
                 self.ksm_others = ksm_competitors(self.fs, ours)
                 pfns = self._pagemap(workloads) if tracer is not None and tracer.available \
                     else {}
-                self._wake_khugepaged()
+                if self.sc.khugepaged_wakes_at_start:
+                    self._wake_khugepaged()
                 rows = self._loop(ks, sampler, workloads)
                 if self.attach is not None and not self.attach_paused:
                     self._changed_during_run(self.attach.pid)

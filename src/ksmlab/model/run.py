@@ -402,7 +402,7 @@ class Simulation:
             push(at, 7, "event", KhugepagedWake(action="khugepaged", at=at))
         if any(r.spec.volatile_pages_per_s > 0 for r in self.regions):
             push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
-        if sc.thp.enabled != "never":
+        if sc.khugepaged_wakes_at_start:
             # the live lab wakes khugepaged at time 0 (rewriting scan_sleep_millisecs)
             push(0.0, 5, "khugepaged", self.khd_generation)
         per_scan = any(r.spec.volatile_pages_per_scan for r in self.regions)
