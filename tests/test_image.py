@@ -4,14 +4,19 @@ the scenario whose memory it holds, and bad images are refused in one line."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from ksmlab import content
 from ksmlab import image as img
-from ksmlab.model.run import simulate
+from ksmlab.model import run
+from ksmlab.model.fast import unsupported
+from ksmlab.model.run import memory_estimate, simulate
 from ksmlab.scenario import HPAGE_PMD_NR, Scenario, ScenarioError, load, parse
+from tests.test_model_fast import assert_same
 
 
 def _image_of(sc: Scenario, folder: Path, start: int = 0x7F0000000000) -> None:
@@ -52,16 +57,20 @@ COUNTERS = ("pages_scanned", "pages_sharing", "pages_shared", "pages_unshared",
                                   "two-procs-dup", "pressure-409"])
 def test_an_image_runs_as_the_scenario_it_holds(name: str, tmp_path: Path) -> None:
     sc = load(name).with_duration(8.0)
-    _image_of(sc, tmp_path / "im")
-    as_image = Scenario.model_validate({
-        **sc.model_dump(exclude={"process"}),
-        "process": [{"name": p.name, "image": str(tmp_path / "im"), "image_process": i}
-                    for i, (_, _, p) in enumerate(sc.instances())]})
+    as_image = _as_image(sc, tmp_path / "im")
     a = simulate(sc, "mainline", engine="exact")
     b = simulate(as_image, "mainline")
     assert b.meta["scenario"]["process"][0]["image"] == str(tmp_path / "im")
     for c in COUNTERS:
         assert np.array_equal(a.since_start(c), b.since_start(c)), c
+
+
+def _as_image(sc: Scenario, folder: Path) -> Scenario:
+    _image_of(sc, folder)
+    return Scenario.model_validate({
+        **sc.model_dump(exclude={"process"}),
+        "process": [{"name": p.name, "image": str(folder), "image_process": i}
+                    for i, (_, _, p) in enumerate(sc.instances())]})
 
 
 def _one_vma(folder: Path, offset: int) -> Scenario:
@@ -112,3 +121,113 @@ def test_bad_images_are_one_line(tmp_path: Path) -> None:
         parse(toml("im", "[[process.region]]\nsize_mib = 2\n"), "x.toml", tmp_path)
     # relative to the scenario file's folder
     assert parse(toml("im"), "x.toml", tmp_path).process[0].image == str(tmp_path / "im")
+
+
+# ---- the fast engine runs images as the exact one does ----------------------------
+
+IMAGE_POLICIES = ["mainline", "pre-6.12", "ksm-skip-huge"]
+
+
+@pytest.mark.parametrize("name", ["seed-uzp1", "two-procs-dup", "pressure-409",
+                                  "khugepaged-recollapse", "three-procs-uzp1"])
+@pytest.mark.parametrize("policy", IMAGE_POLICIES)
+def test_fast_engine_runs_images_of_builtins_exactly(name: str, policy: str,
+                                                     tmp_path: Path) -> None:
+    sc = _as_image(load(name).with_duration(8.0), tmp_path / "im")
+    assert unsupported(sc) is None
+    assert_same(simulate(sc, policy, engine="exact"), simulate(sc, policy, engine="fast"))
+
+
+def _mixed_image(folder: Path, offset: int, thp: str, khd_pages: int = 4096,
+                 both: bool = True) -> Scenario:
+    """Two captured processes: unaligned VMAs (``offset`` pages into a 2 MiB range)
+    with present, absent and zero-page-PTE pages, THPs in whole ranges only, THPs in
+    VMAs where THP is no longer allowed; the first one run twice; with events."""
+    rng = np.random.default_rng(offset)
+    P = HPAGE_PMD_NR
+    Pages = tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint8]]
+
+    def pages(n: int, thps: tuple[int, ...]) -> Pages:
+        # data, zero-filled, absent (pte_none), zero-page PTE (a read fault)
+        kind = rng.choice(4, size=n, p=[0.5, 0.2, 0.2, 0.1])
+        cid = np.where(kind == 0, rng.integers(1, 60, size=n), 0).astype(np.uint32)
+        rare = (kind == 0) & (rng.random(n) < 0.3)
+        cid[rare] = rng.integers(60, 1000, size=int(rare.sum()))  # mostly unique
+        flags = np.where(kind < 2, img.PRESENT, np.where(kind == 3, img.ZERO_PTE, 0))
+        flags = flags.astype(np.uint8)
+        for t in thps:  # page offsets (in the VMA) of whole THPs: 90 % zero, underused
+            cid[t : t + P] = np.where(rng.random(P) < 0.9, 0, rng.integers(1, 60, size=P))
+            flags[t : t + P] = img.PRESENT | img.THP
+        return cid, flags
+
+    def proc(pid: int, specs: list[tuple[int, int, tuple[int, ...], dict[str, bool]]]
+             ) -> tuple[img.ImageProcess, npt.NDArray[Any], npt.NDArray[Any]]:
+        vmas: list[img.ImageVma] = []
+        cids, flags = [], []
+        first = 0
+        for k, (off, n, thps, madv) in enumerate(specs):
+            start = (1 << 40) + k * (8 << 20) + off * 4096
+            c, f = pages(n, thps)
+            vmas.append(img.ImageVma(start=start, pages=n, first=first, **madv))
+            cids.append(c)
+            flags.append(f)
+            first += n
+        return (img.ImageProcess(pid=pid, comm="m", vmas=vmas), np.concatenate(cids),
+                np.concatenate(flags))
+
+    whole = -(-offset // P) * P - offset  # first whole 2 MiB range in an offset VMA
+    p0 = proc(1, [(offset, 3 * P + 37, (whole,), {"hugepage": True}),
+                  (0, 2 * P, (0, P), {}),
+                  (offset + 5, 200, (), {"nohugepage": True})])
+    p1 = proc(2, [(offset, 300, (), {}), (0, P, (0,), {})])
+    img.save(folder, img.ImageMeta(captured="now", kernel="test", contents=1000,
+                                   processes=[p0[0], p1[0]]), [p0[1], p1[1]], [p0[2], p1[2]])
+    return Scenario.model_validate({
+        "name": "mixed-image", "duration": 4.0, "sample_interval": 0.1,
+        "ksm": {"pages_to_scan": 200, "sleep_millisecs": 10, "max_page_sharing": 3},
+        "thp": {"enabled": thp, "shrink_underused": 1,
+                "khugepaged": {"max_ptes_none": 409, "scan_sleep_millisecs": 500,
+                               "pages_to_scan": khd_pages}},
+        "process": [{"image": str(folder), "count": 2},
+                    {"image": str(folder), "image_process": 1, "merge": "prctl"}][
+                        0 if both else 1:],
+        "event": [{"action": "pressure", "at": 0.7},
+                  {"action": "set", "at": 1.2, "knob": "ksm.use_zero_pages", "value": 1},
+                  {"action": "set", "at": 1.4, "knob": "thp.khugepaged.max_ptes_none",
+                   "value": 511},
+                  {"action": "ksm_unmerge", "at": 2.0}, {"action": "ksm_start", "at": 2.4},
+                  {"action": "pressure", "at": 3.0}]})
+
+
+# khugepaged's pages_to_scan 1027: one unit of progress (a VMA skipped: no whole 2 MiB
+# range in it, THP not allowed) moves where a pass stops; the second process alone:
+# khugepaged knows its mm only through its THPs (madvise, no MADV_HUGEPAGE VMA)
+@pytest.mark.parametrize(("offset", "thp", "khd_pages", "both"), [
+    (0, "always", 1027, True), (100, "madvise", 1027, True), (300, "never", 4096, True),
+    (100, "madvise", 4096, False)])
+@pytest.mark.parametrize("policy", IMAGE_POLICIES)
+def test_fast_engine_runs_unaligned_images_exactly(offset: int, thp: str, khd_pages: int,
+                                                   both: bool, policy: str,
+                                                   tmp_path: Path) -> None:
+    sc = _mixed_image(tmp_path / "im", offset, thp, khd_pages, both)
+    assert_same(simulate(sc, policy, engine="exact"), simulate(sc, policy, engine="fast"))
+
+
+@pytest.mark.parametrize("offset", [0, 100])
+@pytest.mark.parametrize("policy", ["mainline", "pre-6.12"])
+def test_fast_engine_runs_one_vma_exactly(offset: int, policy: str, tmp_path: Path) -> None:
+    sc = _one_vma(tmp_path / "im", offset)
+    assert_same(simulate(sc, policy, engine="exact"), simulate(sc, policy, engine="fast"))
+
+
+def test_auto_runs_images_on_the_fast_engine(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    sc = _as_image(load("seed-uzp1").with_duration(2.0), tmp_path / "im")
+    assert unsupported(sc) is None
+    assert memory_estimate(sc)[1] == "fast"
+
+    def exact(*a: object, **k: object) -> None:
+        raise AssertionError("the exact engine ran")
+
+    monkeypatch.setattr(run, "Simulation", exact)
+    assert simulate(sc, "mainline").since_start("pages_scanned")[-1] > 0

@@ -79,6 +79,13 @@ class _Region:
     ref: content.RegionRef
 
 
+def image_span(iv: image.ImageVma) -> tuple[int, int]:
+    """(lo, npages): a captured VMA's first page in the whole 2 MiB ranges the model
+    maps it in, and their pages (both engines)."""
+    lo = (iv.start // PAGE_SIZE) % HPAGE_PMD_NR
+    return lo, -(-(lo + iv.pages) // HPAGE_PMD_NR) * HPAGE_PMD_NR
+
+
 class Simulation:
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  pins: Sequence[tuple[str, int]] = (),
@@ -195,8 +202,7 @@ class Simulation:
         cid, flags = im.cid[proc.image_process], im.flags[proc.image_process]
         made = []
         for iv in reversed(ip.vmas):  # mmap() places each below the one before
-            lo = (iv.start // PAGE_SIZE) % HPAGE_PMD_NR
-            npages = -(-(lo + iv.pages) // HPAGE_PMD_NR) * HPAGE_PMD_NR
+            lo, npages = image_span(iv)
             vma = self.sys.mmap(mm, npages, lo, lo + iv.pages)
             vma.hugepage, vma.nohugepage, vma.mergeable = iv.hugepage, iv.nohugepage, True
             fill_from_image(self.sys, vma, cid[iv.first:iv.first + iv.pages],

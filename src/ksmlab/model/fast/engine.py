@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ... import content
+from ... import content, image
 from ...scenario import (
     HPAGE_PMD_NR,
     KhugepagedWake,
@@ -23,6 +23,7 @@ from ...scenario import (
     KsmStop,
     KsmUnmerge,
     Pressure,
+    Process,
     Scenario,
     SetKnob,
     Write,
@@ -32,7 +33,14 @@ from ..costs import CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
 from ..khugepaged import timer_period_s
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
-from ..run import VOLATILE_TICK, ModelUnsupported, _event_dict, check_supported, model_trace
+from ..run import (
+    VOLATILE_TICK,
+    ModelUnsupported,
+    _event_dict,
+    check_supported,
+    image_span,
+    model_trace,
+)
 from .khugepaged import FastKhugepaged
 from .ksmd import KSMD_GROW, KSMD_IDLE, KSMD_SCAN_END, ksmd_until
 from .pages import (
@@ -68,6 +76,7 @@ from .state import (
     N_G,
     NK,
     NN,
+    NONE,
     NR_THP,
     NSLOTS,
     OWN,
@@ -76,6 +85,7 @@ from .state import (
     PAGES_SHARING,
     PAGES_SKIPPED,
     PAGES_UNSHARED,
+    PMD_NONE,
     PMD_TABLE,
     PMD_THP,
     PRESSURE,
@@ -98,6 +108,7 @@ from .state import (
     THP_RANGES,
     V_FAULT_ALLOC,
     VMSTAT_G,
+    ZERO,
     Ranges,
     Vmas,
     code_of,
@@ -113,12 +124,15 @@ KSM_RMAP_ITEM_SIZE = 64
 
 def unsupported(sc: Scenario) -> str | None:
     """Why the fast engine cannot run ``sc`` exactly (None: it can)."""
-    if any(p.image is not None for p in sc.process):
-        return "image processes (captured memory) run on the exact engine"
     if sc.duplicate_pool >= DUP_MAX:
         return "duplicate_pool too large for 32-bit content codes"
-    if sc.total_pages >= min(MAX_UNIQUE, 1 << 31) - HPAGE_PMD_NR:
+    if sum(p.count * _mapped_pages(p) for p in sc.process) >= min(
+            MAX_UNIQUE, 1 << 31) - HPAGE_PMD_NR:
         return "too many pages for 32-bit slot numbers"
+    images = {p.image for p in sc.process if p.image is not None}
+    # an image's ids are the codes (checksum cid + 1 must fit 32 bits; no writes)
+    if any(image.load_meta(f).contents >= FRESH_CODE for f in images):
+        return "too many distinct page contents in the image for 32-bit content codes"
     if sc.fill_at is not None and any(
             r.volatile_pages_per_scan or (sc.align_events and r.volatile_pages_per_s)
             for p in sc.process for r in p.region):
@@ -137,6 +151,14 @@ def unsupported(sc: Scenario) -> str | None:
     if fresh >= MAX_FRESH:
         return "too many fresh page contents for 32-bit content codes"
     return None
+
+
+def _mapped_pages(p: Process) -> int:
+    """Slots of one copy: an image's VMAs in the whole 2 MiB ranges they touch."""
+    if p.image is None:
+        return p.pages
+    return sum(image_span(iv)[1] for iv in image.load_meta(p.image).processes[
+        p.image_process].vmas)
 
 
 def _fresh_room(sc: Scenario) -> int:
@@ -190,9 +212,11 @@ class FastSimulation:
             G[k] = -1
         self._build(progress_setup)
         self.khugepaged = FastKhugepaged(self.S, self.R, self.V, G, sc.thp.khugepaged,
-                                         self.policy.khugepaged_needs_writable)
+                                         self.policy.khugepaged_needs_writable,
+                                         self.hstart, self.hend)
         self.khugepaged.P = self.P
         self._params()
+        self._map_images()
         self._register_khugepaged()
         for _ in range(enter_passes(self.khugepaged.slots, khugepaged_enter_passes)):
             self.khugepaged.do_scan()
@@ -200,10 +224,13 @@ class FastSimulation:
             self._fill(progress_setup)
 
     def _register_khugepaged(self) -> None:
+        # khugepaged_enter_vma(): at mmap or MADV_HUGEPAGE, and at a THP fault (an
+        # image's THPs, even in a VMA where THPs are no longer allowed)
         V, G = self.V, self.G
         for m in range(self.n_mms):
             first = int(V.mm_first[m])
-            if any(thp_allowed(V, G, vv) for vv in range(first, first + int(V.mm_count[m]))):
+            if self.mm_thp[m] or any(thp_allowed(V, G, vv)
+                                     for vv in range(first, first + int(V.mm_count[m]))):
                 self.khugepaged.register(m)
 
     def full_scans(self) -> int:
@@ -217,10 +244,14 @@ class FastSimulation:
         sc = self.sc
         refs = {(r.process, r.replica, r.region): r for r in content.layout(sc)}
         insts = sc.instances()
-        n_vma = sum(len(p.region) for _, _, p in insts)
+        # one image at most (scenario.py refuses a mix)
+        im = next((image.load(p.image) for p in sc.process if p.image is not None), None)
+        n_vma = sum(len(p.region) if p.image is None or im is None
+                    else len(im.meta.processes[p.image_process].vmas) for _, _, p in insts)
         base = np.zeros(n_vma, np.int64)
         npg = np.zeros(n_vma, np.int64)
         merge = np.zeros(n_vma, np.uint8)
+        lim = np.zeros((n_vma, 2), np.int64)  # [lo, hi) of the real VMA, as slots
         huge = np.zeros(n_vma, np.uint8)
         nohuge = np.zeros(n_vma, np.uint8)
         mm_first = np.zeros(len(insts), np.int64)
@@ -228,11 +259,31 @@ class FastSimulation:
         ksm_slots: list[int] = []
         # (vma index, ref) in fill order (process, replica, region)
         self.regions: list[tuple[int, content.RegionRef, np.random.Generator]] = []
+        # (mm, vma index, its lo, its cids, its flags) in Simulation._map_image()'s order
+        self.images: list[tuple[int, int, int, np.ndarray[Any, Any],
+                                np.ndarray[Any, Any]]] = []
         by_key: dict[tuple[int, int, int], int] = {}
         v = 0
         s = 0
         for m, (pi, k, proc) in enumerate(insts):
             mm_first[m] = v
+            if proc.image is not None and im is not None:
+                ip = im.meta.processes[proc.image_process]
+                cid, flags = im.cid[proc.image_process], im.flags[proc.image_process]
+                mm_count[m] = len(ip.vmas)
+                mapped = []
+                for iv in ip.vmas:  # address order (mapped top-down, last first)
+                    lo, npages = image_span(iv)
+                    base[v], npg[v], merge[v] = s, npages, 1
+                    huge[v], nohuge[v] = iv.hugepage, iv.nohugepage
+                    lim[v] = (s + lo, s + lo + iv.pages)
+                    mapped.append((m, v, lo, cid[iv.first:iv.first + iv.pages],
+                                   flags[iv.first:iv.first + iv.pages]))
+                    s += npages
+                    v += 1
+                self.images += reversed(mapped)
+                ksm_slots.append(m)  # _map_image(): every image mm enters KSM
+                continue
             mm_count[m] = len(proc.region)
             entered = proc.merge == "prctl"
             # mmap is top-down: the mm's VMAs in address order are its regions reversed
@@ -241,6 +292,7 @@ class FastSimulation:
                 ref = refs[(pi, k, ri)]
                 base[v] = s
                 npg[v] = reg.pages
+                lim[v] = (s, s + reg.pages)
                 merge[v] = proc.merge == "prctl" or content.mergeable(sc, ref)
                 huge[v] = reg.thp == "hugepage"
                 nohuge[v] = reg.thp == "nohugepage"
@@ -255,6 +307,10 @@ class FastSimulation:
                 rng = np.random.default_rng([proc.region[ri].seed, pi, k, ri, 0x5EED])
                 self.regions.append((by_key[(pi, k, ri)], refs[(pi, k, ri)], rng))
         self.n = s
+        # khugepaged's hstart/hend: the whole 2 MiB ranges inside [lo, hi)
+        self.hstart = -(-lim[:, 0] // HPAGE_PMD_NR) * HPAGE_PMD_NR
+        self.hend = lim[:, 1] // HPAGE_PMD_NR * HPAGE_PMD_NR
+        self.mm_thp = np.zeros(len(insts), np.bool_)  # mm.khugepaged (a THP fault)
         ks = np.zeros(max(1, len(ksm_slots)), np.int64)
         ks[: len(ksm_slots)] = ksm_slots
         self.G[NSLOTS] = len(ksm_slots)
@@ -317,6 +373,44 @@ class FastSimulation:
             if progress is not None:
                 progress(done, self.n)
         self._register_khugepaged()
+
+    def _map_images(self) -> None:
+        """fill_from_image() for every captured VMA: its THPs (whole 2 MiB ranges whose
+        first page was in one), 4 KiB pages, zero-page PTEs; pte_none elsewhere."""
+        S, R, V, G = self.S, self.R, self.V, self.G
+        for m, v, lo, cids, flags in self.images:
+            b, n = int(V.base[v]), int(V.n[v])
+            hi = lo + len(cids)
+            cid, fl = np.asarray(cids), np.asarray(flags)  # read from the .npy files here
+            V.anon[v] = 1
+            zero = (fl & image.ZERO_PTE) != 0
+            own = ((fl & image.PRESENT) != 0) & ~zero
+            pte, scid = S.pte[b + lo : b + hi], S.scid[b + lo : b + hi]
+            pte[zero] = ZERO
+            pte[own] = OWN
+            scid[own] = cid[own]  # an image's ids are codes: 0 zero-filled, memcmp order
+            nr = n // HPAGE_PMD_NR
+            thp = np.zeros(nr, np.bool_)
+            j0, j1 = -(-lo // HPAGE_PMD_NR), hi // HPAGE_PMD_NR
+            if j1 > j0:
+                thp[j0:j1] = (fl[j0 * HPAGE_PMD_NR - lo : j1 * HPAGE_PMD_NR - lo
+                                 : HPAGE_PMD_NR] & image.THP) != 0
+            whole = np.repeat(thp, HPAGE_PMD_NR)[lo:hi]
+            pte[whole] = OWN  # every subpage of a THP, whatever its flags
+            scid[whole] = cid[whole]
+            rs = slice(b // HPAGE_PMD_NR, b // HPAGE_PMD_NR + nr)
+            used = (S.pte[b : b + n] != NONE).reshape(nr, HPAGE_PMD_NR).any(axis=1)
+            R.pmd[rs] = np.where(thp, PMD_THP, np.where(used, PMD_TABLE, PMD_NONE))
+            k = int(thp.sum())
+            G[NR_THP] += k
+            G[THP_RANGES] += k
+            G[ANON_RSS] += int(np.count_nonzero(pte == OWN))
+            if k:  # a THP from before time 0: no thp_fault_alloc, queued as its fault did
+                self.mm_thp[m] = True
+                if G[DEFER_ON]:
+                    q = R.qseq[rs]
+                    q[thp] = G[DEFER_SEQ] + 1 + np.arange(k, dtype=np.int64)
+                    G[DEFER_SEQ] += k
 
     # ---- actions -------------------------------------------------------------
     def _region(self, process: int, replica: int, region: int) -> tuple[int, int]:
@@ -512,7 +606,7 @@ class FastSimulation:
             push(at, 7, "event", KhugepagedWake(action="khugepaged", at=at))
         if any(ref.spec.volatile_pages_per_s > 0 for _v, ref, _r in self.regions):
             push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
-        if sc.thp.enabled != "never":
+        if sc.khugepaged_wakes_at_start:  # as Simulation.run()
             push(0.0, 5, "khugepaged", self.khd_generation)
         per_scan = any(ref.spec.volatile_pages_per_scan for _v, ref, _r in self.regions)
         held: list[tuple[str, object]] = []  # align_events: due, waiting for a scan end

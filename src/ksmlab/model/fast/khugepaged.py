@@ -30,8 +30,11 @@ from .state import (
 
 class FastKhugepaged:
     def __init__(self, S: Slots, R: Ranges, V: Vmas, G: I64, knobs: KhugepagedKnobs,
-                 needs_writable: bool) -> None:
+                 needs_writable: bool, hstart: I64, hend: I64) -> None:
         self.S, self.R, self.V, self.G = S, R, V, G
+        # per VMA, the slots of the whole 2 MiB ranges inside it (an image's unaligned
+        # VMA is mapped in wider ranges): hstart/hend of khugepaged_scan_mm_slot()
+        self.hstart, self.hend = hstart, hend
         self.needs_writable = needs_writable  # Policy.khugepaged_needs_writable
         self.P: Pool | None = None  # set by the engine (the pool is replaced as it grows)
         self.knobs = knobs
@@ -68,8 +71,8 @@ class FastKhugepaged:
         progress = 1
         first = int(V.mm_first[m])
         for v in range(first, first + int(V.mm_count[m])):
-            base, end = int(V.base[v]), int(V.base[v] + V.n[v])
-            if not thp_allowed(V, self.G, v) or self.address >= end:
+            base, end = int(self.hstart[v]), int(self.hend[v])
+            if not thp_allowed(V, self.G, v) or self.address >= end or end <= base:
                 progress += 1
                 continue
             self.address = max(self.address, base)
