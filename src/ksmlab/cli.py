@@ -422,7 +422,8 @@ Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
 
 
 @app.command()
-def compare(scenario: Annotated[str | None, typer.Argument(
+def compare(ctx: typer.Context,
+            scenario: Annotated[str | None, typer.Argument(
                 help="built-in name (ksmlab scenarios) or a .toml")] = None,
             policies: Annotated[str, typer.Option("--policies", help="A,B,... or all")] = "all",
             duration: DurationOpt = None, fmt: Fmt = "text", out: OutOpt = None,
@@ -445,11 +446,15 @@ def compare(scenario: Annotated[str | None, typer.Argument(
         if uzp < 0:
             fail("compare --pid takes one --use-zero-pages value")
         _check_out(out)
-        folder = (out or Path(tempfile.mkdtemp(prefix="ksmlab-capture-"))) / f"pid{pid}.image"
+        if out is None:  # the image lives as long as the command
+            tmp = tempfile.TemporaryDirectory(prefix="ksmlab-capture-")
+            ctx.call_on_close(tmp.cleanup)
+        folder = (out or Path(tmp.name)) / f"pid{pid}.image"
         capture([pid], folder)
         sc = Scenario.model_validate({**_pid_base(pid, uzp, duration or 60.0, pages_to_scan),
                                       "process": [{"name": "captured", "image": str(folder)}]})
-        err.print(f"captured process {pid} into {folder}", markup=False)
+        if out is not None:
+            err.print(f"captured process {pid} into {folder}", markup=False)
     else:
         assert scenario is not None
         sc = _load(scenario, duration)
