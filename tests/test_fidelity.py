@@ -251,3 +251,23 @@ def test_a_replay_keeps_the_thps_the_kernels_shrinker_kept() -> None:
     assert after == {"thp_underused_split_page": -1, "thp_split_page_failed": 2,
                      "thp_split_page": 0}
     assert any("left 1 underused THP" in n for n in again.meta["notes"])
+
+
+def test_a_split_by_reclaim_is_named() -> None:
+    """A THP split by reclaim (DAMON's pageout, another process's MADV_PAGEOUT) moves
+    the kernel's global counters; the report says so (CI once failed on one)."""
+    from ksmlab import fidelity
+    from ksmlab.model.run import simulate
+    from ksmlab.scenario import load
+    from ksmlab.trace import Trace
+
+    tr = simulate(load("seed-uzp0").with_duration(4.0), "mainline")
+    cols = dict(tr.columns)
+    bump = (tr.t > 2.0).astype(float)
+    cols["thp_swpout_fallback"] = cols["thp_swpout_fallback"] + bump
+    cols["thp_split_page"] = cols["thp_split_page"] + bump
+    kernel = Trace(tr.meta, cols, tr.events)
+    r = fidelity.compare("x", kernel, tr)
+    assert r.agreement < 1.0
+    assert any("reclaim split 1 THP" in n for n in r.notes), r.notes
+    assert not any("reclaim" in n for n in fidelity.compare("x", tr, tr).notes)

@@ -157,48 +157,110 @@ def policies(json_out: JsonOpt = False) -> None:
 
 
 @app.command()
-def doctor(json_out: JsonOpt = False) -> None:
-    """The kernel, its KSM/THP knobs, and whether live runs can work here."""
-    from .live.doctor import diagnose
+def doctor(json_out: JsonOpt = False,
+           advice: Annotated[bool, typer.Option(
+               "--advice/--no-advice", help="run the model on the host's settings (a few s)")]
+           = True) -> None:
+    """This kernel for an operator: does it remap, what KSM does now, what the
+    settings expose the host to, what to set; and whether live runs work here.
 
-    d = diagnose(KernelFS())
+    Exit code 0: nothing to act on; 1: KSM runs here with settings under which the
+    model of this kernel shows a regression, or a killed run left knobs changed;
+    3: live runs cannot work here (no root, KSM or THP)."""
+    from .live.doctor import diagnose, ksm_now
+    from .live.probe import probe_remap
+
+    fs = KernelFS()
+    d = diagnose(fs)
+    probe = probe_remap()
+    d["remap"] = {"remaps": probe.remaps, "how": probe.how}
+    d["ksm_now"] = now = ksm_now(fs)
+    raw = {k: fs.read_or_none(f"sys/kernel/mm/{k}") for k in (
+        "ksm/pages_to_scan", "ksm/sleep_millisecs", "ksm/use_zero_pages", "ksm/smart_scan",
+        "ksm/max_page_sharing", "transparent_hugepage/enabled")}
+    knobs = {k: int(v) if v is not None and v.isdigit() else v for k, v in raw.items()
+             if v is not None}
+    adv = None
+    if advice and d["ksm"]:
+        from .advice import advise
+
+        adv = advise(knobs, probe.remaps)
+        d["advice"] = adv.to_json()
+    thp_on = "[never]" not in str(knobs.get("transparent_hugepage/enabled", "[never]"))
+    exposed = bool(adv and adv.current.verdicts and now.get("run") == 1 and thp_on)
+    d["exposed"] = exposed
+    code = 3 if not d["live_ok"] and not d["journal"] else 1 if exposed or d["journal"] else 0
+    d["exit_code"] = code
     if json_out:
         print(json.dumps(d))
-        return
-    print(f"kernel      {d['kernel']}")
-    print(f"root        {'yes' if d['root'] else 'no'}")
-    print(f"KSM         {'yes' if d['ksm'] else 'no'}   THP {'yes' if d['thp'] else 'no'}   "
-          f"ksmd pid {d['ksmd_pid']}")
-    print(f"memory      {d['mem_available_mib']} MiB available")
+        raise typer.Exit(code)
+    row = _row
+    row("kernel", d["kernel"])
+    row("root", "yes" if d["root"] else "no")
+    row("KSM", f"{'yes' if d['ksm'] else 'no'}   THP {'yes' if d['thp'] else 'no'}   "
+        f"ksmd pid {d['ksmd_pid']}")
+    row("memory", f"{d['mem_available_mib']} MiB available")
+    row("remap", f"{ {True: 'yes', False: 'no', None: 'unknown'}[probe.remaps]}: {probe.how}")
+    _say_ksm_now(now)
+    if adv is not None:
+        verdict = ", ".join(adv.current.verdicts) or "neither regression"
+        row("exposure", f"{'now' if exposed else 'if KSM ran'}: {verdict} (the model of "
+            f"this kernel, {adv.policy}, on seed-uzp1 with this host's knobs, "
+            f"{adv.seconds:.0f} s)")
+        for line in adv.say:
+            row("advice", f"- {line}", "  ")
     for name, value in d["knobs"].items():
-        print(f"  {name:<48} {value}")
+        print(f"  {name:<48} {value}"[:80])
     prof = d["profile"]
     if prof["source"] == "machine":
-        print(f"profile     this machine's, fitted {str(prof['fitted'])[:16]}: {prof['path']}")
+        row("profile", f"this machine's, fitted {str(prof['fitted'])[:16]}: {prof['path']}")
     elif prof["source"] == "shipped":
-        print("profile     none for this machine; the shipped one is fitted elsewhere")
-        print("            (ksmlab calibrate --quick fits this machine's, ~3 min live)")
+        row("profile", "none for this machine; the shipped one is fitted elsewhere "
+            "(ksmlab calibrate --quick fits this machine's, ~3 min live)")
     else:
-        print(f"profile     {prof['source']}: {prof.get('path')}")
+        row("profile", f"{prof['source']}: {prof.get('path')}")
     if prof.get("warning") and prof["source"] != "shipped":
-        print(f"            {prof['warning']}")
-    print(f"events      {d['kernel_events']}")
+        row("", prof["warning"])
+    row("events", d["kernel_events"])
     if d["journal"]:
-        print(f"journal     a killed run left knobs changed: {d['journal']} (ksmlab restore)")
+        row("journal", f"a killed run left knobs changed: {d['journal']} (ksmlab restore)")
     if d["ksm_mergeable_pids"]:
-        print(f"note        ksmd would also scan pids {d['ksm_mergeable_pids'][:8]} "
-              "(mergeable memory)")
+        row("note", f"ksmd would also scan pids {d['ksm_mergeable_pids'][:8]} "
+            "(mergeable memory)")
     if d["thp_eligible_pids"]:
-        print(f"note        khugepaged shares its passes with pids {d['thp_eligible_pids'][:8]}")
+        row("note", f"khugepaged shares its passes with pids {d['thp_eligible_pids'][:8]}")
     for scheme in d["damon"]:
-        print(f"note        DAMON {scheme}: it can split THPs no KSM knob controls")
+        row("note", f"DAMON {scheme}: it can split THPs no KSM knob controls")
     if d["lock_holder"]:
-        print(f"lock        a live run is in progress (pid {d['lock_holder']})")
+        row("lock", f"a live run is in progress (pid {d['lock_holder']})")
     if d["live_ok"]:
-        print("live runs   can work here")
+        row("live runs", "can work here")
     else:
         for p in d["problems"]:
-            print(f"live runs   cannot work: {p}")
+            row("live runs", f"cannot work: {p}")
+    raise typer.Exit(code)
+
+
+def _row(label: str, text: str, hang: str = "") -> None:
+    """One labelled line of doctor's report, wrapped at 80 columns."""
+    for i, line in enumerate(textwrap.wrap(text, 68, subsequent_indent=hang,
+                                           break_on_hyphens=False) or [""]):
+        print(f"{label if i == 0 else '':<12}{line}")
+
+
+def _say_ksm_now(now: dict[str, Any]) -> None:
+    def mib(pages: int | None) -> str:
+        return "-" if pages is None else f"{pages * 4 / 1024:.1f} MiB"
+
+    state = {0: "stopped", 1: "running", 2: "unmerging"}.get(now.get("run") or 0, "?")
+    profit = now.get("general_profit")
+    _row("KSM now", f"{state}: pages_sharing {now.get('pages_sharing')} "
+         f"({mib(now.get('pages_sharing'))} saved), ksm_zero_pages "
+         f"{now.get('ksm_zero_pages')}, general_profit "
+         f"{'-' if profit is None else f'{profit / 2**20:.1f} MiB'}, full_scans "
+         f"{now.get('full_scans')}")
+    _row("THP splits", f"{now.get('thp_split_page')} since boot; where the kernel remaps, "
+         "each freed its zero-filled subpages, which no KSM counter shows")
 
 
 @app.command()

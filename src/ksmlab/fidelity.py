@@ -206,6 +206,12 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     cr, cc = ref.checkpoints(), cand.checkpoints()
     ks = sorted(set(cr) & set(cc))
     notes = list(ref.meta.get("notes", [])) + list(cand.meta.get("notes", []))
+    if "thp_swpout_fallback" in ref.columns and len(ref.t):
+        reclaimed = int(ref.since_start("thp_swpout_fallback")[-1])
+        if reclaimed > 0:  # the model has no reclaim: a split no KSM knob caused
+            notes.append(f"reclaim split {reclaimed} THP(s) during the kernel's run "
+                         "(thp_swpout_fallback: DAMON's pageout, or another process's "
+                         "MADV_PAGEOUT); the model has no reclaim")
     missing = sorted(set(cr) ^ set(cc))
     if missing:
         notes.append(f"full scans seen on one side only: {missing[:8]}"

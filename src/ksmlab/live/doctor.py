@@ -16,6 +16,23 @@ from .sampler import find_ksmd
 from .tracefs import tracefs_status
 
 
+def ksm_now(fs: KernelFS) -> dict[str, Any]:
+    """What KSM is doing now, and what THP splits freed beside it since boot: each
+    split of an anonymous THP maps its zero-filled subpages to the zero page (6.12+),
+    memory no KSM counter shows."""
+    out: dict[str, Any] = {}
+    for name in ("run", "pages_shared", "pages_sharing", "pages_unshared", "ksm_zero_pages",
+                 "general_profit", "full_scans"):
+        raw = fs.read_or_none(f"sys/kernel/mm/ksm/{name}")
+        out[name] = int(raw) if raw is not None and raw.lstrip("-").isdigit() else None
+    for line in (fs.read_or_none("proc/vmstat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("thp_split_page", "thp_underused_split_page", "thp_swpout_fallback",
+                   "nr_anon_transparent_hugepages"):
+            out[key] = int(value)
+    return out
+
+
 def diagnose(fs: KernelFS) -> dict[str, Any]:
     knobs = {}
     for k in all_knobs(fs):
