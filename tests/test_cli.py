@@ -329,3 +329,16 @@ def test_conventions_version_bare_command_and_80_columns() -> None:
         assert out and max(len(line) for line in out) <= 80, cmd
     # a description wraps under itself, whole: no word cut at the edge
     assert "stable chains of many dups" in " ".join(ksmlab("scenarios").stdout.split())
+
+
+def test_json_carries_the_version_and_compare_takes_json() -> None:
+    from ksmlab import __version__
+
+    r = ksmlab("compare", "seed-uzp1-nothp", "--policies", "mainline", "-d", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["ksmlab"] == __version__ and d["engine"] == "auto" and d["rows"]
+    for args in (["scenarios", "--json"], ["policies", "--json"],
+                 ["sim", "seed-uzp1-nothp", "-p", "mainline", "-d", "2", "--json"]):
+        r = ksmlab(*args)
+        assert r.returncode == 0 and json.loads(r.stdout)["ksmlab"] == __version__, args

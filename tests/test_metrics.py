@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,3 +187,37 @@ def test_within_margin_bounds() -> None:
     assert metrics.within_margin(t * (1 + m), t) and metrics.within_margin(t / (1 + m), t)
     assert not metrics.within_margin(t * (1 + m) * 1.001, t)
     assert not metrics.within_margin(t / (1 + m) / 1.001, t)
+
+
+def test_a_policy_keeps_its_colour_in_every_plot(tmp_path: Path) -> None:
+    """Issue 17: a fixed colour per policy, whatever else is plotted beside it; both
+    panels (freed, and freed by KSM's account, drawn even where it is 0)."""
+    from ksmlab import report
+    from ksmlab.model import POLICIES, simulate
+    from ksmlab.scenario import load
+
+    colours = {p: report.policy_colour(p) for p in POLICIES}
+    assert len(set(colours.values())) == len(colours)  # all distinct
+    assert report.policy_colour("live") == "black"
+    assert colours == {p: report.policy_colour(p) for p in reversed(list(POLICIES))}
+    sc = load("seed-uzp1").with_duration(9.0)
+    runs = [(p, simulate(sc, p)) for p in ("mainline", "v1")]
+    import matplotlib.pyplot as plt
+
+    seen: list[list[str]] = []
+    real = plt.Figure.savefig
+
+    def spy(fig: Any, *a: Any, **k: Any) -> None:
+        seen.append([str(line.get_color()) for ax in fig.axes for line in ax.get_lines()])
+        real(fig, *a, **k)
+
+    plt.Figure.savefig = spy  # type: ignore[method-assign]
+    try:
+        report.plot_freed(runs, tmp_path / "a.png", "x")
+        report.plot_freed(runs[::-1], tmp_path / "b.png", "x")
+    finally:
+        plt.Figure.savefig = real  # type: ignore[method-assign]
+    for drawn in seen:
+        assert colours["mainline"] in drawn and colours["v1"] in drawn
+        assert drawn.count(colours["mainline"]) == 2  # freed, and KSM's account (0)
+    assert (tmp_path / "a.png").stat().st_size > 10_000

@@ -131,7 +131,7 @@ def scenarios(json_out: JsonOpt = False) -> None:
         items.append({"name": name, "mib": sc.total_mib, "duration": sc.duration,
                       "description": sc.description})
     if json_out:
-        print(json.dumps({"scenarios": items}))
+        print(json.dumps({"ksmlab": __version__, "scenarios": items}))
         return
     for it in items:  # 80 columns: the description wraps under itself, never cut
         head = f"{it['name']:<22} {it['mib']:>7} MiB {it['duration']:>5.0f} s  "
@@ -145,7 +145,7 @@ def policies(json_out: JsonOpt = False) -> None:
     from .model import POLICIES
 
     if json_out:
-        print(json.dumps({"policies": [
+        print(json.dumps({"ksmlab": __version__, "policies": [
             {"name": p.name, "description": p.description, "sources": p.sources}
             for p in POLICIES.values()]}))
         return
@@ -192,7 +192,7 @@ def doctor(json_out: JsonOpt = False,
     code = 3 if not d["live_ok"] and not d["journal"] else 1 if exposed or d["journal"] else 0
     d["exit_code"] = code
     if json_out:
-        print(json.dumps(d))
+        print(json.dumps({"ksmlab": __version__, **d}))
         raise typer.Exit(code)
     row = _row
     row("kernel", d["kernel"])
@@ -378,7 +378,7 @@ def _emit(tr: Trace, summary: metrics.Summary, title: str, json_out: bool,
     if json_out:
         obj = {"scenario": tr.meta["scenario"]["name"], "kernel": tr.meta.get("kernel"),
                **extra, **summary.to_json(), "notes": tr.meta.get("notes", []), "files": files}
-        print(json.dumps(obj))
+        print(json.dumps({"ksmlab": __version__, **obj}))
     else:
         print(report.summary_text(summary, title))
         for n in tr.meta.get("notes", []):
@@ -491,12 +491,13 @@ def compare(ctx: typer.Context,
             duration: DurationOpt = None, fmt: Fmt = "text", out: OutOpt = None,
             profile: ProfileOpt = None, engine: EngineOpt = "auto",
             pid: PidOpt = None, use_zero_pages: PidUzpOpt = "0",
-            pages_to_scan: PidScanOpt = 100) -> None:
+            pages_to_scan: PidScanOpt = 100, json_out: JsonOpt = False) -> None:
     """The same scenario under several policies, side by side.
 
     With --pid: capture the process (ksmlab capture) and compare its memory as it is."""
     from .model import POLICIES, get_policy, simulate
 
+    fmt = "json" if json_out else fmt  # --json as every other command has it
     if fmt not in ("text", "markdown", "json"):
         fail(f"--format {fmt}: use text, markdown or json")
     if (scenario is None) == (pid is None):
@@ -532,7 +533,8 @@ def compare(ctx: typer.Context,
     table = report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}",
                                  kernel_confirmed(sc.name))
     if fmt == "json":
-        table = json.dumps({**json.loads(table), "profile": choice.to_json()}, indent=1)
+        table = json.dumps({"ksmlab": __version__, **json.loads(table),
+                            "profile": choice.to_json(), "engine": engine}, indent=1)
     else:
         _say_profile(choice)
     print(table)
@@ -670,7 +672,7 @@ def validate(
                           markup=False)
     if json_out:
         print(json.dumps({
-            "kernel": os.uname().release, "policy": pol,
+            "ksmlab": __version__, "kernel": os.uname().release, "policy": pol,
             "date": time.strftime("%Y-%m-%d"), "folder": str(out),
             "machine": _machine(), "profile": choice.to_json(),
             "scenarios": [r.to_json() for r in results],
@@ -862,7 +864,8 @@ def capture(
     rate = im.meta.bytes_read / 2**20 / max(im.meta.capture_s, 1e-9)
     disk = sum(f.stat().st_size for f in out.iterdir())
     if json_out:
-        print(json.dumps({"folder": str(out), **st, "capture_s": im.meta.capture_s,
+        print(json.dumps({"ksmlab": __version__, "folder": str(out), **st,
+                          "capture_s": im.meta.capture_s,
                           "read_mib_s": round(rate, 1), "disk_bytes": disk,
                           "bytes_per_page": round(disk / max(st["pages"], 1), 2),
                           "processes": [p.model_dump(mode="json", exclude={"vmas"})
