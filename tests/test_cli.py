@@ -342,3 +342,20 @@ def test_json_carries_the_version_and_compare_takes_json() -> None:
                  ["sim", "seed-uzp1-nothp", "-p", "mainline", "-d", "2", "--json"]):
         r = ksmlab(*args)
         assert r.returncode == 0 and json.loads(r.stdout)["ksmlab"] == __version__, args
+
+
+def test_export_gives_csv_pandas_reads(tmp_path: Path) -> None:
+    r = ksmlab("sim", "seed-uzp1-nothp", "-p", "mainline", "-d", "3", "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    [trace] = tmp_path.glob("*.trace.json.gz")
+    r = ksmlab("export", str(trace), "-o", str(tmp_path / "t.csv"))
+    assert r.returncode == 0, r.stderr
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    tr = Trace.load(trace)
+    assert len(rows) == len(tr.t) and list(rows[0])[:2] == ["t", "full_scan_end"]
+    assert float(rows[-1]["pages_scanned"]) == tr.since_start("pages_scanned")[-1]
+    raw = ksmlab("export", str(trace), "--raw").stdout.splitlines()
+    assert raw[0] == ",".join(rows[0]) and len(raw) == len(rows) + 1
+    one_line_error(ksmlab("export", str(tmp_path / "nope.json.gz")), "nope.json.gz")

@@ -9,7 +9,8 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -25,7 +26,7 @@ from .live.kernelfs import KernelFS
 from .live.knobs import KnobError, RestoreError
 from .profiles import ProfileChoice
 from .scenario import KHUGEPAGED_PARKED_MS, Scenario, ScenarioError
-from .trace import Trace, TraceError
+from .trace import Trace, TraceError, write_atomic
 
 if TYPE_CHECKING:
     from .fidelity import Fidelity
@@ -421,7 +422,8 @@ def sim(scenario: ScenarioArg,
     _model_fits(sc, engine)
     _check_out(out)
     choice = _profile(profile)
-    tr = simulate(sc, policy, profile=choice.profile, engine=engine)
+    with _model_progress(sc, f"{sc.name} under {policy}", engine) as progress:
+        tr = simulate(sc, policy, profile=choice.profile, engine=engine, progress=progress)
     summary = metrics.summarize(tr)
     if not json_out:
         _say_profile(choice)
@@ -432,6 +434,27 @@ def sim(scenario: ScenarioArg,
 ProfileOpt = Annotated[Path | None, typer.Option(
     "--profile", help="cost profile JSON (default: this machine's, from `ksmlab calibrate "
     "--quick`; else the shipped one)")]
+
+
+@contextmanager
+def _model_progress(sc: Scenario, what: str, engine: str = "auto"
+                    ) -> Iterator[Callable[[float], None] | None]:
+    """A bar on stderr while the model runs (a terminal only), and a word first when
+    numba has yet to compile the fast engine (about a minute, once)."""
+    if not err.is_terminal:
+        yield None
+        return
+    from .model.fast import unsupported
+    from .model.fast.jit import compiled_before
+
+    if engine != "exact" and unsupported(sc) is None and not compiled_before():
+        err.print("compiling the fast engine (numba) on its first run: about a minute; "
+                  "cached after", markup=False)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:.0f}/{task.total:.0f} s simulated"),
+                  TimeElapsedColumn(), console=err, transient=True) as prog:
+        task = prog.add_task(what, total=sc.duration)
+        yield lambda t: prog.update(task, completed=min(t, sc.duration))
 
 
 def _profile(path: Path | None) -> ProfileChoice:
@@ -528,7 +551,11 @@ def compare(ctx: typer.Context,
     _model_fits(sc, engine)
     _check_out(out)
     choice = _profile(profile)
-    results = [(n, simulate(sc, n, profile=choice.profile, engine=engine)) for n in names]
+    results = []
+    for n in names:
+        with _model_progress(sc, f"{sc.name} under {n}", engine) as progress:
+            results.append((n, simulate(sc, n, profile=choice.profile, engine=engine,
+                                        progress=progress)))
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
     table = report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}",
                                  kernel_confirmed(sc.name))
@@ -908,6 +935,31 @@ def exec_(ctx: typer.Context,
         exec_merge_any(argv)
     except OSError as e:
         fail(f"{argv[0]}: {e.strerror or e}")
+
+
+@app.command()
+def export(trace: Annotated[Path, typer.Argument(help="a .trace.json.gz (run, sim, validate)")],
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file (default: "
+                                                    "stdout)")] = None,
+           raw: Annotated[bool, typer.Option(
+               "--raw", help="counters as the kernel shows them, not since the start")]
+           = False) -> None:
+    """A trace's samples as CSV (one row a sample, one column a counter), for pandas,
+    polars or a spreadsheet; the meta (scenario, knobs, kernel) stays in the trace."""
+    try:
+        tr = Trace.load(trace)
+    except OSError as e:
+        fail(f"{trace}: {e.strerror or e}")
+    text = tr.to_csv(since_start=not raw)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    if out.exists() and out.is_dir():
+        fail(f"--out {out}: is a folder (name the CSV file)")
+    try:
+        write_atomic(out, text.encode())
+    except OSError as e:
+        fail(f"--out {out}: {e.strerror or e}")
 
 
 @app.command()

@@ -169,6 +169,18 @@ class Trace:
             cols = {"t": np.zeros(0)}
         return cls(meta, cols, events or [])
 
+    def to_csv(self, since_start: bool = True) -> str:
+        """The samples as CSV, one row each, ``t`` first, then :data:`COLUMNS` order;
+        counters the kernel never resets as increases since the start (their raw
+        values are the baseline in ``meta`` plus these), empty for a missing value."""
+        names = [c for c in COLUMNS if c in self.columns]
+        names += sorted(c for c in self.columns if c not in names)
+        cols = [self.since_start(c) if since_start and c != "t" else self[c] for c in names]
+        lines = [",".join(names)]
+        for row in zip(*cols, strict=True):
+            lines.append(",".join("" if np.isnan(v) else f"{v:.10g}" for v in row))
+        return "\n".join(lines) + "\n"
+
     def to_json(self) -> dict[str, Any]:
         out = {
             "format": FORMAT,

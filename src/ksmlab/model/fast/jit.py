@@ -29,3 +29,17 @@ def jit(inline: bool = False, nrt: bool = False) -> Callable[[Fn], Fn]:
         return cast(Fn, numba.njit(**opts)(fn))
 
     return deco
+
+
+def compiled_before() -> bool:
+    """Whether numba's cache holds the fast engine already (its index files, beside the
+    modules or under NUMBA_CACHE_DIR): if not, the first run compiles for a minute."""
+    import os
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    roots = [here / "__pycache__"]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        roots.append(Path(os.environ["NUMBA_CACHE_DIR"]))
+    return any(next(r.rglob("ksmd.*.nbi"), None) is not None for r in roots if r.exists())
+
