@@ -27,6 +27,7 @@ from ksmlab.model import POLICIES
 REQUIRE_LIVE = os.environ.get("KSMLAB_REQUIRE_LIVE") == "1"
 KERNEL_TESTS = os.environ.get("KSMLAB_KERNEL_TESTS") == "1"
 PATCHED = [v for v in VARIANTS.values() if v.patch is not None]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _unavailable(reason: str) -> None:
@@ -288,3 +289,36 @@ def test_build_boot_and_confirm(variant: str, scenario: str) -> None:
     v = json.loads(r.stdout)
     assert v["confirmed"] and v["agreement"] >= 0.95
     assert v["accelerator"] == "tcg" and "ksmlab" in v["release"]
+
+
+def test_the_kernel_lab_data_ships_in_the_package(tmp_path: Path) -> None:
+    """Issue 17: installed with pip (no source tree beside it), the kernel lab finds its
+    config fragments, patches and scaled scenarios (they failed through parents[3])."""
+    tree = tmp_path / "tree"  # a copy: building writes build/ beside the sources
+    shutil.copytree(ROOT / "src", tree / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, tree / f)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                        "-w", str(tmp_path), str(tree)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    [wheel] = tmp_path.glob("ksmlab-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    data = kbuild.kernel_dir()
+    assert data.is_relative_to(ROOT / "src" / "ksmlab")
+    for f in data.rglob("*"):
+        if f.is_file():
+            assert f"ksmlab/kernel/data/{f.relative_to(data)}" in names, f
+
+
+def test_an_unprivileged_user_caches_in_its_own_home(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    monkeypatch.delenv("KSMLAB_KERNEL_CACHE", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kbuild.cache_dir() == tmp_path / "ksmlab" / "kernel"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert kbuild.cache_dir() == Path("/var/cache/ksmlab")

@@ -44,15 +44,24 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KSMLAB_KERNEL_CACHE", "/var/cache/ksmlab"))
+    """Built trees and images: /var/cache/ksmlab for root, else the user's cache (qemu
+    under TCG needs no root), or $KSMLAB_KERNEL_CACHE."""
+    env = os.environ.get("KSMLAB_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/cache/ksmlab")
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "ksmlab" / "kernel"
 
 
 def kernel_dir() -> Path:
-    """The repository's kernel/ folder (config fragment, patches, scenarios)."""
+    """The kernel lab's data (config fragments, patches, scaled scenarios), packaged
+    with ksmlab (ksmlab/kernel/data), or $KSMLAB_KERNEL_DIR."""
     env = os.environ.get("KSMLAB_KERNEL_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "kernel"
+    return Path(__file__).resolve().parent / "data"
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ class Variant:
     name: str
     policy: str  # the model's policy this kernel implements
     source: Source
-    patch: str | None  # file name in kernel/patches/
+    patch: str | None  # file name in kernel/data/patches/
 
     def patch_path(self) -> Path | None:
         return None if self.patch is None else kernel_dir() / "patches" / self.patch
@@ -272,7 +281,7 @@ def configure(tree: Path, src: Source, log: Log, log_file: Path) -> None:
     want = _sha(frag)
     if marker.exists() and marker.read_text() == want and (tree / ".config").exists():
         return
-    log("configuring: make tinyconfig + kernel/config/ksmlab-guest.config")
+    log("configuring: make tinyconfig + kernel/data/config/ksmlab-guest.config")
     marker.unlink(missing_ok=True)
     for step in (["make", "tinyconfig"], None, ["make", "olddefconfig"]):
         if step is None:

@@ -38,7 +38,7 @@ err = Console(stderr=True, highlight=False)
 
 KernelOpt = Annotated[str, typer.Option("--kernel", "-k", help="variant (ksmlab kernel variants)")]
 ScenarioArg = Annotated[str, typer.Argument(
-    help="built-in name, a name in kernel/scenarios/ (scaled for the guest), or a .toml")]
+    help="built-in name, a name in kernel/data/scenarios/ (scaled for the guest), or a .toml")]
 DurationOpt = Annotated[float | None, typer.Option("--duration", "-d", help="seconds")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="folder for the trace")]
@@ -59,7 +59,7 @@ def _log(msg: str) -> None:
 def variants(json_out: JsonOpt = False) -> None:
     """The kernel variants: source, patch, and the model policy each implements."""
     items = [{"variant": v.name, "policy": v.policy, "source": v.source.package,
-              "patch": f"kernel/patches/{v.patch}" if v.patch else None}
+              "patch": f"kernel/data/patches/{v.patch}" if v.patch else None}
              for v in VARIANTS.values()]
     if json_out:
         print(json.dumps({"variants": items}))

@@ -44,7 +44,7 @@ def max_guest_mib() -> int:
 
 
 def resolve_scenario(name: str) -> tuple[Scenario, str]:
-    """A scenario by path, by name in kernel/scenarios/ (scaled for the guest), or built-in;
+    """A scenario by path, by name in kernel/data/scenarios/ (scaled for the guest), or built-in;
     with its TOML text (copied into the guest)."""
     path = Path(name)
     if not path.exists() and path.suffix != ".toml":
@@ -108,7 +108,7 @@ def run(scenario: str, variant_name: str, duration: float | None = None,
         raise KernelRunError(
             f"scenario {sc.name} ({sc.total_mib} MiB) needs a {mem} MiB guest, more than "
             f"{max_guest_mib()} MiB (KSMLAB_GUEST_MAX_MIB); scale it down "
-            "(see kernel/scenarios/)")
+            "(see kernel/data/scenarios/)")
     initrd, _ = ensure_rootfs()
     t_build = time.monotonic()
     built = build(variant.name, log=say)
