@@ -359,3 +359,15 @@ def test_export_gives_csv_pandas_reads(tmp_path: Path) -> None:
     raw = ksmlab("export", str(trace), "--raw").stdout.splitlines()
     assert raw[0] == ",".join(rows[0]) and len(raw) == len(rows) + 1
     one_line_error(ksmlab("export", str(tmp_path / "nope.json.gz")), "nope.json.gz")
+
+
+def test_help_names_the_choices_and_fits_80_columns() -> None:
+    from ksmlab.model import POLICIES
+
+    for cmd in ("sim", "validate", "compare", "capture", "export", "doctor"):
+        h = ksmlab(cmd, "--help")
+        assert h.returncode == 0, cmd
+        assert all(len(line) <= 80 for line in h.stdout.splitlines()), (cmd, h.stdout)
+    flat = " ".join(ksmlab("sim", "--help").stdout.split())
+    assert all(p.split("-")[-1] in flat for p in POLICIES)
+    assert "text, markdown, json" in " ".join(ksmlab("compare", "--help").stdout.split())

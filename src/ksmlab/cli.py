@@ -24,6 +24,7 @@ from .kernel.cli import kernel_app
 from .live.journal import Journal, RunLock
 from .live.kernelfs import KernelFS
 from .live.knobs import KnobError, RestoreError
+from .model.policies import POLICIES as _POLICY_NAMES
 from .profiles import ProfileChoice
 from .scenario import KHUGEPAGED_PARKED_MS, Scenario, ScenarioError
 from .trace import Trace, TraceError, write_atomic
@@ -59,6 +60,7 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="folder for tra
 JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
 EngineOpt = Annotated[str, typer.Option(
     "--engine", help="model engine: auto (fast where it applies), fast or exact")]
+POLICY_HELP = "one of: " + ", ".join(_POLICY_NAMES)
 
 
 class UserError(Exception):
@@ -410,7 +412,7 @@ def run(scenario: ScenarioArg, duration: DurationOpt = None, out: OutOpt = None,
 
 @app.command()
 def sim(scenario: ScenarioArg,
-        policy: Annotated[str, typer.Option("--policy", "-p", help="see ksmlab policies")],
+        policy: Annotated[str, typer.Option("--policy", "-p", help=POLICY_HELP)],
         duration: DurationOpt = None, out: OutOpt = None, json_out: JsonOpt = False,
         profile: ProfileOpt = None, engine: EngineOpt = "auto") -> None:
     """Run a scenario in the model under one kernel policy (no root needed)."""
@@ -503,7 +505,7 @@ def _engine(name: str) -> None:
         fail(f"--engine {name}: use {', '.join(ENGINES)}")
 
 
-Fmt = Annotated[str, typer.Option("--format", "-f", help="text|markdown|json")]
+Fmt = Annotated[str, typer.Option("--format", "-f", help="one of: text, markdown, json")]
 
 
 @app.command()
@@ -624,7 +626,8 @@ PidOpt = Annotated[int | None, typer.Option(
 def validate(
     scenarios: Annotated[list[str] | None, typer.Argument(
         help="names, files, or 'all' (the suite)")] = None,
-    policy: Annotated[str | None, typer.Option(help="default: the one matching this kernel")]
+    policy: Annotated[str | None, typer.Option(
+        help=f"{POLICY_HELP}; default: the one matching this kernel")]
     = None,
     profile: Annotated[Path | None, typer.Option(help="cost profile JSON")] = None,
     out: OutOpt = None, json_out: JsonOpt = False,
@@ -757,7 +760,8 @@ def calibrate(
     out: Annotated[Path | None, typer.Option(
         help="where to write the profile (default: this machine's, in the user's cache, "
              "used from then on by sim, compare, validate and demo)")] = None,
-    policy: Annotated[str | None, typer.Option(help="default: the one matching this kernel")]
+    policy: Annotated[str | None, typer.Option(
+        help=f"{POLICY_HELP}; default: the one matching this kernel")]
     = None,
     holdout: Annotated[bool, typer.Option(
         help="also fit on half the scenarios and judge the other half (and back)")] = False,
