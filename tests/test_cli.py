@@ -141,7 +141,9 @@ def test_doctor_probes_the_remap_and_fits_80_columns() -> None:
 def test_advice_follows_the_models_verdicts() -> None:
     from ksmlab.advice import advise
 
-    knobs = {"ksm/pages_to_scan": 100, "ksm/sleep_millisecs": 20, "ksm/use_zero_pages": 1}
+    # as doctor reads them from sysfs: text
+    knobs = {"ksm/pages_to_scan": "100", "ksm/sleep_millisecs": "20",
+             "ksm/use_zero_pages": "1", "ksm/smart_scan": "1", "ksm/max_page_sharing": "256"}
     a = advise(knobs, remaps=True)
     assert a.policy == "mainline" and a.current.verdicts == ["rate-limit-bypass"]
     assert a.other.verdicts == ["merge-collapse"]  # the thread's two claims, one each

@@ -104,6 +104,9 @@ def test_ksmd_is_held_first_thing_at_a_full_scan_end_with_events_due(tmp_path: A
         def full_scans(self) -> int:
             return next(self.scans, 1)
 
+        def vmstat(self) -> dict[str, float]:
+            return {}
+
         def pages_scanned(self) -> int:
             log.append("read pages_scanned")
             return 100

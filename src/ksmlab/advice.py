@@ -56,7 +56,8 @@ class Advice:
 
 def _seed(knobs: dict[str, Any], uzp: int) -> Scenario:
     sc = load(SEED)
-    ksm = {k: knobs[f"ksm/{k}"] for k in KSM_KNOBS if f"ksm/{k}" in knobs}
+    # the values as sysfs shows them ("100"), or as a scenario has them (100)
+    ksm = {k: int(knobs[f"ksm/{k}"]) for k in KSM_KNOBS if f"ksm/{k}" in knobs}
     ksm["use_zero_pages"] = uzp
     data = sc.model_dump()
     data["ksm"] = {**data["ksm"], **ksm}

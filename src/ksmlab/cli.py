@@ -178,18 +178,14 @@ def doctor(json_out: JsonOpt = False,
     probe = probe_remap()
     d["remap"] = {"remaps": probe.remaps, "how": probe.how}
     d["ksm_now"] = now = ksm_now(fs)
-    raw = {k: fs.read_or_none(f"sys/kernel/mm/{k}") for k in (
-        "ksm/pages_to_scan", "ksm/sleep_millisecs", "ksm/use_zero_pages", "ksm/smart_scan",
-        "ksm/max_page_sharing", "transparent_hugepage/enabled")}
-    knobs = {k: int(v) if v is not None and v.isdigit() else v for k, v in raw.items()
-             if v is not None}
+    knobs = d["knobs"]  # as diagnose() read them: "ksm/pages_to_scan" -> "100"
     adv = None
     if advice and d["ksm"]:
         from .advice import advise
 
         adv = advise(knobs, probe.remaps)
         d["advice"] = adv.to_json()
-    thp_on = "[never]" not in str(knobs.get("transparent_hugepage/enabled", "[never]"))
+    thp_on = knobs.get("transparent_hugepage/enabled", "never") != "never"
     exposed = bool(adv and adv.current.verdicts and now.get("run") == 1 and thp_on)
     d["exposed"] = exposed
     code = 3 if not d["live_ok"] and not d["journal"] else 1 if exposed or d["journal"] else 0
@@ -530,9 +526,10 @@ def compare(ctx: typer.Context,
     if pid is not None:
         from .live.capture import capture
 
-        [uzp] = _uzp_values(use_zero_pages) if "," not in use_zero_pages else [-1]
-        if uzp < 0:
+        values = _uzp_values(use_zero_pages)
+        if len(values) != 1:
             fail("compare --pid takes one --use-zero-pages value")
+        uzp = values[0]
         _check_out(out)
         if out is None:  # the image lives as long as the command
             tmp = tempfile.TemporaryDirectory(prefix="ksmlab-capture-")
@@ -571,10 +568,11 @@ def compare(ctx: typer.Context,
         report.plot_freed(results, out / f"{sc.name}-compare.png", sc.name)
 
 
-def _pid_scenarios(pid: int, uzp: list[int], duration: float | None, pages_to_scan: int
-                   ) -> list[tuple[Scenario, Attach]]:
+def _pid_scenarios(pid: int, uzp: list[int], duration: float | None, pages_to_scan: int,
+                   out: Path) -> list[tuple[Scenario, Attach]]:
     """validate --pid: one run per use_zero_pages value, each capturing the process
-    when KSM is unmerged (live/attach.py); the image names the scenario's process."""
+    into ``out`` when KSM is unmerged (live/attach.py); the image names the scenario's
+    process."""
     from .live.attach import Attach
 
     runs = []
@@ -587,7 +585,7 @@ def _pid_scenarios(pid: int, uzp: list[int], duration: float | None, pages_to_sc
 
         # what the lab checks before the capture: the knobs (the memory exists already)
         template = Scenario.model_validate({**base, "process": [{"region": [{"size_mib": 2}]}]})
-        runs.append((template, Attach(pid, Path(), build)))
+        runs.append((template, Attach(pid, out / f"{base['name']}.image", build)))
     return runs
 
 
@@ -655,12 +653,12 @@ def validate(
     from . import events as kevents
     from . import fidelity
     from .model import get_policy, simulate
+    out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
     if pid is not None:
         if scenarios:
             fail("--pid runs the captured process: name no scenario beside it")
-        uzp = _uzp_values(use_zero_pages)
-        runs: list[tuple[Scenario, Attach | None]] = list(_pid_scenarios(pid, uzp, duration,
-                                                                       pages_to_scan))
+        runs: list[tuple[Scenario, Attach | None]] = list(_pid_scenarios(
+            pid, _uzp_values(use_zero_pages), duration, pages_to_scan, out))
     elif not scenarios:
         fail("name scenarios to validate (or 'all', or --pid PID)")
     else:
@@ -672,14 +670,9 @@ def validate(
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
     choice = _profile(profile)
-    out = out or Path("ksmlab-out") / time.strftime("validate-%Y%m%d-%H%M%S")
     _check_out(out)
     results = []
     for sc, attach in runs:
-        if attach is not None:
-            from .live.attach import Attach
-
-            attach = Attach(attach.pid, out / f"{sc.name}.image", attach.scenario)
         ref = _live(sc, kernel_events=kernel_events, attach=attach)
         if attach is not None:
             sc = attach.scenario(attach.folder)

@@ -32,15 +32,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..live.smaps import Mapping, parse_smaps
 from .build import NICE, KernelBuildError, cache_dir, cached_image, get_variant
+from .qemu import QEMU
 from .rootfs import Plan, RootfsError, _busybox, assemble
 
-QEMU = "qemu-system-x86_64"
 DEBIAN_KERNEL_META = "linux-image-cloud-amd64"  # depends on the versioned image package
 LAB_VARIANT = "6.12"
 MARKER = "ksmlab-guest: idle"
@@ -267,53 +267,6 @@ class QMPClient:
 
 # ---------------------------------------------------------------------------------
 # /proc/PID/smaps
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """One VMA of /proc/PID/smaps: sizes in kB as the kernel gives them."""
-
-    start: int
-    end: int
-    perms: str
-    path: str  # "" for anonymous memory
-    kb: dict[str, int] = field(default_factory=dict)
-    flags: tuple[str, ...] = ()
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-
-_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+\S+\s+\S+\s+\d+\s*(.*)$")
-_FIELD = re.compile(r"^(\w+):\s+(\d+) kB$")
-
-
-def parse_smaps(text: str) -> list[Mapping]:
-    out: list[Mapping] = []
-    cur: dict[str, Any] | None = None
-
-    def flush() -> None:
-        if cur is not None:
-            out.append(Mapping(**cur))
-
-    for line in text.splitlines():
-        m = _HEADER.match(line)
-        if m:
-            flush()
-            cur = {"start": int(m.group(1), 16), "end": int(m.group(2), 16),
-                   "perms": m.group(3), "path": m.group(4).strip(), "kb": {}, "flags": ()}
-            continue
-        if cur is None:
-            continue
-        if line.startswith("VmFlags:"):
-            cur["flags"] = tuple(line.split()[1:])
-            continue
-        f = _FIELD.match(line)
-        if f:
-            cur["kb"][f.group(1)] = int(f.group(2))
-    flush()
-    return out
 
 
 def find_guest_ram(maps: list[Mapping], mem_mib: int) -> Mapping:

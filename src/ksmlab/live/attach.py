@@ -32,8 +32,7 @@ class _Alive:
         self.fs, self.pid = fs, pid
 
     def poll(self) -> int | None:
-        state = (self.fs.read_or_none(f"proc/{self.pid}/stat") or "").rsplit(")", 1)[-1].split()
-        return None if state and state[0] not in ("Z", "X") else 0
+        return None if self.fs.proc_state(self.pid) not in (None, "Z", "X") else 0
 
 
 class Attached:
@@ -44,15 +43,12 @@ class Attached:
         fl = im.flags[0]
         present = int(((fl & PRESENT) != 0).sum())
         thp_kib = int(((fl[::HPAGE_PMD_NR] & THP) != 0).sum()) * 2048
-        status = {k: v.split() for k, _, v in (
-            ln.partition(":") for ln in (fs.read_or_none(f"proc/{pid}/status") or "").splitlines())}
-        rollup = {k: v.split() for k, _, v in (
-            ln.partition(":") for ln in (fs.read_or_none(f"proc/{pid}/smaps_rollup") or ""
-                                          ).splitlines())}
+        status = fs.fields(f"proc/{pid}/status")
+        rollup = fs.fields(f"proc/{pid}/smaps_rollup")
         kib = present * PAGE_SIZE // 1024
 
-        def num(d: dict[str, list[str]], key: str) -> float:
-            return float(d[key][0]) if d.get(key) else 0.0
+        def num(d: dict[str, str], key: str) -> float:  # "123 kB"
+            return float(d[key].split()[0]) if d.get(key) else 0.0
 
         self.ready: dict[str, Any] = {
             "regions": [[v.start, v.pages * PAGE_SIZE] for v in ip.vmas],

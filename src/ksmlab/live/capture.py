@@ -40,6 +40,7 @@ from .pagemap import (
     kpageflags,
     pagemap_entries,
 )
+from .smaps import Mapping, parse_smaps
 
 READ_PAGES = 4096  # pages per /proc/PID/mem read (16 MiB)
 PREFIX_WORDS = 4  # the first 32 bytes order contents; ties are read whole
@@ -47,34 +48,6 @@ PREFIX_WORDS = 4  # the first 32 bytes order contents; ties are read whole
 
 class CaptureError(RuntimeError):
     """A process that cannot be captured; one line (exit code 2)."""
-
-
-@dataclass
-class _Vma:
-    start: int
-    end: int
-    flags: set[str]
-    name: str
-    anon_huge_kib: int = 0
-
-
-def smaps_vmas(text: str) -> list[_Vma]:
-    """The VMAs of /proc/PID/smaps with their VmFlags and AnonHugePages."""
-    out: list[_Vma] = []
-    for line in text.splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-            lo, _, hi = head[0].partition("-")
-            try:
-                out.append(_Vma(int(lo, 16), int(hi, 16), set(), head[5] if len(head) > 5
-                                else ""))
-            except ValueError:
-                continue
-        elif out and line.startswith("VmFlags:"):
-            out[-1].flags = set(line.split()[1:])
-        elif out and line.startswith("AnonHugePages:"):
-            out[-1].anon_huge_kib = int(line.split()[1])
-    return out
 
 
 @dataclass
@@ -96,14 +69,6 @@ class _Contents:
         return k
 
 
-def _status(fs: KernelFS, pid: int) -> dict[str, str]:
-    out = {}
-    for line in (fs.read_or_none(f"proc/{pid}/status") or "").splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
-
-
 def _kib(v: str | None) -> int:
     return int(v.split()[0]) if v else 0
 
@@ -116,11 +81,11 @@ class Capture:
         self.bytes_read = 0
         self.notes: list[str] = []
 
-    def _check(self, pid: int) -> list[_Vma]:
+    def _check(self, pid: int) -> list[Mapping]:
         if not self.fs.exists(f"proc/{pid}"):
             raise CaptureError(f"no process {pid}")
         try:
-            vmas = smaps_vmas(self.fs.read(f"proc/{pid}/smaps"))
+            vmas = parse_smaps(self.fs.read(f"proc/{pid}/smaps"))
             self.fs.read_bytes(f"proc/{pid}/pagemap", 0, 8)
             os.close(os.open(self.fs.path("proc/kpageflags"), os.O_RDONLY))
         except PermissionError:
@@ -144,10 +109,8 @@ class Capture:
         except OSError as e:
             raise CaptureError(f"process {pid}: cannot read its memory: {e.strerror}") from None
         self.fds.append(fd)
-        st = _status(self.fs, pid)
-        rollup = {k: v.strip() for k, _, v in (
-            ln.partition(":") for ln in (self.fs.read_or_none(f"proc/{pid}/smaps_rollup")
-                                          or "").splitlines())}
+        st = self.fs.fields(f"proc/{pid}/status")
+        rollup = self.fs.fields(f"proc/{pid}/smaps_rollup")
         # "ksm_merge_any: yes" in /proc/PID/ksm_stat (6.8+): prctl(PR_SET_MEMORY_MERGE)
         merge_any = "ksm_merge_any: yes" in (self.fs.read_or_none(f"proc/{pid}/ksm_stat") or "")
         out_vmas: list[img.ImageVma] = []
@@ -156,12 +119,13 @@ class Capture:
         for v in vmas:
             c, f = self._vma(proc, pid, fd, v)
             thp_kib = int((f[::HPAGE_PMD_NR] & img.THP != 0).sum()) * 2048
-            if thp_kib != v.anon_huge_kib:
+            smaps_kib = v.kb.get("AnonHugePages", 0)
+            if thp_kib != smaps_kib:
                 self.notes.append(f"process {pid} VMA {v.start:#x}: {thp_kib} KiB seen in THPs, "
-                                  f"smaps AnonHugePages {v.anon_huge_kib} KiB")
+                                  f"smaps AnonHugePages {smaps_kib} KiB")
             out_vmas.append(img.ImageVma(
                 start=v.start, pages=(v.end - v.start) // PAGE_SIZE, first=first,
-                hugepage="hg" in v.flags, nohugepage="nh" in v.flags, name=v.name))
+                hugepage="hg" in v.flags, nohugepage="nh" in v.flags, name=v.path))
             first += len(c)
             cids.append(c)
             flags.append(f)
@@ -172,7 +136,7 @@ class Capture:
             anon_huge_kib=_kib(rollup.get("AnonHugePages")), vmas=out_vmas)
         return meta, np.concatenate(cids), np.concatenate(flags)
 
-    def _vma(self, proc: int, pid: int, fd: int, v: _Vma
+    def _vma(self, proc: int, pid: int, fd: int, v: Mapping
              ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint8]]:
         n = (v.end - v.start) // PAGE_SIZE
         ent = pagemap_entries(self.fs, pid, v.start, v.end - v.start)
@@ -210,7 +174,7 @@ class Capture:
         cid[tmp >= 0] = tmp[tmp >= 0].astype(np.uint32) + 1  # renumbered in finish()
         return cid, flags
 
-    def _thps(self, v: _Vma, pfn: npt.NDArray[np.uint64], kpf: npt.NDArray[np.uint64],
+    def _thps(self, v: Mapping, pfn: npt.NDArray[np.uint64], kpf: npt.NDArray[np.uint64],
               anon: npt.NDArray[np.bool_], flags: npt.NDArray[np.uint8]) -> None:
         """2 MiB ranges inside the VMA held by one PMD-order THP: its head first, 512
         present anon pages on consecutive pfns."""

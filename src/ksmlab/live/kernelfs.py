@@ -48,6 +48,20 @@ class KernelFS:
         except OSError:
             return None
 
+    def fields(self, rel: str) -> dict[str, str]:
+        """A "Key: value" file (/proc/PID/status, smaps_rollup) as a dict; {} if gone."""
+        out = {}
+        for line in (self.read_or_none(rel) or "").splitlines():
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+        return out
+
+    def proc_state(self, pid: int) -> str | None:
+        """The state letter of /proc/PID/stat (R, S, T stopped, Z zombie...); None if
+        the process is gone."""
+        stat = (self.read_or_none(f"proc/{pid}/stat") or "").rsplit(")", 1)[-1].split()
+        return stat[0] if stat else None
+
     def listdir(self, rel: str) -> list[str]:
         try:
             return sorted(p.name for p in self.path(rel).iterdir())

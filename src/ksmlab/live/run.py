@@ -214,6 +214,8 @@ Progress = Callable[[dict[str, float]], None]
 
 
 class LiveRun:
+    sampler: Sampler  # the run's, from _loop() on (events read counters through it)
+
     def __init__(self, sc: Scenario, fs: KernelFS | None = None,
                  progress: Progress | None = None, log: Callable[[str], None] | None = None,
                  kernel_events: bool = False, attach: Attach | None = None) -> None:
@@ -390,19 +392,11 @@ class LiveRun:
     def _thps(self, workloads: list[Workload]) -> dict[str, list[int]] | None:
         """instance -> page index of each THP of the workload not split yet, or None
         if a pagemap or /proc/kpageflags cannot be read."""
+        pages = self._pages(workloads)
+        if not pages:
+            return None
         try:
-            out: dict[str, list[int]] = {}
-            for inst, w in enumerate(workloads):
-                idx, pfn = [], []
-                base = 0
-                for addr, size in w.ready.get("regions", []):
-                    pfn.append(pagemap_pfns(self.fs, w.pid, int(addr), int(size)))
-                    idx.append(np.arange(base, base + int(size) // 4096, dtype=np.int64))
-                    base += int(size) // 4096
-                if idx:
-                    out[str(inst)] = thp_heads(self.fs, np.concatenate(idx),
-                                               np.concatenate(pfn))
-            return out
+            return {str(inst): thp_heads(self.fs, idx, pfn) for inst, (idx, pfn) in pages.items()}
         except OSError as e:
             self.notes.append(f"no THP map of the workload after the event: {e}")
             return None
@@ -511,8 +505,7 @@ class LiveRun:
         so the image is the state KSM starts from; its scenario becomes the run's."""
         from .capture import CaptureError, capture
 
-        stat = (self.fs.read_or_none(f"proc/{at.pid}/stat") or "").rsplit(")", 1)[-1].split()
-        self.attach_paused = bool(stat) and stat[0] in ("T", "t")
+        self.attach_paused = self.fs.proc_state(at.pid) in ("T", "t")
         try:
             self.captured = capture([at.pid], at.folder, self.fs)
         except CaptureError as e:
@@ -621,9 +614,9 @@ class LiveRun:
                     f"{others} THPs of other processes were mapped at the pressure event at "
                     f"{t:.1f} s: the shrinker splits theirs too, and thp_split_page counts them")
             with self._ksmd_held(ks) as held:
-                before = Sampler(self.fs).vmstat()
+                before = self.sampler.vmstat()
                 self.fs.write("proc/sys/vm/drop_caches", "3")
-                after = Sampler(self.fs).vmstat()
+                after = self.sampler.vmstat()
                 kept = self._thps(workloads)
             extra.update(held)
             # what the shrinker did, while ksmd was held: a THP it found underused
@@ -648,6 +641,7 @@ class LiveRun:
         holds the exact counters at that boundary.
         """
         sc = self.sc
+        self.sampler = sampler
         pending = _timeline(sc)
         held: list[_Timed] = []  # align_events: due, waiting for a full-scan end
         per_scan = any(r.volatile_pages_per_scan for p in sc.process for r in p.region)
