@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from types import FrameType
 from typing import Any
 
@@ -214,7 +215,10 @@ Progress = Callable[[dict[str, float]], None]
 
 
 class LiveRun:
-    sampler: Sampler  # the run's, from _loop() on (events read counters through it)
+    @cached_property
+    def sampler(self) -> Sampler:
+        """The run's sampler (_loop() sets it); events read counters through it."""
+        return Sampler(self.fs)
 
     def __init__(self, sc: Scenario, fs: KernelFS | None = None,
                  progress: Progress | None = None, log: Callable[[str], None] | None = None,
