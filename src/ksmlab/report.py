@@ -211,13 +211,16 @@ def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> P
     events = [e for e in traces[0][1].events if e.get("action") not in ("ksm_start", None)]
     for e in events:
         for ax in (top, bottom):
-            ax.axvline(float(e["t"]), color="tab:red", lw=0.8, alpha=0.6)
+            # neutral: no policy's colour (tab20 holds red) may be read as an event
+            ax.axvline(float(e["t"]), color="0.3", lw=0.8, ls="--", alpha=0.7)
         top.annotate(str(e["action"]), (float(e["t"]), top_mib * 1.02), fontsize=7,
-                     color="tab:red", rotation=90, va="top", ha="right")
+                     color="0.3", rotation=90, va="top", ha="right")
     top.set_ylabel("memory freed (MiB)")
     bottom.set_ylabel("freed by KSM's account\n(MiB)")
     bottom.set_xlabel("time since the workload was ready (s)")
-    top.set_title(title)
+    # the scenario's own one-line description, so the plot reads without the text
+    desc = str(traces[0][1].meta.get("scenario", {}).get("description", "")) if traces else ""
+    top.set_title("\n".join(textwrap.wrap(f"{title}: {desc}" if desc else title, 90)))
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     write_atomic(path, writer=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
