@@ -314,6 +314,35 @@ def test_the_kernel_lab_data_ships_in_the_package(tmp_path: Path) -> None:
             assert f"ksmlab/kernel/data/{f.relative_to(data)}" in names, f
 
 
+@pytest.mark.kernel
+@kernel
+def test_an_installed_ksmlab_builds_and_validates(tmp_path: Path) -> None:
+    """Issue 17: ``pip install`` of the wheel into a fresh venv, run from a folder with
+    no source tree, builds 6.12 and confirms the model on seed-uzp1-64m."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "src", tree / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, tree / f)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "uv", "pip", "install", "-q", "--python",
+                        str(venv / "bin" / "python"), f"{tree}[model]"],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-800:]
+    shutil.rmtree(tree)  # nothing of the source is left to be found
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    ksmlab = str(venv / "bin" / "ksmlab")
+    for argv in (["kernel", "build", "6.12"],
+                 ["kernel", "validate", "seed-uzp1-64m", "--kernel", "6.12", "--json"]):
+        r = subprocess.run([ksmlab, *argv], cwd=away, capture_output=True, text=True,
+                           timeout=3600)
+        assert r.returncode == 0, (argv, r.stderr[-800:])
+    v = json.loads(r.stdout)
+    assert v["confirmed"] and v["accelerator"] == "tcg"
+
+
 def test_an_unprivileged_user_caches_in_its_own_home(monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path: Path) -> None:
     monkeypatch.delenv("KSMLAB_KERNEL_CACHE", raising=False)
