@@ -47,11 +47,13 @@ def world(
     max_page_sharing: int = 256,
     max_ptes_none: int = 511,
     shrink_underused: int = 1,
+    hugepages: dict[str, str] | None = None,
 ) -> World:
     thp_knobs = ThpKnobs(
         enabled="madvise",
         shrink_underused=shrink_underused,  # type: ignore[arg-type]
         khugepaged=KhugepagedKnobs(max_ptes_none=max_ptes_none),
+        hugepages=hugepages or {},  # type: ignore[arg-type]
     )
     sys = System(get_policy(policy), thp_knobs)
     sys.ksm_use_zero_pages = use_zero_pages

@@ -295,3 +295,24 @@ def test_model_follows_the_kernel_on_the_ci_subset(tmp_path: Path) -> None:
         assert ev["identical_share"] >= 0.99, (s["name"], ev)
         assert ev["attempts_identical_share"] >= 0.99, (s["name"], ev)
     assert by_name["three-procs-uzp0"]["events"]["merges_kernel"] > 1000
+
+
+def test_multi_size_thp_counters_follow_the_kernel(tmp_path: Path) -> None:
+    """64 KiB folios alone and beside PMD THPs (issue 13): every counter, the per-size
+    splits included, at every full-scan end, and the verdicts.  Counters only: the
+    profile's costs were fitted on PMD THPs."""
+    names = ["mthp-64k-uzp1", "mthp-mixed-uzp1"]
+    before = read_all(KernelFS())
+    r = run_ksmlab(["validate", *names, "--json", "--out", str(tmp_path)], timeout=600)
+    assert r.returncode in (0, 1), r.stderr
+    d = json.loads(r.stdout)
+    assert read_all(KernelFS()) == before  # per-size knobs back as they were
+    by_name = {s["name"]: s for s in d["scenarios"]}
+    for name in names:
+        s = by_name[name]
+        assert s["agreement"] >= 0.99 and s["verdicts_agree"] is not False, _why(s)
+        assert s["verdicts"]["kernel"] == ["rate-limit-bypass"], s["verdicts"]
+    k = Trace.load(tmp_path / "mthp-64k-uzp1.kernel.trace.json.gz")
+    # each of the 1024 folios split once by KSM; none of it by KSM's account
+    assert k.since_start("hugepages-64kB/split")[-1] == 1024
+    assert k.since_start("thp_split_page")[-1] == 0 and k["pages_sharing"][-1] == 0

@@ -113,3 +113,65 @@ def test_a_thp_someone_else_holds_is_not_split_and_leaves_the_queue() -> None:
     w = world(ids, max_ptes_none=409)
     assert deferred_split_scan(w.sys, lambda f: f.index == 0, failed_counted=0) == 1
     assert w.sys.vmstat["thp_split_page_failed"] == 0
+
+
+# ---- multi-size THP (hugepages-<N>kB, Linux 6.8) -------------------------------------
+
+ONLY_64K = {"64kB": "madvise", "2048kB": "never"}
+
+
+def test_a_fault_takes_the_highest_allowed_order() -> None:
+    """alloc_anon_folio(): 64 KiB folios where only 64 KiB is allowed, PTE-mapped,
+    counted per size and not in thp_fault_alloc, never on the underused queue."""
+    w = world([0] * THP, hugepages=ONLY_64K)
+    pages = w.vma.pte[:THP]
+    assert all(isinstance(p, Page) and p.folio is not None for p in pages)
+    folios = {id(p.folio) for p in pages if isinstance(p, Page)}
+    assert len(folios) == THP // 16 and w.vma.pmd[0] != PMD_THP
+    assert w.sys.mthp["hugepages-64kB/anon_fault_alloc"] == THP // 16
+    assert w.sys.vmstat["thp_fault_alloc"] == 0 and not w.sys.deferred
+    assert w.rss_pages == THP
+
+
+def test_a_multi_size_split_remaps_and_counts_per_size() -> None:
+    w = world([0] * 8 + unique(8) + unique(THP - 16), hugepages=ONLY_64K)
+    page = w.vma.pte[0]
+    assert isinstance(page, Page) and page.folio is not None and page.folio.order == 4
+    res = split_folio(w.sys, page.folio, "ksm")
+    assert res.ok and res.remapped == 8 and w.rss_pages == THP - 8
+    m = w.sys.mthp
+    assert (m["hugepages-64kB/split"], m["hugepages-64kB/split_deferred"],
+            m["hugepages-64kB/nr_anon"]) == (1, 1, THP // 16 - 1)
+    assert w.sys.vmstat["thp_split_page"] == 0 and w.sys.vmstat["thp_split_pmd"] == 0
+    other = w.vma.pte[16]
+    assert isinstance(other, Page) and other.folio is not None
+    assert not split_folio(w.sys, other.folio, "ksm", extra_refs=1).ok
+    assert m["hugepages-64kB/split_failed"] == 1 and w.sys.vmstat["thp_split_page_failed"] == 0
+
+
+def test_fault_order_follows_the_size_modes() -> None:
+    from ksmlab.scenario import ThpKnobs
+
+    mixed = ThpKnobs(enabled="madvise", hugepages={"64kB": "always"})
+    assert mixed.fault_order("hugepage") == 9  # PMD first where MADV_HUGEPAGE asks
+    assert mixed.fault_order("default") == 4  # 64 KiB "always" elsewhere
+    assert mixed.fault_order("nohugepage") == 0
+    assert ThpKnobs(enabled="madvise").fault_order("default") == 0
+    inherit = ThpKnobs(enabled="always", hugepages={"2048kB": "never", "16kB": "inherit"})
+    assert inherit.fault_order("default") == 2  # "inherit" follows enabled=always
+
+
+def test_multi_size_scenarios_run_on_the_exact_engine() -> None:
+    from ksmlab.model import simulate
+    from ksmlab.model.fast import unsupported
+    from ksmlab.scenario import load
+
+    sc = load("mthp-64k-uzp1").with_duration(6.0)
+    assert "multi-size" in (unsupported(sc) or "")
+    tr = simulate(sc, "mainline")
+    # the second full scan's 1024 merge attempts each split a 64 KiB folio, whose 16
+    # zero subpages (the attempted page too) the split remaps: all 64 MiB, no KSM page
+    assert tr.since_start("hugepages-64kB/split")[-1] == 1024
+    assert tr.since_start("thp_split_page")[-1] == 0
+    assert tr["RssAnon"][-1] < 4096 and tr["pages_sharing"][-1] == 0
+    assert tr["ksm_zero_pages"][-1] == 0

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import events as kevents
 from .metrics import Summary
-from .trace import KSM_COUNTERS, Trace
+from .trace import KSM_COUNTERS, MTHP_PREFIX, Trace
 
 # What the kernel counts, KSM's own and around it (issue 4's list, plus a few cheap ones)
 COMPARED = (
@@ -41,7 +41,7 @@ SUITE = (
     "thp-z0-dup", "thp-z50-unique", "thp-z90-dup", "two-procs-dup", "smart-scan-on",
     "smart-scan-off", "uzp0-1000", "prctl-uzp1", "chains-mps8", "volatile", "pressure-409",
     "khugepaged-recollapse", "ksm-before-fill", "three-procs-uzp0", "three-procs-uzp1",
-    "three-procs-fill",
+    "three-procs-fill", "mthp-64k-uzp1", "mthp-64k-uzp0", "mthp-1m-uzp0", "mthp-mixed-uzp1",
 )
 # A subset CI runs live (under five minutes): the thread's two claims, processes of
 # different kinds registering in order, and the two scenarios where kernel work races
@@ -219,7 +219,11 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     counters: dict[str, CounterFit] = {}
     all_exact = np.ones(len(ks), dtype=bool)
     worst = 0.0
-    for c in COMPARED:
+    # the per-size splits of multi-size THP where the scenario enables a size (both
+    # sides read them; anon_fault_alloc also counts other processes' faults)
+    mthp = sorted(c for c in ref.columns if c.startswith(MTHP_PREFIX)
+                  and c.rsplit("/", 1)[1] in ("split", "split_failed"))
+    for c in (*COMPARED, *mthp):
         if c not in ref or c not in cand or not ks:
             continue
         a = ref.since_start(c)[[cr[k] for k in ks]]

@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from . import content
 from .scenario import PAGE_SIZE, Scenario
-from .trace import Trace
+from .trace import MTHP_PREFIX, Trace
 
 KIB_PER_PAGE = PAGE_SIZE // 1024
 # Rates are measured over at least this long (10 ksmd batches at the default 20 ms):
@@ -96,6 +96,8 @@ class Summary:
     full_scans: int
     pages_scanned: int
     expected_mergeable_mib: float
+    # splits of multi-size THPs (hugepages-<N>kB/stats/split summed): not in thp_split_page
+    mthp_split: int = 0
     verdicts: list[Verdict] = field(default_factory=list)  # reached
     undetermined: list[str] = field(default_factory=list)
     near_misses: list[Verdict] = field(default_factory=list)  # missed within the margin
@@ -211,6 +213,8 @@ def summarize(tr: Trace) -> Summary:
         full_scans=int(scans[-1]) if len(scans) else 0,
         pages_scanned=int(tr.since_start("pages_scanned")[-1]),
         expected_mergeable_mib=mergeable * mib,
+        mthp_split=sum(int(tr.since_start(c)[-1]) for c in tr.columns
+                       if c.startswith(MTHP_PREFIX) and c.endswith("/split")),
     )
     _judge(s, sc, mergeable)
     for c in tr.meta.get("foreign_knob_changes", []):
@@ -262,7 +266,7 @@ def _judge(s: Summary, sc: Scenario, mergeable: int) -> None:
     healthy = budget * mergeable / max(region_pages, 1)  # all mergeable pages in one scan
     if (
         s.freed_mib < 0.9 * s.expected_mergeable_mib
-        and s.thp_split_page > 0
+        and s.thp_split_page + s.mthp_split > 0
         and s.side_effect_mib > 0
     ):
         share = s.merge_rate_mib_s / healthy
@@ -272,7 +276,8 @@ def _judge(s: Summary, sc: Scenario, mergeable: int) -> None:
             f"{share * 100:.1f} % of the {healthy:.1f} MiB/s KSM's "
             f"budget would merge ({s.freed_mib:.1f} of {s.expected_mergeable_mib:.1f} MiB "
             f"mergeable freed); pages_sharing+ksm_zero_pages = {s.ksm_accounted_mib:.1f} MiB; "
-            f"thp_split_page +{s.thp_split_page} (failed +{s.thp_split_page_failed})",
+            f"thp_split_page +{s.thp_split_page} (failed +{s.thp_split_page_failed})"
+            + (f", multi-size THP splits +{s.mthp_split}" if s.mthp_split else ""),
             figure=share, threshold=COLLAPSE_FRACTION,
             measure=f"merge rate {share:.1%} of the budget's vs threshold "
                     f"{COLLAPSE_FRACTION:.0%}",

@@ -159,6 +159,18 @@ class KhugepagedKnobs(_Strict):
     defrag: Literal[0, 1] = 1
 
 
+# Anonymous large-folio sizes on x86-64, orders 2..9 (THP_ORDERS_ALL_ANON in
+# include/linux/huge_mm.h): hugepages-<N>kB/enabled, multi-size THP (Linux 6.8)
+PMD_ORDER = 9
+FOLIO_ORDERS: dict[str, int] = {f"{4 << order}kB": order for order in range(2, PMD_ORDER + 1)}
+SizeMode = Literal["always", "inherit", "madvise", "never"]
+
+
+def folio_size_name(order: int) -> str:
+    """The kernel's name of an order's size (``hugepages-<this>``): 4 -> ``64kB``."""
+    return f"{4 << order}kB"
+
+
 class ThpKnobs(_Strict):
     """/sys/kernel/mm/transparent_hugepage knobs; defaults as these machines boot."""
 
@@ -167,6 +179,47 @@ class ThpKnobs(_Strict):
     use_zero_page: Literal[0, 1] = 1
     shrink_underused: Literal[0, 1] = 1
     khugepaged: KhugepagedKnobs = KhugepagedKnobs()
+    # hugepages-<size>/enabled by size ("64kB" = "always"); a size left out is as
+    # these machines boot: 2048kB "inherit" (follows `enabled`), the others "never"
+    hugepages: dict[str, SizeMode] = Field(default_factory=dict)
+
+    @field_validator("hugepages")
+    @classmethod
+    def _anon_sizes(cls, v: dict[str, SizeMode]) -> dict[str, SizeMode]:
+        for size in v:
+            if size not in FOLIO_ORDERS:
+                raise ValueError(f"{size!r} is not an anonymous folio size here (one of "
+                                 f"{', '.join(FOLIO_ORDERS)})")
+        return v
+
+    def size_mode(self, order: int) -> SizeMode:
+        default: SizeMode = "inherit" if order == PMD_ORDER else "never"
+        return self.hugepages.get(folio_size_name(order), default)
+
+    @property
+    def mthp_orders(self) -> list[int]:
+        """Orders below PMD that some VMA may get (mode not never), highest first."""
+        return [o for o in range(PMD_ORDER - 1, 1, -1) if self.size_mode(o) != "never"]
+
+    def order_allowed(self, order: int, hugepage: bool, nohugepage: bool) -> bool:
+        """thp_vma_allowable_orders() for one order of an anon VMA with VM_HUGEPAGE /
+        VM_NOHUGEPAGE as given: the per-size mode, "inherit" following `enabled`
+        (huge_anon_orders_always/madvise/inherit)."""
+        if nohugepage:
+            return False
+        mode = self.size_mode(order)
+        if mode == "inherit":
+            return self.enabled == "always" or (self.enabled == "madvise" and hugepage)
+        return mode == "always" or (mode == "madvise" and hugepage)
+
+    def fault_order(self, thp: Literal["hugepage", "nohugepage", "default"]) -> int:
+        """The folio order a write fault gets in a fresh region with this advice (0:
+        4 KiB pages): PMD first (do_huge_pmd_anonymous_page()), else the highest
+        allowed smaller order (alloc_anon_folio()); allocation never fails here."""
+        for order in (PMD_ORDER, *self.mthp_orders):
+            if self.order_allowed(order, thp == "hugepage", thp == "nohugepage"):
+                return order
+        return 0
 
 
 class _Event(_Strict):

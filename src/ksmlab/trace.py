@@ -81,6 +81,21 @@ MONOTONIC = frozenset(
     {"pages_scanned", "pages_skipped", "ksmd_cpu_ns", *KHUGEPAGED_COUNTERS}
     | {c for c in VMSTAT_COUNTERS if c != "nr_anon_transparent_hugepages"}
 )
+# Per-size counters of multi-size THP (hugepages-<N>kB/stats/, Linux 6.8+), a column
+# each for the sizes below PMD a scenario enables, named by path below
+# transparent_hugepage/ ("hugepages-64kB/split"); nr_anon is a gauge
+MTHP_PREFIX = "hugepages-"
+MTHP_STATS = ("anon_fault_alloc", "split", "split_failed", "split_deferred", "nr_anon")
+
+
+def mthp_column(size: str, stat: str) -> str:
+    """``mthp_column("64kB", "split")`` -> ``hugepages-64kB/split``."""
+    return f"{MTHP_PREFIX}{size}/{stat}"
+
+
+def is_monotonic(name: str) -> bool:
+    """A counter the kernel never resets (compared as an increase since the start)."""
+    return name in MONOTONIC or (name.startswith(MTHP_PREFIX) and not name.endswith("/nr_anon"))
 
 
 def write_atomic(path: Path, data: bytes | None = None,
@@ -153,7 +168,7 @@ class Trace:
         col = self[name]
         base = self.meta.get("baseline", {}).get(name)
         if base is None:
-            return col - col[0] if name in MONOTONIC and len(col) else col
+            return col - col[0] if is_monotonic(name) and len(col) else col
         return col - float(base)
 
     @classmethod

@@ -27,7 +27,9 @@ import numpy.typing as npt
 
 from .. import events as kevents
 from ..scenario import (
+    FOLIO_ORDERS,
     KHUGEPAGED_PARKED_MS,
+    PMD_ORDER,
     Event,
     KhugepagedWake,
     KsmStart,
@@ -37,8 +39,9 @@ from ..scenario import (
     Scenario,
     SetKnob,
     Write,
+    folio_size_name,
 )
-from ..trace import BUSY_PCT, MONOTONIC, Trace, others_cpu_pct
+from ..trace import BUSY_PCT, Trace, is_monotonic, mthp_column, others_cpu_pct
 from . import machine
 from .attach import Attach, Attached
 from .capture import Captured
@@ -127,6 +130,10 @@ def problems(fs: KernelFS, sc: Scenario | None = None) -> list[str]:
     if not fs.exists(f"{THP}/enabled"):
         out.append("this kernel has no THP (/sys/kernel/mm/transparent_hugepage is missing)")
     if sc is not None:
+        for name, value in scenario_knobs(sc):
+            if value not in ("never", "inherit") and _size_knob_missing(fs, name):
+                out.append(f"scenario {sc.name} enables {name.split('/')[1]} folios, which "
+                           "this kernel has not (multi-size THP: Linux 6.8+)")
         avail = mem_available_mib(fs)
         need = sc.total_mib + MEMORY_MARGIN_MIB
         if avail is not None and need > avail:
@@ -155,7 +162,15 @@ def scenario_knobs(sc: Scenario) -> list[tuple[str, object]]:
         if name == "scan_sleep_millisecs":
             value = sc.khugepaged_kernel_sleep_ms()  # parked while the lab drives it
         out.append((f"transparent_hugepage/khugepaged/{name}", value))
+    # every anon folio size, so a host's own mTHP settings never leak into a run
+    for size, order in FOLIO_ORDERS.items():
+        out.append((f"transparent_hugepage/hugepages-{size}/enabled", t.size_mode(order)))
     return out
+
+
+def _size_knob_missing(fs: KernelFS, name: str) -> bool:
+    return name.startswith("transparent_hugepage/hugepages-") and not fs.exists(
+        f"sys/kernel/mm/{name}")
 
 
 def restore_journal(fs: KernelFS, journal: Journal, lock: RunLock) -> list[tuple[str, str]]:
@@ -284,7 +299,8 @@ class LiveRun:
             self.lock.release()
 
     def _run_locked(self) -> Trace:
-        sampler = Sampler(self.fs)
+        sampler = Sampler(self.fs, mthp_sizes=[folio_size_name(o)
+                                               for o in self.sc.thp.mthp_orders])
         baseline = sampler.sample(0.0)
         with KnobSession(self.fs, self.journal) as ks:
             try:
@@ -292,6 +308,8 @@ class LiveRun:
                     if name in OPTIONAL_KNOBS and not self.fs.exists(f"sys/kernel/mm/{name}"):
                         self.notes.append(f"this kernel has no {name}: {OPTIONAL_KNOBS[name]}")
                         continue
+                    if _size_knob_missing(self.fs, name):
+                        continue  # problems() refused a size the scenario enables
                     ks.set(name, value)
             except (KernelWriteError, KnobError) as e:
                 raise LiveError(str(e)) from None
@@ -337,9 +355,9 @@ class LiveRun:
         # only counters the kernel never resets have a baseline; gauges such as
         # pages_unshared describe KSM's state before run=2 and mean nothing here
         self.notes.extend(ks.left)  # knobs someone else set, left as they set them
-        baseline = {k: v for k, v in baseline.items() if k in MONOTONIC}
+        baseline = {k: v for k, v in baseline.items() if is_monotonic(k)}
         baseline.update(base_rss)  # the workload's own interpreter before it mapped anything
-        self._check_setup(rows)
+        self._check_setup(rows, baseline)
         meta = {
             "source": "live",
             "kernel": os.uname().release,
@@ -726,14 +744,18 @@ class LiveRun:
                                   "scans it too, so the global counters (pages_scanned) "
                                   "count its pages from then on")
 
-    def _check_setup(self, rows: list[dict[str, float]]) -> None:
+    def _check_setup(self, rows: list[dict[str, float]], baseline: dict[str, float]
+                     ) -> None:
         """Record what the kernel did not give us (THPs it could not allocate, ...)."""
         if not rows:
             return
-        huge_mib = sum(
-            p.count * sum(r.size_mib for r in p.region if r.thp == "hugepage")
-            for p in self.sc.process
-        )
+        thp = self.sc.thp
+        mib_by_order: dict[int, int] = {}
+        for p in self.sc.process:
+            for r in p.region:
+                order = thp.fault_order(r.thp)
+                mib_by_order[order] = mib_by_order.get(order, 0) + p.count * r.size_mib
+        huge_mib = mib_by_order.get(PMD_ORDER, 0)
         if self.sc.fill_at is None and huge_mib:
             got = rows[0].get("AnonHugePages", 0.0) / 1024
             if got < huge_mib:
@@ -741,6 +763,17 @@ class LiveRun:
                     f"only {got:.0f} of {huge_mib} MiB were THPs at time 0 "
                     "(THP allocation fell back to 4 KiB pages)"
                 )
+        for order, mib in mib_by_order.items():
+            if self.sc.fill_at is not None or order in (0, PMD_ORDER):
+                continue
+            size = folio_size_name(order)
+            # the per-size count is global: more means someone else faulted some too
+            column = mthp_column(size, "anon_fault_alloc")
+            got = rows[0].get(column, 0.0) - baseline.get(column, 0.0)
+            want = mib * 1024 // (4 << order)
+            if got < want:
+                self.notes.append(f"only {got:.0f} of {want} {size} folios were faulted "
+                                  "before time 0 (allocation fell back to smaller ones)")
         stall = _longest_stall(rows, self.sc)
         if stall > STALL_S:
             self.notes.append(

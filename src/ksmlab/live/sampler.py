@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..trace import MTHP_STATS, mthp_column
 from .kernelfs import KernelFS
 from .knobs import KSM, THP
 from .kthread import find_kthread
@@ -35,11 +36,24 @@ def find_ksmd(fs: KernelFS) -> int | None:
 
 
 class Sampler:
-    def __init__(self, fs: KernelFS, pids: list[int] | None = None) -> None:
+    def __init__(self, fs: KernelFS, pids: list[int] | None = None,
+                 mthp_sizes: list[str] | None = None) -> None:
         self.fs = fs
         self.pids = list(pids or [])
         self.ksm_files = [f for f in fs.listdir(KSM) if f not in _KSM_KNOB_FILES]
         self.ksmd = find_ksmd(fs)
+        # multi-size THP sizes whose per-size stats are read ("64kB"): the scenario's
+        self.mthp_sizes = list(mthp_sizes or [])
+
+    def mthp(self) -> dict[str, float]:
+        """hugepages-<size>/stats/* (count_mthp_stat()), global like /proc/vmstat."""
+        out: dict[str, float] = {}
+        for size in self.mthp_sizes:
+            for stat in MTHP_STATS:
+                v = self.fs.read_or_none(f"{THP}/hugepages-{size}/stats/{stat}")
+                if v is not None and v.isdigit():
+                    out[mthp_column(size, stat)] = float(v)
+        return out
 
     def ksm(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -120,4 +134,4 @@ class Sampler:
 
     def sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
         return {"t": t, "full_scan_end": float(full_scan_end), **self.ksm(), **self.vmstat(),
-                **self.processes(), **self.ksmd_cpu_ns(), **self.cpu_use()}
+                **self.mthp(), **self.processes(), **self.ksmd_cpu_ns(), **self.cpu_use()}

@@ -247,7 +247,10 @@ class Ksm:
             while i < n:
                 pte = ptes[i]
                 # ksm_next_page_pmd_entry(): present, normal (not zero pfn), anon
-                if isinstance(pte, Page) and (scan_thp or pte.folio is None):
+                # (a policy that skips THPs skips PMD-mapped ones: the walker's PMD
+                # leaf; PTE-mapped multi-size THPs are scanned as the kernel does)
+                if isinstance(pte, Page) and (scan_thp or pte.folio is None
+                                              or not pte.folio.pmd_mapped):
                     addr = vma.start + i
                     item = self._get_next_rmap_item(mm, vma, addr)
                     self.cur_prev = item

@@ -16,9 +16,9 @@ RSS is the mm's MM_ANONPAGES counter, kept at every (un)map like the kernel.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Literal
 
-from ..scenario import HPAGE_PMD_NR, ThpKnobs
+from ..scenario import HPAGE_PMD_NR, PMD_ORDER, ThpKnobs, folio_size_name
+from ..trace import MTHP_STATS, mthp_column
 from .policies import Policy
 
 KSM_RMAP_ITEM_SIZE = 64  # sizeof(struct ksm_rmap_item), x86-64 6.12-6.18
@@ -41,15 +41,19 @@ KSM_ZERO_PTE = ZeroPte(True)
 
 
 class Thp:
-    """A PMD-order anon folio (512 subpages)."""
+    """A large anon folio: PMD order (512 subpages, PMD-mapped when faulted), or a
+    smaller multi-size THP order (PTE-mapped, never on the underused queue)."""
 
-    __slots__ = ("alive", "index", "pages", "partially_mapped", "pmd_mapped", "queued", "vma")
+    __slots__ = ("alive", "index", "order", "pages", "partially_mapped", "pmd_mapped",
+                 "queued", "vma")
 
-    def __init__(self, vma: Vma, index: int, pages: list[Page]) -> None:
+    def __init__(self, vma: Vma, index: int, pages: list[Page], order: int = PMD_ORDER
+                 ) -> None:
         self.vma = vma
         self.index = index  # page offset of the first subpage in the VMA
         self.pages = pages
-        self.pmd_mapped = True
+        self.order = order
+        self.pmd_mapped = order == PMD_ORDER
         self.queued = False  # on the deferred split queue
         self.partially_mapped = False
         self.alive = True
@@ -168,6 +172,9 @@ class System:
         # deferred split queue (insertion-ordered set)
         self.deferred: dict[Thp, None] = {}
         self.next_vpn = 1 << 30  # top-down mmap cursor (page numbers)
+        # count_mthp_stat()/mod_mthp_stat() for the multi-size orders in use
+        self.mthp: dict[str, int] = {mthp_column(folio_size_name(o), st): 0
+                                     for o in thp.mthp_orders for st in MTHP_STATS}
 
     def mmap(self, mm: Mm, npages: int, lo: int = 0, hi: int | None = None) -> Vma:
         """A 2 MiB-aligned anon mapping below the previous one (top-down mmap)."""
@@ -177,12 +184,23 @@ class System:
         mm.add_vma(vma)
         return vma
 
+    def order_allowed(self, vma: Vma, order: int) -> bool:
+        """thp_vma_allowable_orders() for one order of this VMA."""
+        return self.thp.order_allowed(order, vma.hugepage, vma.nohugepage)
+
     def thp_allowed(self, vma: Vma) -> bool:
-        """thp_vma_allowable_order() for PMD order, anon VMA."""
-        if vma.nohugepage:
-            return False
-        mode: Literal["always", "madvise", "never"] = self.thp.enabled
-        return mode == "always" or (mode == "madvise" and vma.hugepage)
+        """PMD order allowed (faults, khugepaged_enter_vma(), khugepaged's scan)."""
+        return self.order_allowed(vma, PMD_ORDER)
+
+    def mthp_orders(self, vma: Vma) -> list[int]:
+        """Orders below PMD a fault may allocate in this VMA, highest first
+        (alloc_anon_folio())."""
+        return [o for o in self.thp.mthp_orders if self.order_allowed(vma, o)]
+
+    def count_mthp(self, order: int, stat: str, n: int = 1) -> None:
+        key = mthp_column(folio_size_name(order), stat)
+        if key in self.mthp:
+            self.mthp[key] += n
 
     def zap_ksm_zero(self, mm: Mm) -> None:
         # ksm_might_unmap_zero_page(): eager decrement

@@ -36,7 +36,7 @@ from ..scenario import (
     SetKnob,
     Write,
 )
-from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
+from ..trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace, is_monotonic
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter, ksmd_wake
 from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
 from .ksm import Ksm
@@ -388,7 +388,7 @@ class Simulation:
         row["ksm_process_profit"] = sum(mm.ksm_process_profit() for mm in sys.mms)
         row["proc_ksm_zero_pages"] = sum(mm.ksm_zero_pages for mm in sys.mms)
         row["ksmd_cpu_ns"] = int(self.cpu.ns)
-        return {c: row[c] for c in COLUMNS}
+        return {**{c: row[c] for c in COLUMNS}, **sys.mthp}
 
     # ---- the timeline ----------------------------------------------------
     def run(self, progress: Callable[[float], None] | None = None) -> Trace:
@@ -502,7 +502,8 @@ def model_trace(sc: Scenario, policy: str, profile: CostProfile,
         "knobs": {"ksm": sc.ksm.model_dump(mode="json"), "thp": sc.thp.model_dump(mode="json")},
         "sample_interval": sc.sample_interval,
         "profile": profile.to_json(),
-        "baseline": {c: 0 for c in COLUMNS if c in MONOTONIC or c in VMSTAT_COUNTERS},
+        "baseline": {c: 0 for c in (rows[0] if rows else COLUMNS)
+                     if is_monotonic(c) or c in VMSTAT_COUNTERS},
     }
     rows.sort(key=lambda r: r["t"])  # boundary samples were taken between ticks
     return Trace.from_rows(meta, rows, events)

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import image as img
-from ..scenario import HPAGE_PMD_NR
+from ..scenario import HPAGE_PMD_NR, PMD_ORDER
 from .memory import (
     KSM_ZERO_PTE,
     PMD_NONE,
@@ -50,7 +50,16 @@ def write_fault(sys: System, vma: Vma, i: int, cid: int) -> None:
             return
         if vma.pmd[j] == PMD_NONE:
             vma.pmd[j] = PMD_TABLE
-        # do_anonymous_page()
+        # do_anonymous_page(): alloc_anon_folio() takes the highest allowed order whose
+        # aligned range lies in the VMA with every PTE none
+        for order in sys.mthp_orders(vma):
+            nr = 1 << order
+            base = i - i % nr
+            if base >= vma.lo and base + nr <= vma.hi and all(
+                    p is None for p in vma.pte[base : base + nr]):
+                folio = _mthp_fault(sys, vma, base, order)
+                folio.pages[i - base].cid = cid
+                return
         vma.pte[i] = Page(cid)
         mm.anon_rss += 1
         return
@@ -67,6 +76,20 @@ def write_fault(sys: System, vma: Vma, i: int, cid: int) -> None:
         put_mapping(pte)
         return
     pte.cid = cid  # writable private page (or THP subpage): written in place
+
+
+def _mthp_fault(sys: System, vma: Vma, base: int, order: int) -> Thp:
+    """A zeroed multi-size THP mapped by PTEs (do_anonymous_page() with order > 0):
+    counted per size, not in thp_fault_alloc, and not queued for the underused
+    shrinker (only do_huge_pmd_anonymous_page() queues at fault)."""
+    nr = 1 << order
+    folio = Thp(vma, base, [], order)
+    folio.pages = [Page(0, folio) for _ in range(nr)]
+    vma.pte[base : base + nr] = folio.pages
+    vma.mm.anon_rss += nr
+    sys.count_mthp(order, "anon_fault_alloc")
+    sys.count_mthp(order, "nr_anon")
+    return folio
 
 
 def deferred_split_folio(sys: System, folio: Thp, partially_mapped: bool) -> None:
@@ -107,9 +130,13 @@ def split_folio(
     ``keep`` is left for KSM's merge, and at most ``budget`` subpages are
     remapped (charged to pages_to_scan by the caller).
     """
+    pmd_order = folio.order == PMD_ORDER
     if extra_refs > 0 or not folio.alive:
-        # can_split_folio(): mapcount != refcount - 1
-        sys.vmstat["thp_split_page_failed"] += 1
+        # can_split_folio(): mapcount != refcount - 1; thp_split_page* count the PMD
+        # order only, the per-size split* every order (__folio_split())
+        if pmd_order:
+            sys.vmstat["thp_split_page_failed"] += 1
+        sys.count_mthp(folio.order, "split_failed")
         return SplitResult(False)
     vma = folio.vma
     mm = vma.mm
@@ -119,14 +146,22 @@ def split_folio(
     )
     if folio.pmd_mapped:
         sys.vmstat["thp_split_pmd"] += 1  # __split_huge_pmd_locked()
-    sys.vmstat["thp_split_page"] += 1
-    sys.nr_anon_thp -= 1
+    elif not pmd_order:
+        # unmap_folio() takes a PTE-mapped folio's PTEs one by one: after the first,
+        # __folio_remove_rmap() finds it partially mapped and queues it
+        # (deferred_split_folio(folio, true)); the split takes it off the queue again
+        sys.count_mthp(folio.order, "split_deferred")
+    if pmd_order:
+        sys.vmstat["thp_split_page"] += 1
+        sys.nr_anon_thp -= 1
+        vma.pmd[folio.index // HPAGE_PMD_NR] = PMD_TABLE
+    sys.count_mthp(folio.order, "split")
+    sys.count_mthp(folio.order, "nr_anon", -1)
     folio.alive = False
     folio.pmd_mapped = False
     if folio.queued:
         folio.queued = False
         sys.deferred.pop(folio, None)
-    vma.pmd[folio.index // HPAGE_PMD_NR] = PMD_TABLE
     res = SplitResult(True)
     for k, page in enumerate(folio.pages):
         page.folio = None
@@ -242,8 +277,16 @@ def fill_fresh_vma(sys: System, vma: Vma, ids: list[int]) -> None:
             mm.khugepaged = True
             deferred_split_folio(sys, folio, partially_mapped=False)
         else:
-            vma.pte[base : base + HPAGE_PMD_NR] = [Page(c) for c in chunk]
             vma.pmd[j] = PMD_TABLE
+            orders = sys.mthp_orders(vma)
+            if orders:  # a fresh range: every aligned folio fits (alloc_anon_folio())
+                nr = 1 << orders[0]
+                for b in range(base, base + HPAGE_PMD_NR, nr):
+                    folio = _mthp_fault(sys, vma, b, orders[0])
+                    for page, c in zip(folio.pages, ids[b : b + nr], strict=True):
+                        page.cid = c
+                continue
+            vma.pte[base : base + HPAGE_PMD_NR] = [Page(c) for c in chunk]
         mm.anon_rss += HPAGE_PMD_NR
 
 

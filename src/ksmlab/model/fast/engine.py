@@ -18,6 +18,7 @@ import numpy as np
 from ... import content, image
 from ...scenario import (
     HPAGE_PMD_NR,
+    PMD_ORDER,
     KhugepagedWake,
     KsmStart,
     KsmStop,
@@ -126,6 +127,8 @@ def unsupported(sc: Scenario) -> str | None:
     """Why the fast engine cannot run ``sc`` exactly (None: it can)."""
     if sc.duplicate_pool >= DUP_MAX:
         return "duplicate_pool too large for 32-bit content codes"
+    if sc.thp.hugepages and (sc.thp.mthp_orders or sc.thp.size_mode(PMD_ORDER) != "inherit"):
+        return "per-size THP knobs (thp.hugepages): multi-size THP is in the exact model only"
     if sum(p.count * _mapped_pages(p) for p in sc.process) >= min(
             MAX_UNIQUE, 1 << 31) - HPAGE_PMD_NR:
         return "too many pages for 32-bit slot numbers"
