@@ -218,14 +218,15 @@ def run_point(scenario: dict[str, Any], policy: str, profile: CostProfile,
 
 
 @contextmanager
-def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Client]:
+def dask_client(scheduler: str | None, workers: int | None,
+                timeout: str = "10s") -> Iterator[Client]:
     """A client of ``scheduler``, or of a LocalCluster of ``workers`` processes
     (one thread each: a model run holds the GIL outside numba)."""
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout=timeout)
         except (OSError, TimeoutError, ValueError) as e:
             raise SweepError(f"--scheduler {scheduler}: cannot connect: {e}") from None
         with client:
