@@ -14,6 +14,7 @@ import html
 import io
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,24 +75,34 @@ def _png(fig: Figure) -> str:
 
 
 def _heat_axes(ax: Axes, m: npt.NDArray[np.float64], policies: Sequence[str],
-               cols: Sequence[str], texts: Sequence[Sequence[str]], rgba: Any) -> None:
+               cols: Columns, texts: Sequence[Sequence[str]], rgba: Any, title: str) -> None:
     ax.imshow(rgba, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_xticks(range(len(cols.ticks)), cols.ticks, fontsize=8)
     ax.set_yticks(range(len(policies)), policies, fontsize=9)
     ax.tick_params(length=0)
     ax.xaxis.tick_top()
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel(cols.name, fontsize=8, color="#444")
+    lines = max(t.count("\n") for t in cols.ticks) + 1
+    ax.set_title(title, fontsize=10, loc="left", pad=14 + 11 * lines + 12 * bool(cols.name))
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             r, g, b = rgba[i, j][:3]
             dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
             ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=8,
                     color="white" if dark else "black")
-    ax.set_xticks(np.arange(-0.5, len(cols)), minor=True)
+    ax.set_xticks(np.arange(-0.5, len(cols.ticks)), minor=True)
     ax.set_yticks(np.arange(-0.5, len(policies)), minor=True)
     ax.grid(which="minor", color="white", lw=1.5)
     ax.tick_params(which="minor", length=0)
     for s in ax.spines.values():
         s.set_visible(False)
+
+
+@dataclass(frozen=True)
+class Columns:
+    ticks: list[str]  # one a setting: the values of the fields that vary, a line each
+    name: str  # those fields, as the kernel names them
 
 
 def _figure(ncols: int, nrows: int) -> tuple[Figure, Axes]:
@@ -100,18 +111,19 @@ def _figure(ncols: int, nrows: int) -> tuple[Figure, Axes]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(2.4 + 1.3 * ncols, 0.9 + 0.3 * nrows))
+    # sized to be shown at about its own size in half the page (no shrunk type)
+    fig, ax = plt.subplots(figsize=(1.9 + 0.62 * ncols, 0.9 + 0.27 * nrows))
     return fig, ax
 
 
-def heat_map(m: npt.NDArray[np.float64], policies: Sequence[str], cols: Sequence[str],
+def heat_map(m: npt.NDArray[np.float64], policies: Sequence[str], cols: Columns,
              title: str, unit: str, fmt: str, cmap: str, log: bool = False) -> str:
     """A policy x setting heat map with each cell's value written in it; NaN (a failed
     point, or a figure that does not apply) grey."""
     import matplotlib
     from matplotlib import colors
 
-    fig, ax = _figure(len(cols), len(policies))
+    fig, ax = _figure(len(cols.ticks), len(policies))
     finite = m[np.isfinite(m)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     norm: colors.Normalize
@@ -124,7 +136,7 @@ def heat_map(m: npt.NDArray[np.float64], policies: Sequence[str], cols: Sequence
     rgba = matplotlib.colormaps[cmap](norm(np.nan_to_num(vals)))
     rgba[~np.isfinite(m)] = colors.to_rgba("#bbbbbb")
     texts = [["–" if not np.isfinite(v) else format(v, fmt) for v in r] for r in m]
-    _heat_axes(ax, m, policies, cols, texts, rgba)
+    _heat_axes(ax, m, policies, cols, texts, rgba, title)
     sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
     bar = fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02)
     if log:
@@ -132,18 +144,17 @@ def heat_map(m: npt.NDArray[np.float64], policies: Sequence[str], cols: Sequence
         bar.set_ticks(ticks.tolist(), labels=[f"{10.0 ** t:g}" for t in ticks])
     bar.set_label(unit, fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    ax.set_title(title, fontsize=10, loc="left", pad=28 + 10 * cols[0].count("\n"))
     return _png(fig)
 
 
 def verdict_map(df: pd.DataFrame, policies: Sequence[str],
                 settings: Sequence[dict[str, Value]], fields: Sequence[str],
-                cols: Sequence[str], title: str) -> str:
+                cols: Columns, title: str) -> str:
     """Which verdict each point reached; ~ marks a borderline one, ! a failed point."""
     from matplotlib import colors
     from matplotlib.patches import Patch
 
-    fig, ax = _figure(len(cols), len(policies))
+    fig, ax = _figure(len(cols.ticks), len(policies))
     codes = np.zeros((len(policies), len(settings)))
     texts = [["" for _ in settings] for _ in policies]
     for j, st in enumerate(settings):
@@ -159,13 +170,12 @@ def verdict_map(df: pd.DataFrame, policies: Sequence[str],
             codes[i, j] = 3 if b and c else 1 if b else 2 if c else 0
             texts[i][j] = "~" if r["borderline"].iloc[0] else ""
     rgba = np.array([[colors.to_rgba(OUTCOMES[int(c)][1]) for c in row] for row in codes])
-    _heat_axes(ax, codes, policies, cols, texts, rgba)
+    _heat_axes(ax, codes, policies, cols, texts, rgba, title)
     handles = [Patch(color=c, label=n) for n, c in OUTCOMES] + [
         Patch(color="white", label="~ borderline")]
     # below the map, so that the image is as wide as its neighbours and not shrunk
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.02),
               ncol=3, frameon=False)
-    ax.set_title(title, fontsize=10, loc="left", pad=28 + 10 * cols[0].count("\n"))
     return _png(fig)
 
 
@@ -181,7 +191,7 @@ def curves(recs: Sequence[dict[str, Any]], policies: Sequence[str],
     n = len(settings)
     ncol = 2 if n in (2, 4) else min(n, 3)
     nrow = -(-n // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 2.2, 2.9 * nrow),
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow),
                              squeeze=False, sharey=False)
     for ax, st, lab in zip(axes.flat, settings, labels, strict=False):
         groups: list[tuple[list[str], dict[str, Any]]] = []
@@ -207,7 +217,9 @@ def curves(recs: Sequence[dict[str, Any]], policies: Sequence[str],
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # nothing freed: a line at 0, not mid-air
-        ax.legend(fontsize=6, loc="best", frameon=False)
+        # below the panel: inside, it hid the curves it names
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2,
+                  frameon=False)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10, x=0.01, ha="left")
@@ -238,7 +250,8 @@ def text_table(df: pd.DataFrame, scenario: str, policies: Sequence[str],
     for start in range(0, len(settings), per_block):
         cols = range(start, min(start + per_block, len(settings)))
         lines.append("")
-        lines.append(" " * name_w + "".join(f"{'S' + str(j + 1):>{cell_w}}" for j in cols))
+        lines.append(" " * name_w + "".join(f"{'S' + str(j + 1):>{cell_w - 3}}   "
+                                            for j in cols).rstrip())
         for i, p in enumerate(policies):
             cells = []
             for j in cols:
@@ -301,7 +314,9 @@ def write_report(out: Path) -> Path:
     fields: list[str] = meta["fields"]
     settings = _settings(meta)
     varying = [f for f in fields if len({s[f] for s in settings}) > 1]
-    cols = [_setting_label({f: s[f] for f in varying}) for s in settings]
+    cols = Columns(["\n".join(str(s[f]) for f in varying) or "as given" for s in settings],
+                   " / ".join(f.rsplit(".", 1)[-1] for f in varying))
+    labels = [_setting_label({f: s[f] for f in varying}, ", ") for s in settings]
     chosen = _chosen(settings, meta["spec"]["report"]["curves"])
     policies = [p for p in meta["policies"] if p in set(df["policy"])]
     failed = df[df["error"].notna()]
@@ -336,8 +351,7 @@ def write_report(out: Path) -> Path:
         if chosen:
             figs.append(_fig(f"curves-{sc}", curves([r for r in recs if r["scenario"] == sc],
                                                    policies, chosen,
-                                                   [cols[settings.index(c)].replace("\n", ", ")
-                                                    for c in chosen],
+                                                   [labels[settings.index(c)] for c in chosen],
                                                    f"{sc}: memory freed over time"),
                              f"{sc} memory over time", "Memory freed over time per policy; "
                              "policies with the same curve share one line.", wide=True))
@@ -349,7 +363,7 @@ def write_report(out: Path) -> Path:
                     f"({html.escape(desc)}); duration {first['duration_s']:.0f} s</p>"
                     f'<div class="grid">{"".join(figs)}</div></section>')
         texts.append(text_table(d, sc, policies, settings, fields,
-                                [c.replace("\n", " ") for c in cols]))
+                                [c.replace(",", "") for c in labels]))
     text = "\n\n".join(texts) + "\n"
     write_atomic(out / "report.txt", text.encode())
     fail_html = ""
