@@ -136,6 +136,7 @@ def test_interrupted_sweep_resumes_and_rerun_does_no_model_work(tmp_path: Path) 
     with pytest.raises(KeyboardInterrupt):
         _run(f, out, Counting(stop_after=5))
     assert len(list((out / "points").glob("*.json"))) == 5
+    assert len(pd.read_parquet(out / "results.parquet")) == 5  # the table of what finished
     first = Counting()
     res = _run(f, out, first)
     assert (res.points, res.cached, res.ran, first.ran) == (16, 5, 11, 11)

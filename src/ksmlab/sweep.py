@@ -276,24 +276,31 @@ def run(spec: Spec, base: Path, out: Path, profile: CostProfile, profile_label: 
         "fields": list(spec.grid), "scenarios": list(dict.fromkeys(p.scenario for p in points)),
         "policies": spec.policy_names(), "profile": profile_label,
         "keys": [p.key for p in points]}, indent=1).encode())
-    if todo:
-        with _progress(console, len(todo)) as tick:
-            def done(p: Point, res: dict[str, Any]) -> None:
-                transient = res.pop("transient", False)
-                rec = _record(p, res)
-                # a lost worker is not the model's doing: that point runs again next time
-                name = f"{p.key}.failed.json" if transient else f"{p.key}.json"
-                write_atomic(pdir / name, json.dumps(rec).encode())
-                if not transient:
-                    (pdir / f"{p.key}.failed.json").unlink(missing_ok=True)
-                outcome.ran += 1
-                if rec.get("error"):
-                    shown = " ".join(f"{k}={v}" for k, v in p.setting.items())
-                    outcome.failed.append(f"{p.scenario}/{p.policy} {shown}: {rec['error']}")
-                tick(bool(rec.get("error")))
-            runner(todo, done)
-    write_results(out)
+    try:
+        if todo:
+            _run_todo(todo, pdir, outcome, runner, console)
+    finally:  # interrupted too: the table of what finished
+        write_results(out)
     return outcome
+
+
+def _run_todo(todo: Sequence[Point], pdir: Path, outcome: Outcome, runner: Runner,
+              console: Console | None) -> None:
+    with _progress(console, len(todo)) as tick:
+        def done(p: Point, res: dict[str, Any]) -> None:
+            transient = res.pop("transient", False)
+            rec = _record(p, res)
+            # a lost worker is not the model's doing: that point runs again next time
+            name = f"{p.key}.failed.json" if transient else f"{p.key}.json"
+            write_atomic(pdir / name, json.dumps(rec).encode())
+            if not transient:
+                (pdir / f"{p.key}.failed.json").unlink(missing_ok=True)
+            outcome.ran += 1
+            if rec.get("error"):
+                shown = " ".join(f"{k}={v}" for k, v in p.setting.items())
+                outcome.failed.append(f"{p.scenario}/{p.policy} {shown}: {rec['error']}")
+            tick(bool(rec.get("error")))
+        runner(todo, done)
 
 
 @contextmanager
@@ -402,6 +409,9 @@ def write_results(out: Path) -> pd.DataFrame:
     meta = read_meta(out)
     rows = [row(r, meta["fields"], meta["profile"]) for r in points_of(out)]
     df = pd.DataFrame(rows)
+    if not rows:  # nothing finished yet: no table (Parquet needs a column)
+        (out / RESULTS).unlink(missing_ok=True)
+        return df
     write_atomic(out / RESULTS, writer=lambda tmp: df.to_parquet(tmp, index=False))
     return df
 
