@@ -196,3 +196,10 @@ def test_report_of_a_folder_that_is_no_sweep(tmp_path: Path) -> None:
     r = run_cli("report", str(tmp_path))
     assert r.returncode == 2 and "not a sweep folder" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_fits_80_columns() -> None:
+    for cmd in ("sweep", "report"):
+        h = run_cli(cmd, "--help")
+        assert h.returncode == 0 and "--help" in h.stdout, cmd
+        assert all(len(line) <= 80 for line in h.stdout.splitlines()), (cmd, h.stdout)

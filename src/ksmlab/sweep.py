@@ -315,7 +315,7 @@ def _progress(console: Console | None, total: int) -> Iterator[Callable[[bool], 
     )
 
     failed = 0
-    with Progress(TextColumn("points"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("points"), BarColumn(bar_width=28), MofNCompleteColumn(),
                   TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
                   TextColumn("left"), TimeRemainingColumn(), console=console,
                   disable=console is None or not console.is_terminal,
