@@ -38,6 +38,12 @@ TEXT_WIDTH = 80
 # verdict map: one colour per outcome (colour-blind safe, from Okabe-Ito)
 OUTCOMES = (("none", "#e8e8e8"), ("rate-limit bypass", "#e69f00"),
             ("merge collapse", "#56b4e9"), ("both", "#cc79a7"), ("failed", "#555555"))
+NOT_RUN = ("not run yet", "#ffffff")
+
+
+def _failed(error: Any) -> bool:
+    # None, or NaN where a whole column of errors was empty when Parquet typed it
+    return isinstance(error, str) and bool(error)
 
 
 def _setting_label(setting: dict[str, Value], sep: str = "\n") -> str:
@@ -163,15 +169,20 @@ def verdict_map(df: pd.DataFrame, policies: Sequence[str],
             sel = sel[sel[f] == st[f]]
         for i, p in enumerate(policies):
             r = sel[sel["policy"] == p]
-            if not len(r) or r["error"].iloc[0]:
-                codes[i, j], texts[i][j] = 4, "!" if len(r) else ""
+            if not len(r):  # not run yet (a sweep still going, or interrupted)
+                codes[i, j] = 5
+                continue
+            if _failed(r["error"].iloc[0]):
+                codes[i, j], texts[i][j] = 4, "!"
                 continue
             b, c = bool(r["rate_limit_bypass"].iloc[0]), bool(r["merge_collapse"].iloc[0])
             codes[i, j] = 3 if b and c else 1 if b else 2 if c else 0
             texts[i][j] = "~" if r["borderline"].iloc[0] else ""
-    rgba = np.array([[colors.to_rgba(OUTCOMES[int(c)][1]) for c in row] for row in codes])
+    rgba = np.array([[colors.to_rgba((*OUTCOMES, NOT_RUN)[int(c)][1]) for c in row]
+                     for row in codes])
     _heat_axes(ax, codes, policies, cols, texts, rgba, title)
-    handles = [Patch(color=c, label=n) for n, c in OUTCOMES] + [
+    shown = OUTCOMES + ((NOT_RUN,) if (codes == 5).any() else ())
+    handles = [Patch(color=c, label=n) for n, c in shown] + [
         Patch(color="white", label="~ borderline")]
     # below the map, so that the image is as wide as its neighbours and not shrunk
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.02),
@@ -263,7 +274,7 @@ def text_table(df: pd.DataFrame, scenario: str, policies: Sequence[str],
                     cells.append(f"{'':>{cell_w}}")
                     continue
                 r = sel.iloc[0]
-                if r["error"]:
+                if _failed(r["error"]):
                     cells.append(f"{'!':>{cell_w}}")
                     continue
                 mark = ("B" if r["rate_limit_bypass"] else "") + (
