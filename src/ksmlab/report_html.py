@@ -24,7 +24,7 @@ import numpy.typing as npt
 from . import __version__
 from .metrics import BYPASS_RATIO
 from .report import policy_colour
-from .sweep import RESULTS, SweepError, Value, points_of, read_meta
+from .sweep import RESULTS, SweepError, Value, need_extra, points_of, read_meta
 from .trace import write_atomic
 
 if TYPE_CHECKING:
@@ -312,6 +312,7 @@ def _fig(fid: str, png: str, alt: str, caption: str, wide: bool = False) -> str:
 
 def write_report(out: Path) -> Path:
     """Write ``out/report.html`` and ``out/report.txt``; the page's path."""
+    need_extra()
     import pandas as pd
 
     meta = read_meta(out)

@@ -115,6 +115,16 @@ class Spec(BaseModel):
                 for vals in itertools.product(*self.grid.values())]
 
 
+def need_extra() -> None:
+    """The sweep's libraries are an extra (``ksmlab[sweep]``): say so in one line."""
+    import importlib.util
+
+    missing = [m for m in ("distributed", "pandas", "pyarrow")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SweepError(f"{', '.join(missing)} missing: pip install 'ksmlab[sweep]'")
+
+
 def load_spec(path: Path) -> tuple[Spec, Path]:
     """The spec, and the folder its scenario files are found from."""
     try:
@@ -421,6 +431,7 @@ def sweep(spec_path: Path, out: Path, scheduler: str | None, workers: int | None
           fits: Callable[[Scenario, str], None] | None = None) -> Outcome:
     """`ksmlab sweep`: ``fits`` refuses a scenario this machine has no memory for
     (a local cluster only: a remote worker's memory is not ours to know)."""
+    need_extra()
     spec, base = load_spec(spec_path)
     points = expand(spec, base, profile)  # bad input fails here, before Dask starts
     if fits is not None and scheduler is None:
