@@ -6,16 +6,16 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the kernel-lab tests need (patches checked against the pinned
 # source, the guest rootfs assembled, the idle QEMU guest booted; memcached for
-# benchmarks/real_workloads.py); installed when
-# missing and we are root.
-SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached
+# benchmarks/real_workloads.py; chromium for the test that opens the sweep's
+# report.html headless); installed when missing and we are root.
+SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached chromium
 
 .PHONY: demo test lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev,sweep]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -44,6 +44,8 @@ Examples:
   ksmlab restore                     undo knobs left by a killed run
   ksmlab calibrate chains-mps8 --traces val/ --by-scan
                                      ksmd CPU per full scan, kernel/model
+  ksmlab sweep sweeps/thread.toml -o sw/ && ksmlab report sw/
+                                     policies x knobs on Dask; report.html
 """
 
 app = typer.Typer(
@@ -968,6 +970,46 @@ def demo(out: OutOpt = None,
     out = out or Path("ksmlab-out") / time.strftime("demo-%Y%m%d-%H%M%S")
     _check_out(out)
     run_demo(out, live, err, _profile(None))
+
+
+@app.command()
+def sweep(spec: Annotated[Path, typer.Argument(help="a sweep spec (TOML)")],
+          out: Annotated[Path, typer.Option("--out", "-o", help="folder for the results")],
+          scheduler: Annotated[str | None, typer.Option(
+              "--scheduler", help="a Dask scheduler (tcp://HOST:8786); default: a local "
+              "cluster")] = None,
+          workers: Annotated[int | None, typer.Option(
+              "--workers", min=1, help="local cluster processes (default: one a core)")] = None,
+          profile: ProfileOpt = None) -> None:
+    """Policies x a grid of scenario fields, one model run a point, on Dask."""
+    from .sweep import SweepError
+    from .sweep import sweep as run_sweep
+
+    choice = _profile(profile)
+    try:
+        res = run_sweep(spec, out, scheduler, workers, choice.profile, choice.label(), err,
+                        lambda sc, engine: _model_fits(sc, engine))
+    except SweepError as e:
+        fail(str(e))
+    for line in res.failed[:10]:
+        err.print(f"failed: {line}", markup=False, soft_wrap=True)
+    print(f"{res.points} points: {res.cached} cached, {res.ran} run, {len(res.failed)} "
+          f"failed; {out / 'results.parquet'}")
+    if res.failed:
+        raise typer.Exit(1)
+
+
+@app.command(name="report")
+def report_(folder: Annotated[Path, typer.Argument(help="a folder `ksmlab sweep` wrote")]
+            ) -> None:
+    """The sweep's page: DIR/report.html (offline) and DIR/report.txt."""
+    from .report_html import write_report
+    from .sweep import SweepError
+
+    try:
+        print(write_report(folder))
+    except SweepError as e:
+        fail(str(e))
 
 
 def main() -> None:
