@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .live.features import policy_for_remap
 from .metrics import summarize
 from .model import POLICIES, simulate
 from .scenario import Scenario, load
@@ -77,7 +78,7 @@ def advise(knobs: dict[str, Any], remaps: bool | None) -> Advice:
     """``knobs``: the host's values by sysfs name below /sys/kernel/mm
     (``ksm/pages_to_scan``); ``remaps``: what the remap probe saw (None: unknown,
     taken as the remap, which every kernel since 6.12 has)."""
-    policy = "pre-6.12" if remaps is False else "mainline"
+    policy = policy_for_remap(remaps)
     uzp = int(knobs.get("ksm/use_zero_pages", 0))
     cur, other = _run(knobs, uzp, policy), _run(knobs, 1 - uzp, policy)
     adv = Advice(policy, _seed(knobs, uzp).duration, cur, other)

@@ -1,6 +1,6 @@
 """``ksmlab kernel``: build patched kernels, run scenarios inside them, validate.
 
-Registered in ksmlab/cli.py with ``app.add_typer(kernel_app, name="kernel")``.
+Registered in ksmlab/cli/application.py with ``app.add_typer(kernel_app, name="kernel")``.
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from ..cli.common import DurationOpt, JsonOpt, err, fail
 from ..scenario import ScenarioError
 from ..trace import Trace, TraceError
 from .build import VARIANTS, KernelBuildError, build, list_images
@@ -34,21 +34,12 @@ kernel_app = typer.Typer(
     help="Patched kernels under qemu (TCG): build, run a scenario inside, validate the model.",
     epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, highlight=False)
-
 KernelOpt = Annotated[str, typer.Option("--kernel", "-k", help="variant (ksmlab kernel variants)")]
 ScenarioArg = Annotated[str, typer.Argument(
     help="built-in name, a name in kernel/data/scenarios/ (scaled for the guest), or a .toml")]
-DurationOpt = Annotated[float | None, typer.Option("--duration", "-d", help="seconds")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="folder for the trace")]
 
 _ERRORS = (KernelBuildError, KernelRunError, RootfsError, ScenarioError, TraceError, ValueError)
-
-
-def _fail(msg: str, code: int = 2) -> NoReturn:
-    err.print(f"ksmlab: error: {msg}", markup=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _log(msg: str) -> None:
@@ -79,7 +70,7 @@ def build_cmd(variant: Annotated[str, typer.Argument(help="variant, or 'all'")],
         try:
             b = build(n, log=_log, jobs=jobs)
         except _ERRORS as e:
-            _fail(str(e))
+            fail(str(e))
         out.append({"variant": n, "key": b.key, "bzimage": str(b.bzimage), "cached": b.cached,
                     "seconds": round(b.seconds, 1), "release": b.meta.get("release")})
         if not json_out:
@@ -110,7 +101,7 @@ def run_cmd(scenario: ScenarioArg, kernel: KernelOpt, duration: DurationOpt = No
     try:
         gr = run(scenario, kernel, duration, out, log=_log)
     except _ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
     s = metrics.summarize(gr.trace)
     g = gr.trace.meta["guest"]
     if json_out:
@@ -194,7 +185,7 @@ def validate_cmd(scenario: ScenarioArg, kernel: KernelOpt,
     try:
         v = _validate_one(scenario, kernel, trace, duration)
     except _ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
     record(v)
     _show(v, json_out)
     if not v.confirmed:

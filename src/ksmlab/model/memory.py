@@ -18,10 +18,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Literal
 
-from ..scenario import HPAGE_PMD_NR, ThpKnobs
+from ..constants import HPAGE_PMD_NR, KSM_RMAP_ITEM_SIZE
+from ..scenario import ThpKnobs
 from .policies import Policy
-
-KSM_RMAP_ITEM_SIZE = 64  # sizeof(struct ksm_rmap_item), x86-64 6.12-6.18
 
 
 class ZeroPte:
