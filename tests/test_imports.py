@@ -143,3 +143,45 @@ def test_base_install_needs_no_model_extra(args: list[str]) -> None:
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                        timeout=120, check=False)
     assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+
+
+BLOCK = f"""
+import sys
+
+
+class Block:  # the base install: the model extra's modules are not there
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {MODEL_ONLY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+
+sys.meta_path.insert(0, Block())
+sys.argv = ["ksmlab", *sys.argv[1:]]
+from ksmlab.cli import main
+main()
+"""
+
+
+def without_model(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", BLOCK, *args], capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_without_the_model_extra(tmp_path: Path) -> None:
+    """A model command says in one line what to install; the exact engine (doctor's
+    advice uses it) runs on numpy alone, and a run's trace is written without its plot."""
+    r = without_model("sim", "seed-uzp1-nothp", "-p", "mainline", "-d", "2", "--engine",
+                      "fast")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "ksmlab: error: numba is not installed: pip install 'ksmlab[model]' (the model's "
+        "fast engine, calibrate and plots)"]
+    r = without_model("sim", "seed-uzp1-nothp", "-p", "mainline", "-d", "2", "--engine",
+                      "exact", "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "note: no plot: matplotlib is not installed" in r.stderr
+    assert list(tmp_path.glob("*.trace.json.gz")) and not list(tmp_path.glob("*.png"))
+    r = subprocess.run([sys.executable, "-c", BLOCK.split("sys.argv")[0]
+                        + "import ksmlab.advice, ksmlab.cli.doctor, ksmlab.live.run"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..kernel.cli import kernel_app
 from ..live.journal import Journal, RunLock
 from . import calibrate, capture, demo, doctor, export, listing, model, restore, run, validate
-from .common import err
+from .common import MODEL_EXTRA, err, missing_extra
 
 EXAMPLES = """\b
 Examples:
@@ -122,6 +122,9 @@ def main() -> None:
         err.print("ksmlab: interrupted", markup=False)
         sys.exit(130)
     except Exception as e:  # a usage error from click, the model refusing, or a bug
+        if isinstance(e, ImportError) and (e.name or "").split(".")[0] in MODEL_EXTRA:
+            err.print(f"ksmlab: error: {missing_extra(e)}", markup=False, soft_wrap=True)
+            sys.exit(2)  # the base install: the model extra is missing
         model_run = sys.modules.get("ksmlab.model.run")  # not imported: could not raise
         if model_run is not None and isinstance(e, model_run.ModelUnsupported):
             err.print(f"ksmlab: error: {e}", markup=False, soft_wrap=True)

@@ -64,6 +64,16 @@ def fail(msg: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+# Modules of the ``model`` extra (pyproject.toml): the base install has none of them
+MODEL_EXTRA = ("numba", "llvmlite", "scipy", "matplotlib")
+
+
+def missing_extra(e: ImportError) -> str:
+    """One line for a module of the model extra that is not installed."""
+    return (f"{e.name or e} is not installed: pip install 'ksmlab[model]' (the model's "
+            "fast engine, calibrate and plots)")
+
+
 def log(msg: str) -> None:
     err.print(msg, markup=False, soft_wrap=True)
 
@@ -227,6 +237,8 @@ def emit(tr: Trace, summary: metrics.Summary, title: str, json_out: bool,
                                                   out / f"{stem}.png", title))
         except OSError as e:
             lost = f"could not write to {out}: {e.strerror or e}"
+        except ImportError as e:  # no matplotlib: the base install; the trace is written
+            err.print(f"note: no plot: {missing_extra(e)}", markup=False, soft_wrap=True)
     if json_out:
         obj = {"scenario": tr.meta["scenario"]["name"], "kernel": tr.meta.get("kernel"),
                **extra, **summary.to_json(), "notes": tr.meta.get("notes", []), "files": files}

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..live.kernelfs import KernelFS
-from .common import JsonOpt, dump
+from .common import JsonOpt, dump, missing_extra
 
 
 def doctor(json_out: JsonOpt = False,
@@ -43,10 +43,14 @@ def doctor(json_out: JsonOpt = False,
     knobs = d["knobs"]  # as diagnose() read them: "ksm/pages_to_scan" -> "100"
     adv = None
     if advice and d["ksm"]:
-        from ..advice import advise
+        try:  # the exact engine: numpy only, but a trimmed install may lack the model
+            from ..advice import advise
 
-        adv = advise(knobs, remap.remaps)
-        d["advice"] = adv.to_json()
+            adv = advise(knobs, remap.remaps)
+            d["advice"] = adv.to_json()
+        except ImportError as e:
+            d["advice"] = None
+            d["advice_missing"] = missing_extra(e)
     thp_on = knobs.get("transparent_hugepage/enabled", "never") != "never"
     exposed = bool(adv and adv.current.verdicts and now.get("run") == 1 and thp_on)
     d["exposed"] = exposed
@@ -62,6 +66,8 @@ def doctor(json_out: JsonOpt = False,
     row("memory", f"{d['mem_available_mib']} MiB available")
     row("remap", f"{ {True: 'yes', False: 'no', None: 'unknown'}[remap.remaps]}: {remap.how}")
     say_ksm_now(now)
+    if d.get("advice_missing"):
+        row("exposure", f"not judged: {d['advice_missing']}")
     if adv is not None:
         verdict = ", ".join(adv.current.verdicts) or "neither regression"
         row("exposure", f"{'now' if exposed else 'if KSM ran'}: {verdict} (the model of "
