@@ -329,9 +329,13 @@ def test_conventions_version_bare_command_and_80_columns() -> None:
     assert r.returncode == 0 and r.stdout.strip() == f"ksmlab {__version__}"
     r = ksmlab()
     assert r.returncode == 0 and "Commands:" in r.stdout and r.stderr == ""
-    for cmd in ("policies", "scenarios"):
-        out = ksmlab(cmd).stdout.splitlines()
-        assert out and max(len(line) for line in out) <= 80, cmd
+    for cmd in (["policies"], ["scenarios"], ["kernel", "variants"], ["kernel", "results"],
+                ["kernel", "images"], ["restore", "--help"],
+                # reads sysfs and procfs only: no THP split (--no-probe), no model
+                ["doctor", "--no-probe", "--no-advice"]):
+        out = ksmlab(*cmd).stdout.splitlines()
+        assert max((len(line) for line in out), default=0) <= 80, (cmd, out)
+    assert ksmlab("policies").stdout and ksmlab("kernel", "variants").stdout
     # a description wraps under itself, whole: no word cut at the edge
     assert "stable chains of many dups" in " ".join(ksmlab("scenarios").stdout.split())
 
@@ -343,7 +347,8 @@ def test_json_carries_the_version_and_compare_takes_json() -> None:
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["ksmlab"] == __version__ and d["engine"] == "auto" and d["rows"]
-    for args in (["scenarios", "--json"], ["policies", "--json"],
+    for args in (["scenarios", "--json"], ["policies", "--json"], ["kernel", "variants",
+                                                                    "--json"],
                  ["sim", "seed-uzp1-nothp", "-p", "mainline", "-d", "2", "--json"]):
         r = ksmlab(*args)
         assert r.returncode == 0 and json.loads(r.stdout)["ksmlab"] == __version__, args

@@ -9,10 +9,11 @@ import typer
 
 from ..live.journal import Journal, RunLock
 from ..live.kernelfs import KernelFS
-from .common import fail
+from .common import JsonOpt, dump, fail, say
 
 
 def restore(
+    json_out: JsonOpt = False,
     to_boot: Annotated[bool, typer.Option(
         "--to-boot", help="put every knob back as this boot had it before the lab's first "
         "change (when a journal is damaged or lost)")] = False,
@@ -28,7 +29,7 @@ def restore(
             left = True
         if left or to_boot:
             fail("restoring knobs needs root")
-        print("nothing to restore: no journal of a killed run")
+        said(json_out, [], "nothing to restore: no journal of a killed run")
         return
     lock = RunLock()
     try:
@@ -38,8 +39,8 @@ def restore(
     try:
         if to_boot:
             boot = restore_to_boot(KernelFS(), Journal(), BootValues())
-            print("restored as this boot had them: "
-                  + ", ".join(f"{n}={v}" for n, v in boot))
+            said(json_out, boot, "restored as this boot had them: "
+                 + ", ".join(f"{n}={v}" for n, v in boot))
             return
         saved = restore_journal(KernelFS(), Journal(), lock)
     except LiveError as e:
@@ -47,6 +48,14 @@ def restore(
     finally:
         lock.release()
     if saved:
-        print("restored: " + ", ".join(f"{n}={v}" for n, v in saved))
+        said(json_out, saved, "restored: " + ", ".join(f"{n}={v}" for n, v in saved))
     else:
-        print("nothing to restore: no journal of a killed run")
+        said(json_out, [], "nothing to restore: no journal of a killed run")
+
+
+def said(json_out: bool, knobs: list[tuple[str, str]], text: str) -> None:
+    """What was put back: a JSON object (knob -> value) or a wrapped line."""
+    if json_out:
+        dump({"restored": dict(knobs)})
+    else:
+        say(text)

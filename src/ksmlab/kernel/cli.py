@@ -5,14 +5,13 @@ Registered in ksmlab/cli/application.py with ``app.add_typer(kernel_app, name="k
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..cli.common import DurationOpt, JsonOpt, err, fail
+from ..cli.common import DurationOpt, JsonOpt, dump, err, fail
 from ..scenario import ScenarioError
 from ..trace import Trace, TraceError
 from .build import VARIANTS, KernelBuildError, build, list_images
@@ -53,10 +52,11 @@ def variants(json_out: JsonOpt = False) -> None:
               "patch": f"kernel/data/patches/{v.patch}" if v.patch else None}
              for v in VARIANTS.values()]
     if json_out:
-        print(json.dumps({"variants": items}))
+        dump({"variants": items})
         return
-    for it in items:
-        print(f"{it['variant']:<22} {it['source']:<19} {it['patch'] or '(no patch)'}")
+    for it in items:  # 80 columns: the patch by its file name (in kernel/data/patches)
+        patch = Path(it["patch"]).name if it["patch"] else "(no patch)"
+        print(f"{it['variant']:<24} {it['source']:<19} {patch}"[:80])
 
 
 @kernel_app.command("build")
@@ -77,7 +77,7 @@ def build_cmd(variant: Annotated[str, typer.Argument(help="variant, or 'all'")],
             how = "cached" if b.cached else f"built in {b.seconds:.0f} s"
             print(f"{n}: {b.meta.get('release')} {how}: {b.bzimage}")
     if json_out:
-        print(json.dumps({"builds": out}))
+        dump({"builds": out})
 
 
 @kernel_app.command()
@@ -85,10 +85,11 @@ def images(json_out: JsonOpt = False) -> None:
     """The images in the cache."""
     ims = list_images()
     if json_out:
-        print(json.dumps({"images": ims}))
+        dump({"images": ims})
         return
     for m in ims:
-        print(f"{m['key']} {m['variant']:<22} {m['release']:<34} {m['built']}")
+        print(f"{str(m['key'])[:12]} {m['variant']:<20} {str(m['release'])[:24]:<24} "
+              f"{str(m['built'])[:16]}")
 
 
 @kernel_app.command("run")
@@ -105,9 +106,9 @@ def run_cmd(scenario: ScenarioArg, kernel: KernelOpt, duration: DurationOpt = No
     s = metrics.summarize(gr.trace)
     g = gr.trace.meta["guest"]
     if json_out:
-        print(json.dumps({"scenario": gr.trace.meta["scenario"]["name"], **g,
-                          **s.to_json(), "files": {"trace": str(gr.trace_path),
-                                                   "console": str(gr.console)}}))
+        dump({"scenario": gr.trace.meta["scenario"]["name"], **g,
+              **s.to_json(), "files": {"trace": str(gr.trace_path),
+                                       "console": str(gr.console)}})
         return
     from ..report import summary_text
 
@@ -152,7 +153,7 @@ def _validate_one(scenario: str, kernel: str, trace: Path | None = None,
 
 def _show(v: Validation, json_out: bool) -> None:
     if json_out:
-        print(json.dumps(v.to_json()))
+        dump(v.to_json())
         return
     n = len(v.checkpoints)
     print(f"{v.scenario} on {v.release} ({v.accelerator}) vs model `{v.policy}`")
@@ -228,7 +229,7 @@ def results(json_out: JsonOpt = False,
 
     idx = read_index()
     if json_out:
-        print(json.dumps({"results": idx}))
+        dump({"results": idx})
         return
     if markdown:
         print("| scenario | variant (policy) | guest kernel | verdict kernel | verdict model "
@@ -243,7 +244,7 @@ def results(json_out: JsonOpt = False,
                   f"{'yes' if r['confirmed'] else 'NO'} |")
         return
     for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
-        print(f"{r['scenario']:<16} {r['variant']:<20} {r['release']:<36} "
+        print(f"{r['scenario']:<16} {r['variant']:<18} {str(r['release'])[:24]:<24} "
               f"{r['agreement']:>5.0%} {'confirmed' if r['confirmed'] else 'NOT confirmed'}")
 
 
