@@ -17,12 +17,11 @@ from typing import Any
 from .live.features import policy_for_remap
 from .metrics import summarize
 from .model import POLICIES, simulate
-from .scenario import Scenario, load
+from .scenario import KsmKnobs, Scenario, load
 
 SEED = "seed-uzp1"
 SCANS = 3  # full scans the run lasts at the host's rate: merging starts in the second
-KSM_KNOBS = ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
-             "max_page_sharing")
+KSM_KNOBS = tuple(KsmKnobs.model_fields)  # the knobs a scenario sets, read from the host
 
 
 @dataclass

@@ -90,7 +90,7 @@ def calibrate(
               "largest model charges (ms)")
         for name, batches, kernel_ms, model_ms, parts in cal.by_scan(data, profile):
             top = " ".join(f"{p.removesuffix('_ns')}={ms:.1f}" for p, ms in parts)
-            print(f"  {name:<22} {batches:>4} {kernel_ms:8.2f} / {model_ms:8.2f}  {top}"[:80])
+            print(f"  {name:<22} {batches:>4} {kernel_ms:8.2f} / {model_ms:8.2f}  {top}")
     if holdout:
         print("held out (fitted on the other half): scenario, ksmd CPU error, time error")
         for name, cpu, t in cal.holdout(kernels, pol, shipped_profile() if quick else None):
