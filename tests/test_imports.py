@@ -5,6 +5,7 @@ and ``doctor``: importing the command line pulls in neither numba nor scipy."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,42 @@ def test_without_the_model_extra(tmp_path: Path) -> None:
                         + "import ksmlab.advice, ksmlab.cli.doctor, ksmlab.live.run"],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_base_install_from_the_wheel(tmp_path: Path) -> None:
+    """`pip install ksmlab` for real: the wheel into a fresh venv (uv, from its cache:
+    no network), then --version, doctor --help and scenarios run, and neither numba
+    nor scipy nor matplotlib was installed."""
+    import shutil
+
+    uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    if not Path(uv).exists():
+        pytest.skip("no uv to make a fresh venv")
+    tree = tmp_path / "tree"  # a copy: building writes build/ beside the sources
+    shutil.copytree(SRC, tree / "src", ignore=shutil.ignore_patterns("__pycache__",
+                                                                      "*.egg-info"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(SRC.parent / f, tree / f)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                        str(tmp_path), str(tree)], capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-800:]
+    [wheel] = tmp_path.glob("ksmlab-*.whl")
+    venv = tmp_path / "venv"
+    # uv's own cache, not the one conftest.py points XDG_CACHE_HOME at for ksmlab
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True,
+                   timeout=120, env=env)
+    r = subprocess.run([uv, "pip", "install", "-q", "--offline", "--python",
+                        str(venv / "bin" / "python"), str(wheel)], capture_output=True,
+                       text=True, timeout=300, check=False, env=env)
+    if r.returncode != 0:
+        pytest.skip(f"the base dependencies are not in uv's cache: {r.stderr[-600:]}")
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert not [m for m in MODEL_ONLY if (site / m).exists()]
+    for args in (["--version"], ["doctor", "--help"], ["scenarios"]):
+        r = subprocess.run([str(venv / "bin" / "ksmlab"), *args], capture_output=True,
+                           text=True, timeout=120, check=False, cwd=tmp_path,
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        assert r.returncode == 0 and r.stdout, (args, r.stderr)
