@@ -15,7 +15,7 @@ SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached c
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev,sweep]'
+	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev,model,sweep]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,15 +21,15 @@ from .conftest import run_ksmlab
 
 pytestmark = pytest.mark.live
 
-# The child maps three regions 2 MiB aligned (live/workload.py's _map_region):
+# The child maps three regions 2 MiB aligned (live/workload.py's map_region):
 # A: 4 MiB MADV_HUGEPAGE + MADV_MERGEABLE, every page written: two THPs
 # B: 2 MiB MADV_NOHUGEPAGE + MADV_MERGEABLE, every other page written, 8 pages of
 #    it then read only (the zero page), the rest never touched (absent)
 # C: 2 MiB not mergeable: not in the image
 CHILD = r"""
 import ctypes, json, sys
-from ksmlab.live.workload import _libc, _map_region
-libc = _libc()
+from ksmlab.live.workload import load_libc, map_region
+libc = load_libc()
 P = 4096
 def page(i):
     if i % 5 == 0:
@@ -37,9 +37,9 @@ def page(i):
     if i % 7 == 0:                                     # the same first 32 bytes,
         return b"T" * 32 + i.to_bytes(8, "big") + bytes(P - 40)  # order decided later
     return (i % 23).to_bytes(8, "little") * 512        # repeats every 23
-a = _map_region(libc, 4 << 20, "hugepage", True)
-b = _map_region(libc, 2 << 20, "nohugepage", True)
-c = _map_region(libc, 2 << 20, "nohugepage", False)
+a = map_region(libc, 4 << 20, "hugepage", True)
+b = map_region(libc, 2 << 20, "nohugepage", True)
+c = map_region(libc, 2 << 20, "nohugepage", False)
 for i in range(1024):
     ctypes.memmove(a + i * P, page(i), P)
 for i in range(0, 512, 2):

@@ -73,12 +73,6 @@ def test_checkpoints_seen_on_one_side_are_noted() -> None:
     assert fidelity.suite_agreement([r, fidelity.compare("y", a, a)]) == 1.0
 
 
-def test_policy_for_kernel() -> None:
-    assert fidelity.policy_for_kernel("6.1.0-18-amd64") == "pre-6.12"
-    assert fidelity.policy_for_kernel("6.12.117") == "mainline"
-    assert fidelity.policy_for_kernel("6.18.44-fc-v657") == "mainline"
-
-
 def test_fit_recovers_prices_and_slack() -> None:
     true = CostProfile(visit_ns=500.0, checksum_ns=700.0, split_ns=20000.0,
                        sleep_slack_ns=1_300_000.0)

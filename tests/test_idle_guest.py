@@ -61,7 +61,7 @@ def test_initrd_holds_busybox_and_init(tmp_path: Path, monkeypatch: pytest.Monke
     if shutil.which("cpio") is None:
         pytest.skip("cpio is not installed")
     try:
-        rootfs._busybox()
+        rootfs.busybox_path()
     except RootfsError as e:
         pytest.skip(str(e))
     monkeypatch.setenv("KSMLAB_KERNEL_CACHE", str(tmp_path))

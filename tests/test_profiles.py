@@ -173,33 +173,21 @@ def test_other_work_beside_a_run_is_measured() -> None:
 
 def test_calibrate_runs_a_busy_scenario_again_then_refuses(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import ksmlab.live.run as live_run
-    from ksmlab.cli import _quiet_run
+    from ksmlab.errors import UserError
+    from ksmlab.orchestrate import quiet_run
 
     seen: list[float] = []
+    said: list[str] = []
 
-    class FakeRun:
-        def __init__(self, sc: object, **kw: object) -> None:
-            pass
+    def live(sc: object, kernel_events: bool, attach: object) -> Trace:
+        seen.append(busy)
+        return busy_trace(busy)
 
-        def check(self) -> None:
-            pass
-
-        def run(self) -> Trace:
-            seen.append(busy)
-            return busy_trace(busy)
-
-    monkeypatch.setattr(live_run, "LiveRun", FakeRun)
     busy = 50.0
-    with pytest.raises(click_exit()) as e:
-        _quiet_run(load("seed-uzp1"))
-    assert getattr(e.value, "exit_code", None) == 2 and seen == [50.0, 50.0]
+    with pytest.raises(UserError, match="stayed busy"):
+        quiet_run(load("seed-uzp1"), live, said.append)
+    assert seen == [50.0, 50.0] and len(said) == 2
     seen.clear()
     busy = 3.0
-    assert _quiet_run(load("seed-uzp1")).meta["others_cpu_pct"] == 3.0 and seen == [3.0]
-
-
-def click_exit() -> type[BaseException]:
-    import typer
-
-    return typer.Exit
+    assert quiet_run(load("seed-uzp1"), live, said.append).meta["others_cpu_pct"] == 3.0
+    assert seen == [3.0]

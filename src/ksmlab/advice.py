@@ -14,14 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .live.features import policy_for_remap
 from .metrics import summarize
 from .model import POLICIES, simulate
-from .scenario import Scenario, load
+from .scenario import KsmKnobs, Scenario, load
 
 SEED = "seed-uzp1"
 SCANS = 3  # full scans the run lasts at the host's rate: merging starts in the second
-KSM_KNOBS = ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
-             "max_page_sharing")
+KSM_KNOBS = tuple(KsmKnobs.model_fields)  # the knobs a scenario sets, read from the host
 
 
 @dataclass
@@ -77,7 +77,7 @@ def advise(knobs: dict[str, Any], remaps: bool | None) -> Advice:
     """``knobs``: the host's values by sysfs name below /sys/kernel/mm
     (``ksm/pages_to_scan``); ``remaps``: what the remap probe saw (None: unknown,
     taken as the remap, which every kernel since 6.12 has)."""
-    policy = "pre-6.12" if remaps is False else "mainline"
+    policy = policy_for_remap(remaps)
     uzp = int(knobs.get("ksm/use_zero_pages", 0))
     cur, other = _run(knobs, uzp, policy), _run(knobs, 1 - uzp, policy)
     adv = Advice(policy, _seed(knobs, uzp).duration, cur, other)

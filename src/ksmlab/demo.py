@@ -17,7 +17,7 @@ SEEDS = ("seed-uzp1", "seed-uzp0")
 
 
 def run_demo(out: Path, live: bool, err: Console, choice: ProfileChoice) -> None:
-    from .cli import kernel_confirmed
+    from .kernel.validate import kernel_confirmed
     from .model import POLICIES, simulate
 
     out.mkdir(parents=True, exist_ok=True)

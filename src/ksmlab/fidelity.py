@@ -60,15 +60,6 @@ CALIBRATION_SET = ("thp-z50-unique", "thp-z90-dup", "thp-z0-dup", "chains-mps8",
                    "volatile")
 
 
-def policy_for_kernel(release: str) -> str:
-    """The model policy that stands for a kernel release (b1f202060afe is in 6.12)."""
-    try:
-        major, minor = (int(x) for x in release.split(".")[:2])
-    except ValueError:
-        return "mainline"
-    return "pre-6.12" if (major, minor) < (6, 12) else "mainline"
-
-
 # Figures of the issue's "done when"
 EXACT_TARGET = 0.95
 REL_TARGET = 0.02

@@ -96,8 +96,11 @@ def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str =
     """One row per policy; ``confirmed(policy)`` says whether a patched kernel agreed
     with the model on this scenario (cached `ksmlab kernel validate` results)."""
     rows = compare_rows(results, confirmed)
-    if fmt == "json":
-        return json.dumps({"title": title, "rows": rows}, indent=1)
+    if fmt == "json":  # numbers or null: the text columns "kernel" and "verdict" are
+        # kernel_confirmed and verdicts there
+        return json.dumps({"title": title, "rows": [
+            {k: v for k, v in r.items() if k not in ("kernel", "verdict")} for r in rows]},
+            indent=1)
     if fmt == "markdown":
         head = "| " + " | ".join(h for h, *_ in COMPARE_COLUMNS) + " |"
         sep = "|" + "|".join("---" for _ in COMPARE_COLUMNS) + "|"

@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PAGE_SIZE = 4096
-HPAGE_PMD_NR = 512  # subpages of a PMD-mapped THP on x86-64
-HPAGE_PMD_SIZE = PAGE_SIZE * HPAGE_PMD_NR
+from .constants import HPAGE_PMD_NR as HPAGE_PMD_NR  # re-exported: scenarios speak in them
+from .constants import HPAGE_PMD_SIZE as HPAGE_PMD_SIZE
+from .constants import PAGE_SIZE as PAGE_SIZE
+
 MiB = 1 << 20
 KHUGEPAGED_PARKED_MS = 86_400_000  # a day: khugepaged's own timer never fires in a run
 

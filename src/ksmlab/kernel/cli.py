@@ -1,18 +1,17 @@
 """``ksmlab kernel``: build patched kernels, run scenarios inside them, validate.
 
-Registered in ksmlab/cli.py with ``app.add_typer(kernel_app, name="kernel")``.
+Registered in ksmlab/cli/application.py with ``app.add_typer(kernel_app, name="kernel")``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from ..cli.common import DurationOpt, JsonOpt, dump, err, fail
 from ..scenario import ScenarioError
 from ..trace import Trace, TraceError
 from .build import VARIANTS, KernelBuildError, build, list_images
@@ -34,21 +33,12 @@ kernel_app = typer.Typer(
     help="Patched kernels under qemu (TCG): build, run a scenario inside, validate the model.",
     epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, highlight=False)
-
 KernelOpt = Annotated[str, typer.Option("--kernel", "-k", help="variant (ksmlab kernel variants)")]
 ScenarioArg = Annotated[str, typer.Argument(
     help="built-in name, a name in kernel/data/scenarios/ (scaled for the guest), or a .toml")]
-DurationOpt = Annotated[float | None, typer.Option("--duration", "-d", help="seconds")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="folder for the trace")]
 
 _ERRORS = (KernelBuildError, KernelRunError, RootfsError, ScenarioError, TraceError, ValueError)
-
-
-def _fail(msg: str, code: int = 2) -> NoReturn:
-    err.print(f"ksmlab: error: {msg}", markup=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _log(msg: str) -> None:
@@ -62,10 +52,11 @@ def variants(json_out: JsonOpt = False) -> None:
               "patch": f"kernel/data/patches/{v.patch}" if v.patch else None}
              for v in VARIANTS.values()]
     if json_out:
-        print(json.dumps({"variants": items}))
+        dump({"variants": items})
         return
-    for it in items:
-        print(f"{it['variant']:<22} {it['source']:<19} {it['patch'] or '(no patch)'}")
+    for it in items:  # 80 columns: the patch by its file name (in kernel/data/patches)
+        patch = Path(it["patch"]).name if it["patch"] else "(no patch)"
+        print(f"{it['variant']:<24} {it['source']:<19} {patch}"[:80])
 
 
 @kernel_app.command("build")
@@ -79,14 +70,14 @@ def build_cmd(variant: Annotated[str, typer.Argument(help="variant, or 'all'")],
         try:
             b = build(n, log=_log, jobs=jobs)
         except _ERRORS as e:
-            _fail(str(e))
+            fail(str(e))
         out.append({"variant": n, "key": b.key, "bzimage": str(b.bzimage), "cached": b.cached,
                     "seconds": round(b.seconds, 1), "release": b.meta.get("release")})
         if not json_out:
             how = "cached" if b.cached else f"built in {b.seconds:.0f} s"
             print(f"{n}: {b.meta.get('release')} {how}: {b.bzimage}")
     if json_out:
-        print(json.dumps({"builds": out}))
+        dump({"builds": out})
 
 
 @kernel_app.command()
@@ -94,10 +85,11 @@ def images(json_out: JsonOpt = False) -> None:
     """The images in the cache."""
     ims = list_images()
     if json_out:
-        print(json.dumps({"images": ims}))
+        dump({"images": ims})
         return
     for m in ims:
-        print(f"{m['key']} {m['variant']:<22} {m['release']:<34} {m['built']}")
+        print(f"{str(m['key'])[:12]} {m['variant']:<20} {str(m['release'])[:24]:<24} "
+              f"{str(m['built'])[:16]}")
 
 
 @kernel_app.command("run")
@@ -110,13 +102,13 @@ def run_cmd(scenario: ScenarioArg, kernel: KernelOpt, duration: DurationOpt = No
     try:
         gr = run(scenario, kernel, duration, out, log=_log)
     except _ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
     s = metrics.summarize(gr.trace)
     g = gr.trace.meta["guest"]
     if json_out:
-        print(json.dumps({"scenario": gr.trace.meta["scenario"]["name"], **g,
-                          **s.to_json(), "files": {"trace": str(gr.trace_path),
-                                                   "console": str(gr.console)}}))
+        dump({"scenario": gr.trace.meta["scenario"]["name"], **g,
+              **s.to_json(), "files": {"trace": str(gr.trace_path),
+                                       "console": str(gr.console)}})
         return
     from ..report import summary_text
 
@@ -161,7 +153,7 @@ def _validate_one(scenario: str, kernel: str, trace: Path | None = None,
 
 def _show(v: Validation, json_out: bool) -> None:
     if json_out:
-        print(json.dumps(v.to_json()))
+        dump(v.to_json())
         return
     n = len(v.checkpoints)
     print(f"{v.scenario} on {v.release} ({v.accelerator}) vs model `{v.policy}`")
@@ -194,7 +186,7 @@ def validate_cmd(scenario: ScenarioArg, kernel: KernelOpt,
     try:
         v = _validate_one(scenario, kernel, trace, duration)
     except _ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
     record(v)
     _show(v, json_out)
     if not v.confirmed:
@@ -237,7 +229,7 @@ def results(json_out: JsonOpt = False,
 
     idx = read_index()
     if json_out:
-        print(json.dumps({"results": idx}))
+        dump({"results": idx})
         return
     if markdown:
         print("| scenario | variant (policy) | guest kernel | verdict kernel | verdict model "
@@ -252,7 +244,7 @@ def results(json_out: JsonOpt = False,
                   f"{'yes' if r['confirmed'] else 'NO'} |")
         return
     for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
-        print(f"{r['scenario']:<16} {r['variant']:<20} {r['release']:<36} "
+        print(f"{r['scenario']:<16} {r['variant']:<18} {str(r['release'])[:24]:<24} "
               f"{r['agreement']:>5.0%} {'confirmed' if r['confirmed'] else 'NOT confirmed'}")
 
 

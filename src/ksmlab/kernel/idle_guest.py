@@ -39,7 +39,7 @@ from typing import Any
 from ..live.smaps import Mapping, parse_smaps
 from .build import NICE, KernelBuildError, cache_dir, cached_image, get_variant
 from .qemu import QEMU
-from .rootfs import Plan, RootfsError, _busybox, assemble
+from .rootfs import Plan, RootfsError, assemble, busybox_path
 
 DEBIAN_KERNEL_META = "linux-image-cloud-amd64"  # depends on the versioned image package
 LAB_VARIANT = "6.12"
@@ -170,7 +170,7 @@ def guest_initrd(job_mib: int) -> Path:
     """The idle guest's initramfs (static busybox + /init), cached by its content under
     ``<cache>/idle-guest``."""
     try:
-        p = Plan([(_busybox(), "bin/busybox")], init_script(job_mib))
+        p = Plan([(busybox_path(), "bin/busybox")], init_script(job_mib))
         dest = cache_dir() / "idle-guest" / f"{p.key()}.cpio.gz"
         return dest if dest.exists() else assemble(dest, p)
     except (RootfsError, OSError) as e:

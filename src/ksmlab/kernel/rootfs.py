@@ -74,7 +74,7 @@ class RootfsError(RuntimeError):
     """The root filesystem cannot be assembled here; one line."""
 
 
-def _busybox() -> Path:
+def busybox_path() -> Path:
     for p in BUSYBOX_CANDIDATES:
         if p.exists():
             r = subprocess.run(["file", "-L", str(p)], capture_output=True, text=True)
@@ -172,7 +172,8 @@ class Plan:
 def plan() -> Plan:
     if not PYTHON.exists():
         raise RootfsError(f"{PYTHON} is missing: apt-get install python3.11")
-    files: list[tuple[Path, str]] = [(_busybox(), "bin/busybox"), (PYTHON, "usr/bin/python3.11")]
+    files: list[tuple[Path, str]] = [(busybox_path(), "bin/busybox"),
+                                     (PYTHON, "usr/bin/python3.11")]
     std = list(stdlib_files())
     files += [(s, f"usr/lib/python3.11/{d}") for s, d in std]
     site = list(python_packages())

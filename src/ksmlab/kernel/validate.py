@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -196,6 +197,12 @@ def record(v: Validation) -> None:
         tmp.write_text(json.dumps({"format": "ksmlab-kernel-results/1", "results": results},
                                   indent=1, sort_keys=True) + "\n")
         os.replace(tmp, p)
+
+
+def kernel_confirmed(scenario: str) -> Callable[[str], bool | None]:
+    """Per policy: did a patched kernel confirm the model on ``scenario``? (cached
+    results of `ksmlab kernel validate`; nothing is built or booted here)"""
+    return lambda policy: confirmed(policy, scenario)
 
 
 def confirmed(policy: str, scenario: str) -> bool | None:

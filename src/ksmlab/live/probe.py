@@ -46,10 +46,10 @@ class RemapProbe:
 def _child() -> None:
     """In the probe's child: one THP, one byte written, paged out; print what its
     pages are now (read through pagemap and kpageflags by the child itself)."""
-    from .workload import _libc, _map_region
+    from .workload import load_libc, map_region
 
-    libc = _libc()
-    addr = _map_region(libc, HPAGE_PMD_SIZE, "hugepage", False)
+    libc = load_libc()
+    addr = map_region(libc, HPAGE_PMD_SIZE, "hugepage", False)
     ctypes.c_char.from_address(addr).value = b"\x01"
     fs = KernelFS()
     pid = os.getpid()

@@ -46,6 +46,7 @@ from . import machine
 from .attach import Attach, Attached
 from .capture import Captured
 from .damon import active_schemes
+from .features import release_of
 from .journal import BootValues, Journal, JournalDamaged, LockBusy, RunLock
 from .kernelfs import KernelFS, KernelWriteError
 from .knobs import (
@@ -75,11 +76,14 @@ POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full 
 # Knobs that older or smaller kernels lack; a run goes on without them (with a note):
 # the kernel then behaves as the comment says.  (Guest kernels of `ksmlab kernel`:
 # 6.1 has none of the first three, and a kernel without CONFIG_NUMA has no
-# merge_across_nodes.)
+# merge_across_nodes.)  The release each came in: live/features.py.
 OPTIONAL_KNOBS = {
-    "ksm/advisor_mode": "no advisor (6.8+), pages_to_scan is fixed",
-    "ksm/smart_scan": "no smart scan (6.7+): every page is scanned every time",
-    "transparent_hugepage/shrink_underused": "no underused-THP shrinker (6.12+)",
+    "ksm/advisor_mode": f"no advisor ({release_of('ksm/advisor_mode')}+), pages_to_scan "
+    "is fixed",
+    "ksm/smart_scan": f"no smart scan ({release_of('ksm/smart_scan')}+): every page is "
+    "scanned every time",
+    "transparent_hugepage/shrink_underused": "no underused-THP shrinker "
+    f"({release_of('transparent_hugepage/shrink_underused')}+)",
     "ksm/merge_across_nodes": "one NUMA node (CONFIG_NUMA=n): nothing to merge across",
 }
 
@@ -153,9 +157,8 @@ def scenario_knobs(sc: Scenario) -> list[tuple[str, object]]:
     """
     k, t = sc.ksm, sc.thp
     out: list[tuple[str, object]] = [("ksm/run", 2), ("ksm/advisor_mode", "none")]
-    for name in ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
-                 "max_page_sharing", "merge_across_nodes", "stable_node_chains_prune_millisecs"):
-        out.append((f"ksm/{name}", getattr(k, name)))
+    for name, value in k.model_dump().items():  # scenario.KsmKnobs, in its order
+        out.append((f"ksm/{name}", value))
     for name in ("enabled", "defrag", "use_zero_page", "shrink_underused"):
         out.append((f"transparent_hugepage/{name}", getattr(t, name)))
     for name, value in t.khugepaged.model_dump().items():

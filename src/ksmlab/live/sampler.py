@@ -13,16 +13,11 @@ import time
 
 from ..trace import MTHP_STATS, mthp_column
 from .kernelfs import KernelFS
-from .knobs import KSM, THP
+from .knobs import KNOBS, KSM, THP
 from .kthread import find_kthread
 
-# not counters: knobs that live in the same folder
-_KSM_KNOB_FILES = frozenset({
-    "run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
-    "max_page_sharing", "merge_across_nodes", "stable_node_chains_prune_millisecs",
-    "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
-    "advisor_max_pages_to_scan", "advisor_target_scan_time",
-})
+# not counters: knobs that live in the same folder (live/knobs.py has every one)
+KSM_KNOB_FILES = frozenset(n.removeprefix("ksm/") for n in KNOBS if n.startswith("ksm/"))
 _KSM_STAT = {
     "ksm_rmap_items": "ksm_rmap_items",
     "ksm_merging_pages": "ksm_merging_pages",
@@ -40,7 +35,7 @@ class Sampler:
                  mthp_sizes: list[str] | None = None) -> None:
         self.fs = fs
         self.pids = list(pids or [])
-        self.ksm_files = [f for f in fs.listdir(KSM) if f not in _KSM_KNOB_FILES]
+        self.ksm_files = [f for f in fs.listdir(KSM) if f not in KSM_KNOB_FILES]
         self.ksmd = find_ksmd(fs)
         # multi-size THP sizes whose per-size stats are read ("64kB"): the scenario's
         self.mthp_sizes = list(mthp_sizes or [])

@@ -50,7 +50,7 @@ class WorkloadError(RuntimeError):
 # ----------------------------------------------------------------------------- child
 
 
-def _libc() -> ctypes.CDLL:
+def load_libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -69,7 +69,7 @@ def thp_disable(on: bool) -> bool:
     (khugepaged_scan_mm_slot(): MMF_DISABLE_THP) instead of sharing each pass's
     pages_to_scan with numpy's MADV_HUGEPAGE arrays; the flag is inherited across
     fork and exec, so the workload clears it again."""
-    libc = _libc()
+    libc = load_libc()
     before = bool(libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0))
     _check(libc.prctl(PR_SET_THP_DISABLE, int(on), 0, 0, 0), "prctl(PR_SET_THP_DISABLE)")
     return before
@@ -79,7 +79,7 @@ def exec_merge_any(argv: list[str]) -> None:
     """prctl(PR_SET_MEMORY_MERGE, 1), then exec ``argv``: every VMA of the program is
     mergeable (MMF_VM_MERGE_ANY survives execve since 6.7, 3c6f33b7273a), as
     systemd's MemoryKSM= does.  Returns only on failure (OSError)."""
-    _check(_libc().prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0), "prctl(PR_SET_MEMORY_MERGE)")
+    _check(load_libc().prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0), "prctl(PR_SET_MEMORY_MERGE)")
     os.execvp(argv[0], argv)
 
 
@@ -106,7 +106,7 @@ class _Region:
     view: npt.NDArray[np.uint64]  # one big-endian u64 per page: the page's first 8 bytes
 
 
-def _map_region(libc: ctypes.CDLL, size: int, thp: str, madv_mergeable: bool) -> int:
+def map_region(libc: ctypes.CDLL, size: int, thp: str, madv_mergeable: bool) -> int:
     raw = libc.mmap(None, size + HPAGE_PMD_SIZE, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if raw in (None, ctypes.c_void_p(-1).value):
@@ -157,13 +157,13 @@ class _Child:
         return ids
 
     def setup(self, fill_now: bool) -> dict[str, Any]:
-        libc = _libc()
+        libc = load_libc()
         if self.proc.merge == "prctl":
             _check(libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0), "prctl(PR_SET_MEMORY_MERGE)")
         for ref in self.refs:
             size = ref.spec.pages * PAGE_SIZE
             madv = self.proc.merge == "madvise" and ref.spec.mergeable
-            addr = _map_region(libc, size, ref.spec.thp, madv)
+            addr = map_region(libc, size, ref.spec.thp, madv)
             ids = content.region_ids(self.sc, ref)
             self.regions.append(_Region(addr, ref.spec.pages, ref.first_page, ids,
                                         _be_view(addr, ref.spec.pages)))
@@ -264,7 +264,7 @@ def main() -> None:
     # Ctrl-C reaches the whole foreground process group: the parent handles it (and
     # ends this process); a KeyboardInterrupt here only printed a traceback per child
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    libc = _libc()
+    libc = load_libc()
     parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     _check(libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0), "prctl(PR_SET_THP_DISABLE)")

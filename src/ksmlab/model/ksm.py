@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..constants import KSM_RMAP_ITEM_SIZE
 from ..scenario import KsmKnobs
 from .costs import CpuMeter
-from .memory import KSM_RMAP_ITEM_SIZE, KSM_ZERO_PTE, Mm, Page, System, Vma, ZeroPte, put_mapping
+from .memory import KSM_ZERO_PTE, Mm, Page, System, Vma, ZeroPte, put_mapping
 from .policies import ksm_scans_thp
 from .rbtree import RbNode, RbRoot, rb_erase, rb_insert_color, rb_link_node, rb_replace_node
 from .thp import split_folio

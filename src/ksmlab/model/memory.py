@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from ..scenario import HPAGE_PMD_NR, PMD_ORDER, ThpKnobs, folio_size_name
+from ..constants import HPAGE_PMD_NR, KSM_RMAP_ITEM_SIZE
+from ..scenario import PMD_ORDER, ThpKnobs, folio_size_name
 from ..trace import MTHP_STATS, mthp_column
 from .policies import Policy
-
-KSM_RMAP_ITEM_SIZE = 64  # sizeof(struct ksm_rmap_item), x86-64 6.12-6.18
 
 
 class ZeroPte:
