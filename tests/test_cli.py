@@ -366,9 +366,18 @@ def test_export_gives_csv_pandas_reads(tmp_path: Path) -> None:
     tr = Trace.load(trace)
     assert len(rows) == len(tr.t) and list(rows[0])[:2] == ["t", "full_scan_end"]
     assert float(rows[-1]["pages_scanned"]) == tr.since_start("pages_scanned")[-1]
+    # every digit of ksmd's CPU ns, not ten significant ones
+    assert float(rows[-1]["ksmd_cpu_ns"]) == tr.since_start("ksmd_cpu_ns")[-1]
     raw = ksmlab("export", str(trace), "--raw").stdout.splitlines()
     assert raw[0] == ",".join(rows[0]) and len(raw) == len(rows) + 1
     one_line_error(ksmlab("export", str(tmp_path / "nope.json.gz")), "nope.json.gz")
+    pd = pytest.importorskip("pandas", reason="the sweep extra (pandas, pyarrow) is not "
+                             "installed")
+    r = ksmlab("export", str(trace), "-o", str(tmp_path / "t.parquet"))
+    assert r.returncode == 0, r.stderr
+    frame = pd.read_parquet(tmp_path / "t.parquet")
+    assert list(frame.columns) == list(rows[0])
+    assert frame["pages_scanned"].iloc[-1] == tr.since_start("pages_scanned")[-1]
 
 
 def test_help_names_the_choices_and_fits_80_columns() -> None:

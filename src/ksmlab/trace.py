@@ -184,16 +184,21 @@ class Trace:
             cols = {"t": np.zeros(0)}
         return cls(meta, cols, events or [])
 
-    def to_csv(self, since_start: bool = True) -> str:
-        """The samples as CSV, one row each, ``t`` first, then :data:`COLUMNS` order;
-        counters the kernel never resets as increases since the start (their raw
-        values are the baseline in ``meta`` plus these), empty for a missing value."""
+    def table(self, since_start: bool = True) -> dict[str, npt.NDArray[np.float64]]:
+        """The samples column by column for export: ``t`` first, then :data:`COLUMNS`
+        order, then any other (per-size counters); counters the kernel never resets
+        as increases since the start (their raw values are the baseline in ``meta``
+        plus these) unless ``since_start`` is False; NaN for a missing value."""
         names = [c for c in COLUMNS if c in self.columns]
         names += sorted(c for c in self.columns if c not in names)
-        cols = [self.since_start(c) if since_start and c != "t" else self[c] for c in names]
-        lines = [",".join(names)]
-        for row in zip(*cols, strict=True):
-            lines.append(",".join("" if np.isnan(v) else f"{v:.10g}" for v in row))
+        return {c: self.since_start(c) if since_start and c != "t" else self[c] for c in names}
+
+    def to_csv(self, since_start: bool = True) -> str:
+        """:meth:`table` as CSV, one row a sample, empty for a missing value."""
+        table = self.table(since_start)
+        lines = [",".join(table)]
+        for row in zip(*table.values(), strict=True):
+            lines.append(",".join("" if np.isnan(v) else _num(float(v)) for v in row))
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -258,3 +263,9 @@ def others_cpu_pct(tr: Trace) -> float | None:
     d = {c: float(tr[c][j] - tr[c][i]) for c in cols}
     others = d["cpu_busy_ns"] - d["ksmd_cpu_ns"] - d["workload_cpu_ns"] - d["lab_cpu_ns"]
     return max(0.0, others / (span * 1e9) * 100)
+
+
+def _num(v: float) -> str:
+    """The shortest text that reads back as the same float (ns counters keep every
+    digit); whole numbers without a decimal point."""
+    return str(int(v)) if v.is_integer() else repr(v)
