@@ -16,6 +16,7 @@ from .jit import jit
 from .pages import break_ksm, split_folio
 from .state import (
     ANON_RSS,
+    BATCHES,
     BUDGET,
     C_BATCH,
     C_BREAK_COW,
@@ -90,6 +91,7 @@ from .state import (
     Ranges,
     Slots,
     Vmas,
+    charge,
 )
 
 _wake = jit(inline=True)(ksmd_wake)  # the exact model's rule, compiled
@@ -289,7 +291,7 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, C: F64, chain: int,
             if not prune and _is_candidate(P, G, found, 0):
                 break
         d = nx
-    F[CPU] += visited * C[C_DUP_VISIT]
+    charge(F, C, C_DUP_VISIT, visited)
     if found < 0:
         rb.erase(G, ROOT_S, P.nleft, P.nright, P.npar, P.nred, chain)
         P.ndead[chain] = 1
@@ -353,7 +355,7 @@ def _stable_tree_search(S: Slots, P: Pool, G: I64, F: F64, C: F64, h: int) -> in
                 break
         if not restart:
             break
-    F[CPU] += levels * C[C_STABLE_LEVEL]
+    charge(F, C, C_STABLE_LEVEL, levels)
     return result
 
 
@@ -394,7 +396,7 @@ def _stable_tree_insert(S: Slots, P: Pool, G: I64, F: F64, C: F64, kp: int) -> i
                 break
         if not restart:
             break
-    F[CPU] += levels * C[C_STABLE_LEVEL]
+    charge(F, C, C_STABLE_LEVEL, levels)
     new = _alloc_node(P, G, kp, False)
     if match < 0:
         rb.link_node(G, ROOT_S, P.nleft, P.nright, P.npar, P.nred, new, parent, left)
@@ -460,7 +462,7 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
                 n = int(S.iright[n])
                 left = False
             else:
-                F[CPU] += C[C_MEMCMP]
+                charge(F, C, C_MEMCMP, 1.0)
                 res_i = n
                 res_h = tp
                 done = True
@@ -474,7 +476,7 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
             rb.insert_color(G, ROOT_U, S.ileft, S.iright, S.ipar, S.ired, i)
             G[PAGES_UNSHARED] += 1
         break
-    F[CPU] += levels * C[C_UNSTABLE_LEVEL]
+    charge(F, C, C_UNSTABLE_LEVEL, levels)
     return res_i, res_h
 
 
@@ -485,14 +487,14 @@ def _ksm_split(S: Slots, R: Ranges, G: I64, C: F64, F: F64, r: int, keep: int,
     budget = max(0, G[BUDGET])
     ok, zt, dt, rem, krem = split_folio(S, R, G, r, G[REMAP_KSM], extra, keep, budget)
     if not ok:
-        F[CPU] += C[C_SPLIT_FAILED]
+        charge(F, C, C_SPLIT_FAILED, 1.0)
         return False
     # CpuMeter.charge() one cost at a time (the float sum's order matters)
-    F[CPU] += C[C_SPLIT]
-    F[CPU] += zt * C[C_ZT_ZERO]
-    F[CPU] += dt * C[C_ZT_DATA]
-    F[CPU] += 512 * C[C_REMAP_PTE]
-    F[CPU] += rem * C[C_FREE_PAGE]
+    charge(F, C, C_SPLIT, 1.0)
+    charge(F, C, C_ZT_ZERO, zt)
+    charge(F, C, C_ZT_DATA, dt)
+    charge(F, C, C_REMAP_PTE, 512)
+    charge(F, C, C_FREE_PAGE, rem)
     if krem:
         G[BUDGET] -= krem
         G[PAGES_SCANNED] += krem
@@ -529,11 +531,11 @@ def _merge_one_page(S: Slots, R: Ranges, P: Pool, G: I64, F: F64, C: F64, s: int
             P.knode[k] = -1
             S.pte[s] = k
         return 0
-    F[CPU] += C[C_MEMCMP]
+    charge(F, C, C_MEMCMP, 1.0)
     if kpage == ZEROPAGE:
         if _cid(S, P, h) != 0:
             return -1
-        F[CPU] += C[C_ZERO_MERGE]
+        charge(F, C, C_ZERO_MERGE, 1.0)
         S.pte[s] = KZERO
         G[KSM_ZERO] += 1
         G[ANON_RSS] -= 1
@@ -541,7 +543,7 @@ def _merge_one_page(S: Slots, R: Ranges, P: Pool, G: I64, F: F64, C: F64, s: int
         return 0
     if _cid(S, P, h) != P.kcid[kpage]:
         return -1
-    F[CPU] += C[C_MERGE]
+    charge(F, C, C_MERGE, 1.0)
     S.pte[s] = kpage
     P.kmap[kpage] += 1
     _put_mapping(P, h)
@@ -570,7 +572,7 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
             return
     else:
         _remove_from_tree(S, P, G, i)
-        F[CPU] += C[C_CHECKSUM]
+        charge(F, C, C_CHECKSUM, 1.0)
         checksum = _cid(S, P, h) + 1
         if S.ichk[i] != checksum:
             S.ichk[i] = checksum
@@ -604,7 +606,7 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
         if err:
             if _vma_ok(R, V, i):  # break_cow()
                 break_ksm(S, P, G, i)
-                F[CPU] += C[C_BREAK_COW]
+                charge(F, C, C_BREAK_COW, 1.0)
         else:
             kp = h2
     split = _same_folio(S, R, h, th)
@@ -620,7 +622,7 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
 @jit(inline=True)
 def _flush_frees(G: I64, F: F64, C: F64) -> None:
     for _ in range(G[PENDING_FREE]):
-        F[CPU] += C[C_RMAP_FREE]
+        charge(F, C, C_RMAP_FREE, 1.0)
     G[PENDING_FREE] = 0
 
 
@@ -654,7 +656,6 @@ def _should_skip(S: Slots, P: Pool, G: I64, i: int, h: int) -> bool:
 @jit(inline=True)
 def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: int) -> int:
     scan_thp = _scan_thp(G)
-    skip_ns = C[C_PTE_SKIP]
     first = V.mm_first[m]
     for v in range(first, first + V.mm_count[m]):
         vbase = V.base[v]
@@ -683,21 +684,21 @@ def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: i
                     S.iright[i] = -1
                     S.ipar[i] = -1
                     G[RMAP_ITEMS] += 1
-                    F[CPU] += C[C_RMAP_ALLOC]
+                    charge(F, C, C_RMAP_ALLOC, 1.0)
                 G[CUR_PREV] = i
                 h = int(p) if p >= 0 else -i - 1
                 if _should_skip(S, P, G, i, h):
-                    F[CPU] += C[C_SMART_SKIP]
+                    charge(F, C, C_SMART_SKIP, 1.0)
                     i += 1
                     continue
-                F[CPU] += skipped * skip_ns
+                charge(F, C, C_PTE_SKIP, skipped)
                 G[CUR_ADDR] = i + 1
                 return int(i)
             if S.iflags[i] & EXISTS:
                 _drop_item(S, P, G, i)
             skipped += 1
             i += 1
-        F[CPU] += skipped * skip_ns
+        charge(F, C, C_PTE_SKIP, skipped)
         G[CUR_ADDR] = vend
     return -1
 
@@ -707,7 +708,7 @@ def _scan_get_next(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64
     if G[NSLOTS] == 0:
         return -1
     if G[CUR_SLOT] < 0:
-        F[CPU] += C[C_SCAN_START]
+        charge(F, C, C_SCAN_START, 1.0)
         G[ROOT_U] = -1
         G[CUR_SLOT] = 0
         G[CUR_ADDR] = -1
@@ -743,7 +744,7 @@ def do_scan(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> bo
         i = _scan_get_next(S, R, V, P, G, F, C)
         if i < 0:
             return True
-        F[CPU] += C[C_VISIT]
+        charge(F, C, C_VISIT, 1.0)
         _cmp_and_merge_page(S, R, V, P, G, F, C, i)
         G[PAGES_SCANNED] += 1
     return False
@@ -767,8 +768,9 @@ def ksmd_until(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, t_
         scans = G[SEQNR]
         F[NOW] = t
         do_scan(S, R, V, P, G, F, C)
-        F[CPU] += C[C_BATCH]
-        F[CPU] += min(F[CPU] - before, C[C_COLD_WINDOW]) * C[C_COLD]
+        charge(F, C, C_BATCH, 1.0)
+        charge(F, C, C_COLD, min(F[CPU] - before, C[C_COLD_WINDOW]))
+        G[BATCHES] += 1
         busy = (F[CPU] - before) / 1e9
         F[T_SCAN_END] = t + busy
         t = _wake(t, busy, G[K_SLEEP], C[C_SLACK], C[C_TICK])

@@ -27,6 +27,7 @@ from .state import (
     THP_ALLOWED_ALWAYS,
     THP_ALLOWED_MADV,
     THP_RANGES,
+    U8,
     U32,
     U64,
     UNIQ_CODE,
@@ -184,8 +185,12 @@ def thp_underused(S: Slots, r: int, max_none: int) -> bool:
 
 @jit()
 def deferred_split_scan(S: Slots, R: Ranges, V: Vmas, G: I64, order: I64, max_none: int,
-                        mode_m: int, mode_nm: int) -> int:
-    """The shrinker over the queue (``order``: queued ranges, oldest first)."""
+                        mode_m: int, mode_nm: int, held: U8, failed_counted: int) -> int:
+    """The shrinker over the queue (``order``: queued ranges, oldest first).
+
+    ``held``: per range, 1 where someone else holds the THP at that moment (a replay:
+    the kernel kept it), whose split fails and drops it from the queue (set to 2:
+    met); ``failed_counted`` of those failures count thp_split_page_failed."""
     split = 0
     for j in range(len(order)):
         r = order[j]
@@ -193,6 +198,13 @@ def deferred_split_scan(S: Slots, R: Ranges, V: Vmas, G: I64, order: I64, max_no
             R.qseq[r] = 0
             continue
         if not thp_underused(S, r, max_none):
+            R.qseq[r] = 0
+            continue
+        if held[r]:
+            held[r] = 2
+            if failed_counted > 0:
+                G[V_SPLIT_FAILED] += 1
+                failed_counted -= 1
             R.qseq[r] = 0
             continue
         mode = mode_m if V.merge[R.vma[r]] else mode_nm

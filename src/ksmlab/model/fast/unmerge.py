@@ -11,7 +11,6 @@ from .pages import break_ksm
 from .state import (
     C_RMAP_FREE,
     CHAINS,
-    CPU,
     CUR_ADDR,
     CUR_PREV,
     CUR_SLOT,
@@ -27,6 +26,7 @@ from .state import (
     Pool,
     Slots,
     Vmas,
+    charge,
 )
 
 
@@ -46,7 +46,7 @@ def unmerge_all(S: Slots, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> None:
                     _remove_from_tree(S, P, G, s)
                     S.iflags[s] = 0
                     G[RMAP_ITEMS] -= 1
-                    F[CPU] += C[C_RMAP_FREE]
+                    charge(F, C, C_RMAP_FREE, 1.0)
     # remove_all_stable_nodes(): an in-order snapshot of the stable tree
     order = np.empty(G[NN], np.int64)
     k = 0
