@@ -76,13 +76,13 @@ def _load(name: str, duration: float | None) -> Scenario:
     return scenario_mod.load(name).with_duration(duration)
 
 
-def _model_fits(sc: Scenario, engine: str = "auto", pinned: bool = False) -> None:
+def _model_fits(sc: Scenario, engine: str = "auto", events: bool = False) -> None:
     """Refuse, before it starts, a model run this machine has no memory for (a 10 TiB
     region ran 30 s and was OOM-killed at 24 GB resident)."""
     from .live.run import mem_available_mib
     from .model.run import memory_estimate
 
-    need, eng = memory_estimate(sc, engine, pinned)
+    need, eng = memory_estimate(sc, engine, events)
     avail = mem_available_mib(KernelFS())
     if avail is not None and need > avail << 20:
         raise UserError(
@@ -666,7 +666,7 @@ def validate(
         # every file checked before anything runs
         runs = [(_load(n, duration), None) for n in names]
     for sc, _ in runs:
-        _model_fits(sc, pinned=True)  # replays run on the exact engine
+        _model_fits(sc, events=kernel_events)  # KSM's event stream: the exact engine
     pol = policy or fidelity.policy_for_kernel(os.uname().release)
     _policy(get_policy, pol)
     choice = _profile(profile)
@@ -676,7 +676,7 @@ def validate(
         ref = _live(sc, kernel_events=kernel_events, attach=attach)
         if attach is not None:
             sc = attach.scenario(attach.folder)
-            _model_fits(sc, pinned=True)
+            _model_fits(sc, events=kernel_events)
         stream = bool(ref.kernel_events and ref.kernel_events.get("recorded"))
         cand = simulate(sc, pol, profile=choice.profile, kernel_events=stream,
                         **fidelity.replay(ref))
