@@ -10,6 +10,7 @@ seed printed in pytest's header; ``KSMLAB_FAST_SEED=N`` replays a run's examples
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from ksmlab import fidelity
 from ksmlab.model import POLICIES, ModelUnsupported, simulate
 from ksmlab.model.costs import COST_FIELDS, CostProfile
 from ksmlab.model.fast import FastSimulation, unsupported
-from ksmlab.model.run import Simulation
+from ksmlab.model.run import Simulation, run_model
 from ksmlab.scenario import Scenario, builtin_names, load
 from ksmlab.trace import COLUMNS, Trace
 
@@ -267,3 +269,19 @@ def test_replays_run_on_the_fast_engine() -> None:
     sc = load("seed-uzp0").with_duration(2.0)
     tr = simulate(sc, "mainline", pins=[("ksm_start", 1)], shrinker=[{}], engine="fast")
     assert tr.meta["source"] == "model"
+
+
+REPLAYS = sorted((Path(__file__).parent / "data" / "replay").glob("*.kernel.trace.json.gz"))
+
+
+@pytest.mark.parametrize("path", REPLAYS, ids=[p.name.split(".")[0] for p in REPLAYS])
+def test_fast_equals_exact_on_recorded_replays(path: Path) -> None:
+    """Kernel traces recorded by `ksmlab validate` (6.18, 2 CPUs): what validate and
+    calibrate replay, the same on both engines (trace, events, cost counts)."""
+    ref = Trace.load(path)
+    sc = Scenario.model_validate(ref.meta["scenario"])
+    pol = fidelity.policy_for_kernel(str(ref.meta["kernel"]))
+    exact, te = run_model(sc, pol, engine="exact", **fidelity.replay(ref))
+    fast, tf = run_model(sc, pol, engine="fast", **fidelity.replay(ref))
+    assert_same(te, tf)
+    assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
