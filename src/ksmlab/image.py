@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .scenario import HPAGE_PMD_NR
+from .units import HPAGE_PMD_NR
 
 FORMAT = "ksmlab-image/1"
 PRESENT, THP, ZERO_PTE, KSM, FILE = 1, 2, 4, 8, 16

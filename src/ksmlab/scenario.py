@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PAGE_SIZE = 4096
-HPAGE_PMD_NR = 512  # subpages of a PMD-mapped THP on x86-64
+from .units import HPAGE_PMD_NR as HPAGE_PMD_NR  # re-exported: where most modules take it
+from .units import PAGE_SIZE as PAGE_SIZE
+
 HPAGE_PMD_SIZE = PAGE_SIZE * HPAGE_PMD_NR
 MiB = 1 << 20
 KHUGEPAGED_PARKED_MS = 86_400_000  # a day: khugepaged's own timer never fires in a run

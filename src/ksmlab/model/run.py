@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -45,14 +45,12 @@ from .timeline import (
     KSMD_IDLE,
     KSMD_OK,
     KSMD_SCAN_END,
-    VOLATILE_TICK,
+    Engine,
     Timeline,
-    model_trace,
+    knobs_after,
     sample_row,
+    volatile_burst,
 )
-
-if TYPE_CHECKING:  # the fast engine is imported when it runs (numba loads slowly)
-    from .fast import FastSimulation
 
 __all__ = ["ENGINES", "ModelUnsupported", "Simulation", "check_supported", "image_span",
            "memory_estimate", "run_model", "simulate"]
@@ -70,7 +68,7 @@ class _Region:
     ref: content.RegionRef
 
 
-class Simulation:
+class Simulation(Engine):
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  pins: Sequence[tuple[str, int]] = (),
                  khugepaged_enter_passes: int | None = None,
@@ -268,19 +266,11 @@ class Simulation:
 
     def _set_knob(self, e: SetKnob) -> None:
         """A knob written mid-run: every component sees the new value."""
-        parts = e.knob.split(".")
-        sys, ksm = self.sys, self.ksm
-        if parts[0] == "ksm":
-            if parts[1] == "max_page_sharing" and (ksm.pages_shared or ksm.pages_sharing):
-                return  # max_page_sharing_store(): -EBUSY while KSM pages exist
-            ksm.knobs = ksm.knobs.model_copy(update={parts[1]: e.value})
-            sys.ksm_use_zero_pages = ksm.knobs.use_zero_pages
-        elif len(parts) == 3:
-            khd = sys.thp.khugepaged.model_copy(update={parts[2]: e.value})
-            sys.thp = sys.thp.model_copy(update={"khugepaged": khd})
-            self.khugepaged.knobs = khd
-        else:
-            sys.thp = sys.thp.model_copy(update={parts[1]: e.value})
+        ksm, sys = self.ksm, self.sys
+        ksm.knobs, sys.thp = knobs_after(e, ksm.knobs, sys.thp,
+                                         bool(ksm.pages_shared or ksm.pages_sharing))
+        sys.ksm_use_zero_pages = ksm.knobs.use_zero_pages
+        self.khugepaged.knobs = sys.thp.khugepaged
 
     def volatile_scan(self, step: int) -> None:
         """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
@@ -304,16 +294,9 @@ class Simulation:
 
     def volatile(self, t: float) -> None:
         for reg in self.regions:
-            rate = reg.spec.volatile_pages_per_s
-            if rate <= 0:
+            targets = volatile_burst(reg.rng, reg.spec.volatile_pages_per_s, reg.spec.pages)
+            if targets is None:
                 continue
-            n = int(rate * VOLATILE_TICK)
-            frac = rate * VOLATILE_TICK - n
-            if frac > 0 and reg.rng.random() < frac:
-                n += 1
-            if n <= 0:
-                continue
-            targets = reg.rng.choice(reg.spec.pages, size=min(n, reg.spec.pages), replace=False)
             cids = content.fresh_ids(self.fresh, len(targets))
             self.fresh += len(targets)
             for i, cid in zip(targets.tolist(), cids.tolist(), strict=True):
@@ -393,19 +376,8 @@ class Simulation:
         return KSMD_OK
 
     # ---- the run -----------------------------------------------------------
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return self.timeline.events
-
-    @property
-    def at_scan_end(self) -> dict[int, tuple[dict[str, float], int]]:
-        """full_scans -> (cost counts, batches) at that full-scan end: for calibration."""
-        return self.timeline.at_scan_end
-
     def run(self, progress: Callable[[float], None] | None = None) -> Trace:
-        rows = self.timeline.run(progress)
-        tr = model_trace(self.sc, self.policy.name, self.profile, rows, self.events,
-                         self.notes)
+        tr = super().run(progress)
         if self.ksm.trace is not None:
             counts: dict[str, int] = {}
             for ke in self.ksm.trace:
@@ -466,26 +438,18 @@ def simulate(
     ``shrinker``: per pressure event of a kernel trace, the THPs its shrinker left
     whole (``thps_kept``) and the failures it counted; a replay (either engine).
     """
-    return run_model(scenario, policy, duration, profile, progress, pins, engine,
-                     khugepaged_enter_passes, kernel_events, shrinker)[1]
+    return run_model(scenario.with_duration(duration), policy, profile, engine, progress,
+                     kernel_events, pins=pins, khugepaged_enter_passes=khugepaged_enter_passes,
+                     shrinker=shrinker)[1]
 
 
-def run_model(
-    scenario: Scenario,
-    policy: str,
-    duration: float | None = None,
-    profile: CostProfile | None = None,
-    progress: Callable[[float], None] | None = None,
-    pins: Sequence[tuple[str, int]] = (),
-    engine: str = "auto",
-    khugepaged_enter_passes: int | None = None,
-    kernel_events: bool = False,
-    shrinker: Sequence[Mapping[str, Any]] = (),
-) -> tuple[Simulation | FastSimulation, Trace]:
-    """:func:`simulate`, and the engine that ran (its ``at_scan_end``: calibration)."""
+def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,
+              engine: str = "auto", progress: Callable[[float], None] | None = None,
+              kernel_events: bool = False, **replay: Any) -> tuple[Engine, Trace]:
+    """:func:`simulate`, and the engine that ran (its ``at_scan_end``: calibration).
+    ``replay``: what :func:`ksmlab.fidelity.replay` takes from a kernel trace."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
-    sc = scenario.with_duration(duration)
     prof = profile or DEFAULT_PROFILE
     get_policy(policy)
     check_supported(sc)
@@ -495,9 +459,7 @@ def run_model(
         why = "KSM's event stream" if kernel_events else unsupported(sc)
         if why is None:
             try:
-                fast = FastSimulation(sc, policy, prof,
-                                      khugepaged_enter_passes=khugepaged_enter_passes,
-                                      pins=pins, shrinker=shrinker)
+                fast = FastSimulation(sc, policy, prof, **replay)
                 return fast, fast.run(progress)
             except ModelUnsupported:
                 # a limit met only while running (32-bit content codes used up)
@@ -505,5 +467,5 @@ def run_model(
                     raise
         elif engine == "fast":
             raise ModelUnsupported(f"fast engine: {why}")
-    exact = Simulation(sc, policy, prof, pins, khugepaged_enter_passes, kernel_events, shrinker)
+    exact = Simulation(sc, policy, prof, kernel_events=kernel_events, **replay)
     return exact, exact.run(progress)

@@ -24,10 +24,14 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple, Protocol
 
-from ..scenario import KhugepagedWake, KsmStart, Scenario
+import numpy as np
+import numpy.typing as npt
+
+from ..scenario import KhugepagedWake, KsmKnobs, KsmStart, Scenario, SetKnob, ThpKnobs
 from ..trace import COLUMNS, FULL_SCAN_END, MONOTONIC, VMSTAT_COUNTERS, Trace
 from .costs import CostProfile
 from .memory import KSM_RMAP_ITEM_SIZE
+from .policies import Policy
 
 VOLATILE_TICK = 0.01  # seconds between the volatile writer's bursts
 EPS = 1e-9  # times within this of the duration are in the run
@@ -129,6 +133,35 @@ def take_pinned(queue: list[tuple[float, int, int, str, object]],
     queue[:] = keep
     heapq.heapify(queue)
     return out
+
+
+def volatile_burst(rng: np.random.Generator, rate: float, pages: int
+                   ) -> npt.NDArray[np.int64] | None:
+    """The pages the volatile writer rewrites in one tick of a region (``rate`` pages
+    a second): a whole number each tick, one more with the fraction's probability."""
+    if rate <= 0:
+        return None
+    n = int(rate * VOLATILE_TICK)
+    frac = rate * VOLATILE_TICK - n
+    if frac > 0 and rng.random() < frac:
+        n += 1
+    if n <= 0:
+        return None
+    return np.asarray(rng.choice(pages, size=min(n, pages), replace=False), np.int64)
+
+
+def knobs_after(e: SetKnob, ksm: KsmKnobs, thp: ThpKnobs, ksm_pages: bool
+                ) -> tuple[KsmKnobs, ThpKnobs]:
+    """The knobs after a ``set`` event (``ksm_pages``: KSM pages exist now)."""
+    parts = e.knob.split(".")
+    if parts[0] == "ksm":
+        if parts[1] == "max_page_sharing" and ksm_pages:
+            return ksm, thp  # max_page_sharing_store(): -EBUSY while KSM pages exist
+        return ksm.model_copy(update={parts[1]: e.value}), thp
+    if len(parts) == 3:
+        khd = thp.khugepaged.model_copy(update={parts[2]: e.value})
+        return ksm, thp.model_copy(update={"khugepaged": khd})
+    return ksm, thp.model_copy(update={parts[1]: e.value})
 
 
 def event_dict(e: object) -> dict[str, Any]:
@@ -243,6 +276,30 @@ class Timeline:
             elif kind == "khugepaged" and payload == self.khd_generation:
                 self.khugepaged_pass(t)  # (a stale entry: re-armed by a wake-up since)
         return rows
+
+
+class Engine:
+    """What both engines share: their timeline, and the trace of a run."""
+
+    sc: Scenario
+    profile: CostProfile
+    policy: Policy
+    notes: list[str]
+    timeline: Timeline
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.timeline.events
+
+    @property
+    def at_scan_end(self) -> dict[int, tuple[dict[str, float], int]]:
+        """full_scans -> (cost counts, batches) at that full-scan end: for calibration."""
+        return self.timeline.at_scan_end
+
+    def run(self, progress: Callable[[float], None] | None = None) -> Trace:
+        rows = self.timeline.run(progress)
+        return model_trace(self.sc, self.policy.name, self.profile, rows, self.events,
+                           self.notes)
 
 
 def model_trace(sc: Scenario, policy: str, profile: CostProfile,

@@ -27,7 +27,7 @@ from ...scenario import (
     SetKnob,
     Write,
 )
-from ...trace import VMSTAT_COUNTERS, Trace
+from ...trace import VMSTAT_COUNTERS
 from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
 from ..khugepaged import timer_period_s
@@ -36,9 +36,11 @@ from ..scope import ModelUnsupported, check_supported, image_span
 from ..timeline import (
     KSMD_GROW,
     VOLATILE_TICK,
+    Engine,
     Timeline,
-    model_trace,
+    knobs_after,
     sample_row,
+    volatile_burst,
 )
 from .khugepaged import FastKhugepaged
 from .ksmd import ksmd_until
@@ -173,7 +175,7 @@ def _write_count(sc: Scenario, e: Write) -> int:
     return max(1, round(e.fraction * sc.process[e.process].region[e.region].pages))
 
 
-class FastSimulation:
+class FastSimulation(Engine):
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  progress_setup: Callable[[int, int], None] | None = None,
                  khugepaged_enter_passes: int | None = None,
@@ -495,32 +497,16 @@ class FastSimulation:
                 "for that moment); the model kept them too")
 
     def _set_knob(self, e: SetKnob) -> None:
-        parts = e.knob.split(".")
         G = self.G
-        if parts[0] == "ksm":
-            if parts[1] == "max_page_sharing" and (G[PAGES_SHARED] or G[PAGES_SHARING]):
-                return
-            self.ksm_knobs = self.ksm_knobs.model_copy(update={parts[1]: e.value})
-        elif len(parts) == 3:
-            khd = self.thp.khugepaged.model_copy(update={parts[2]: e.value})
-            self.thp = self.thp.model_copy(update={"khugepaged": khd})
-            self.khugepaged.knobs = khd
-        else:
-            self.thp = self.thp.model_copy(update={parts[1]: e.value})
+        self.ksm_knobs, self.thp = knobs_after(e, self.ksm_knobs, self.thp,
+                                               bool(G[PAGES_SHARED] or G[PAGES_SHARING]))
+        self.khugepaged.knobs = self.thp.khugepaged
 
     def volatile(self, t: float) -> None:
         for v, ref, rng in self.regions:
-            rate = ref.spec.volatile_pages_per_s
-            if rate <= 0:
+            targets = volatile_burst(rng, ref.spec.volatile_pages_per_s, ref.spec.pages)
+            if targets is None:
                 continue
-            n = int(rate * VOLATILE_TICK)
-            frac = rate * VOLATILE_TICK - n
-            if frac > 0 and rng.random() < frac:
-                n += 1
-            if n <= 0:
-                continue
-            pages = ref.spec.pages
-            targets = rng.choice(pages, size=min(n, pages), replace=False)
             cids = content.fresh_ids(self.fresh, len(targets))
             self.fresh += len(targets)
             self._write(np.asarray(targets, np.int64) + int(self.V.base[v]), cids)
@@ -622,21 +608,6 @@ class FastSimulation:
             if res == KSMD_GROW:
                 continue
             return int(res)
-
-    # ---- the run ---------------------------------------------------------------
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return self.timeline.events
-
-    @property
-    def at_scan_end(self) -> dict[int, tuple[dict[str, float], int]]:
-        """full_scans -> (cost counts, batches) at that full-scan end: for calibration."""
-        return self.timeline.at_scan_end
-
-    def run(self, progress: Callable[[float], None] | None = None) -> Trace:
-        rows = self.timeline.run(progress)
-        return model_trace(self.sc, self.policy.name, self.profile, rows, self.events,
-                           self.notes)
 
 
 def _direct(disp: Any) -> Any:

@@ -11,6 +11,7 @@ treated as unlinked (``ndead``), which is what the exact model makes eager.
 from __future__ import annotations
 
 from ..costs import ksmd_wake
+from ..rules import skip_age
 from . import rbtree as rb
 from .jit import jit
 from .pages import break_ksm, split_folio
@@ -94,7 +95,8 @@ from .state import (
     charge,
 )
 
-_wake = jit(inline=True)(ksmd_wake)  # the exact model's rule, compiled
+_wake = jit(inline=True)(ksmd_wake)  # the exact model's rules, compiled
+_skip_age = jit(inline=True)(skip_age)
 
 NOPAGE = 1 << 62
 NULLK = NOPAGE + 1
@@ -209,7 +211,7 @@ def _dup_push_front(P: Pool, ch: int, n: int) -> None:
 
 
 @jit(inline=True)
-def _get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
+def ksm_get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
     kp = P.nkpage[n]
     if kp < 0 or P.kmap[kp] <= 0 or P.knode[kp] != n:
         _remove_node(S, P, G, n)
@@ -218,7 +220,7 @@ def _get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
 
 
 @jit(inline=True)
-def _remove_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
+def remove_rmap_item_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
     f = S.iflags[i]
     if f & STABLE:
         n = S.ileft[i]
@@ -226,7 +228,7 @@ def _remove_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
             S.iflags[i] = EXISTS
             S.ileft[i] = -1
             return
-        if _get_folio(S, P, G, n) < 0:
+        if ksm_get_folio(S, P, G, n) < 0:
             S.iflags[i] = EXISTS
             S.ileft[i] = -1
             return
@@ -282,7 +284,7 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, C: F64, chain: int,
     while d >= 0:
         nx = P.nnext[d]
         visited += 1
-        kp = _get_folio(S, P, G, d)
+        kp = ksm_get_folio(S, P, G, d)
         if kp >= 0 and (found < 0 or (_is_candidate(P, G, d, 0) and (
                 not _is_candidate(P, G, found, 0) or P.nhl[d] > found_len))):
             found = int(d)
@@ -318,7 +320,7 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, C: F64, chain: int,
 def _chain(S: Slots, P: Pool, G: I64, F: F64, C: F64, n: int,
            prune: bool) -> tuple[int, int, int]:
     if not P.nchain[n]:
-        return _get_folio(S, P, G, n), n, n
+        return ksm_get_folio(S, P, G, n), n, n
     return _stable_node_dup(S, P, G, F, C, n, prune)
 
 
@@ -347,7 +349,7 @@ def _stable_tree_search(S: Slots, P: Pool, G: I64, F: F64, C: F64, h: int) -> in
                 if not _is_candidate(P, G, dup, 0):
                     result = NOPAGE
                     break
-                kp2 = _get_folio(S, P, G, dup)
+                kp2 = ksm_get_folio(S, P, G, dup)
                 if kp2 < 0:
                     restart = True
                     break
@@ -445,7 +447,7 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
             tp = _handle_at(S, n) if _vma_ok(R, V, n) else NOPAGE
             if tp == NOPAGE:
                 if G[SKIP_ZP] and (S.pte[n] == ZERO or S.pte[n] == KZERO):
-                    _remove_from_tree(S, P, G, n)
+                    remove_rmap_item_from_tree(S, P, G, n)
                     restart = True
                     break
                 done = True
@@ -558,7 +560,7 @@ def _merge_with_ksm_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, 
     err = _merge_one_page(S, R, P, G, F, C, s, h, kpage, extra)
     if err:
         return err
-    _remove_from_tree(S, P, G, s)
+    remove_rmap_item_from_tree(S, P, G, s)
     return 0
 
 
@@ -571,7 +573,7 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
         if _head(S, P, i) == node:
             return
     else:
-        _remove_from_tree(S, P, G, i)
+        remove_rmap_item_from_tree(S, P, G, i)
         charge(F, C, C_CHECKSUM, 1.0)
         checksum = _cid(S, P, h) + 1
         if S.ichk[i] != checksum:
@@ -588,7 +590,7 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
     kpage = _stable_tree_search(S, P, G, F, C, h)
     if kpage == h and _head(S, P, i) == node:
         return
-    _remove_from_tree(S, P, G, i)
+    remove_rmap_item_from_tree(S, P, G, i)
     if kpage != NOPAGE:
         if _merge_with_ksm_page(S, R, V, P, G, F, C, i, h, kpage, 0) == 0:
             _stable_tree_append(S, P, G, i, int(P.knode[kpage]))
@@ -629,7 +631,7 @@ def _flush_frees(G: I64, F: F64, C: F64) -> None:
 @jit(inline=True)
 def _drop_item(S: Slots, P: Pool, G: I64, i: int) -> None:
     """An item passed over: unlinked now, its free charged at the next flush."""
-    _remove_from_tree(S, P, G, i)
+    remove_rmap_item_from_tree(S, P, G, i)
     S.iflags[i] = 0
     G[RMAP_ITEMS] -= 1
     G[PENDING_FREE] += 1
@@ -645,11 +647,11 @@ def _should_skip(S: Slots, P: Pool, G: I64, i: int, h: int) -> bool:
     if age < 3:
         return False
     if not S.iskip[i]:
-        S.iskip[i] = 1 if age <= 3 else 2 if age <= 5 else 4 if age <= 8 else 8
+        S.iskip[i] = _skip_age(age)
         return False
     G[PAGES_SKIPPED] += 1
     S.iskip[i] -= 1
-    _remove_from_tree(S, P, G, i)
+    remove_rmap_item_from_tree(S, P, G, i)
     return True
 
 

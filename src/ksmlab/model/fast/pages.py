@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...content import FRESH_BASE, UNIQUE_BASE
+from .. import rules
 from .jit import jit
 from .state import (
     ANON_RSS,
@@ -165,22 +166,7 @@ def break_ksm(S: Slots, P: Pool, G: I64, s: int) -> None:
         G[ANON_RSS] += 1
 
 
-@jit()
-def thp_underused(S: Slots, r: int, max_none: int) -> bool:
-    if max_none == HPAGE - 1:
-        return False
-    zero = 0
-    filled = 0
-    for s in range(r * HPAGE, r * HPAGE + HPAGE):
-        if S.scid[s] == 0:
-            zero += 1
-            if zero > max_none:
-                return True
-        else:
-            filled += 1
-            if filled >= HPAGE - max_none:
-                return False
-    return False
+_underused = jit(inline=True)(rules.thp_underused)  # the exact engine's rule, compiled
 
 
 @jit()
@@ -197,7 +183,7 @@ def deferred_split_scan(S: Slots, R: Ranges, V: Vmas, G: I64, order: I64, max_no
         if R.pmd[r] != PMD_THP:
             R.qseq[r] = 0
             continue
-        if not thp_underused(S, r, max_none):
+        if not _underused(S.scid, r * HPAGE, max_none):
             R.qseq[r] = 0
             continue
         if held[r]:

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from ...content import FRESH_BASE, UNIQUE_BASE
 from ..costs import COST_FIELDS
+from ..memory import VMSTAT_EVENTS
 from .jit import jit
 
 I32 = npt.NDArray[np.int32]
@@ -53,9 +54,7 @@ MAX_FRESH = (1 << 32) - 2 - FRESH_CODE
 CPU, NOW, T_KSMD, T_SCAN_END, F_COUNTS = range(5)
 N_F = F_COUNTS + len(COST_FIELDS)
 
-VMSTAT = ("thp_fault_alloc", "thp_fault_fallback", "thp_collapse_alloc", "thp_split_page",
-          "thp_split_page_failed", "thp_deferred_split_page", "thp_underused_split_page",
-          "thp_split_pmd", "thp_zero_page_alloc", "thp_swpout_fallback")
+VMSTAT = VMSTAT_EVENTS  # in G from V_FAULT_ALLOC on, in this order
 VMSTAT_G = dict(zip(VMSTAT, range(V_FAULT_ALLOC, V_SWPOUT_FALLBACK + 1), strict=True))
 
 # prices by position in COST_FIELDS (C: the profile's values in that order)
