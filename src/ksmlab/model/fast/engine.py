@@ -8,9 +8,8 @@ in the exact model (same heap priorities, same float time arithmetic).
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,21 +28,23 @@ from ...scenario import (
     SetKnob,
     Write,
 )
-from ...trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace
-from ..costs import CostProfile
+from ...trace import VMSTAT_COUNTERS
+from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
 from ..khugepaged import timer_period_s
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
-from ..run import (
+from ..scope import ModelUnsupported, check_supported, image_span
+from ..timeline import (
+    KSMD_GROW,
     VOLATILE_TICK,
-    ModelUnsupported,
-    _event_dict,
-    check_supported,
-    image_span,
-    model_trace,
+    Engine,
+    Timeline,
+    knobs_after,
+    sample_row,
+    volatile_burst,
 )
 from .khugepaged import FastKhugepaged
-from .ksmd import KSMD_GROW, KSMD_IDLE, KSMD_SCAN_END, ksmd_until
+from .ksmd import ksmd_until
 from .pages import (
     deferred_split_scan,
     queued_order,
@@ -53,8 +54,8 @@ from .pages import (
 )
 from .state import (
     ANON_RSS,
+    BATCHES,
     CHAINS,
-    COST_FIELDS,
     CPU,
     CUR_ADDR,
     CUR_PREV,
@@ -63,6 +64,7 @@ from .state import (
     DEFER_SEQ,
     DUP_MAX,
     DUPS,
+    F_COUNTS,
     FRESH_CODE,
     K_MPS,
     K_PRUNE,
@@ -120,7 +122,6 @@ from .state import (
 from .unmerge import unmerge_all
 
 _REMAP = {Remap.NONE: R_NONE, Remap.CLEAN: R_CLEAN, Remap.KSM_ACCOUNTED: R_KSM}
-KSM_RMAP_ITEM_SIZE = 64
 
 
 def unsupported(sc: Scenario) -> str | None:
@@ -177,10 +178,12 @@ def _write_count(sc: Scenario, e: Write) -> int:
     return max(1, round(e.fraction * sc.process[e.process].region[e.region].pages))
 
 
-class FastSimulation:
+class FastSimulation(Engine):
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  progress_setup: Callable[[int, int], None] | None = None,
-                 khugepaged_enter_passes: int | None = None) -> None:
+                 khugepaged_enter_passes: int | None = None,
+                 pins: Sequence[tuple[str, int]] = (),
+                 shrinker: Sequence[Mapping[str, Any]] = ()) -> None:
         check_supported(sc)
         why = unsupported(sc)
         if why is not None:
@@ -192,7 +195,9 @@ class FastSimulation:
         self.thp = sc.thp
         self.ksm_running = False
         self.fresh = 0
-        self.events: list[dict[str, Any]] = []
+        self.shrinker = list(shrinker)  # a replay: what each pressure event's shrinker did
+        self.notes: list[str] = []
+        self.timeline = Timeline(self, pins)
         # 32-bit codes of written ids (content.written_ids(): FRESH_BASE + tag << 40 +
         # page), in id order: after the volatile writer's fresh ids, one block per
         # write event in tag order, then one block per volatile_pages_per_scan step
@@ -204,9 +209,6 @@ class FastSimulation:
                 self.write_code[id(e)] = code
                 code += _write_count(sc, e)
         self.next_code = code
-        self.heap: list[tuple[float, int, int, str, object]] = []
-        self.seq = 0
-        self.khd_generation = 0
         self.C = np.array([getattr(profile, f) for f in COST_FIELDS], np.float64)
         self.G = np.zeros(N_G, np.int64)
         self.F = np.zeros(N_F, np.float64)
@@ -224,7 +226,7 @@ class FastSimulation:
         for _ in range(enter_passes(self.khugepaged.slots, khugepaged_enter_passes)):
             self.khugepaged.do_scan()
         if sc.fill_at is None:
-            self._fill(progress_setup)
+            self.fill(progress_setup)
 
     def _register_khugepaged(self) -> None:
         # khugepaged_enter_vma(): at mmap or MADV_HUGEPAGE, and at a THP fault (an
@@ -259,6 +261,10 @@ class FastSimulation:
         nohuge = np.zeros(n_vma, np.uint8)
         mm_first = np.zeros(len(insts), np.int64)
         mm_count = np.zeros(len(insts), np.int64)
+        # each VMA's instance and the index its first slot has among the instance's pages
+        # (Simulation._vma_bases(): the live lab's names of pages and THPs)
+        self.vma_mm = np.zeros(n_vma, np.int64)
+        self.name_first = np.zeros(n_vma, np.int64)
         ksm_slots: list[int] = []
         # (vma index, ref) in fill order (process, replica, region)
         self.regions: list[tuple[int, content.RegionRef, np.random.Generator]] = []
@@ -280,6 +286,7 @@ class FastSimulation:
                     base[v], npg[v], merge[v] = s, npages, 1
                     huge[v], nohuge[v] = iv.hugepage, iv.nohugepage
                     lim[v] = (s + lo, s + lo + iv.pages)
+                    self.vma_mm[v], self.name_first[v] = m, iv.first - lo
                     mapped.append((m, v, lo, cid[iv.first:iv.first + iv.pages],
                                    flags[iv.first:iv.first + iv.pages]))
                     s += npages
@@ -302,6 +309,8 @@ class FastSimulation:
                 if content.mergeable(sc, ref) and proc.merge == "madvise":
                     entered = True
                 by_key[(pi, k, ri)] = v
+                self.vma_mm[v] = m
+                self.name_first[v] = sum(r.pages for r in proc.region[:ri])
                 s += reg.pages
                 v += 1
             if entered:
@@ -350,7 +359,7 @@ class FastSimulation:
                                      self.ksm_running, int(self.ksm_knobs.use_zero_pages),
                                      int(self.thp.shrink_underused))]
 
-    def _fill(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def fill(self, progress: Callable[[int, int], None] | None = None) -> None:
         """fill_fresh_vma() for every region (streamed: one region's ids at a time)."""
         S, R, V, G = self.S, self.R, self.V, self.G
         done = 0
@@ -426,7 +435,7 @@ class FastSimulation:
         codes = code_of(np.asarray(cids, dtype=np.uint64)).astype(np.int64)
         write_many(self.S, self.R, self.V, self.P, self.G, slots.astype(np.int64), codes)
 
-    def _apply(self, e: object, t: float) -> None:
+    def apply(self, e: object, t: float) -> None:
         G = self.G
         if isinstance(e, KsmStart):
             G[RUN] = 1
@@ -452,50 +461,60 @@ class FastSimulation:
                        codes)
         elif isinstance(e, Pressure):
             self._params()
-            deferred_split_scan(self.S, self.R, self.V, G, queued_order(self.R),
-                                int(self.thp.khugepaged.max_ptes_none),
-                                self._remap("shrinker", True), self._remap("shrinker", False))
+            self._pressure(t)
             G[PRESSURE] = 2 if G[CUR_SLOT] < 0 else 3
         elif isinstance(e, SetKnob):
             self._set_knob(e)
         elif isinstance(e, KhugepagedWake):
-            self._khugepaged_pass(t)
+            pass  # the timeline's khugepaged_pass()
         else:  # pragma: no cover - check_supported() refuses these
             raise ModelUnsupported(f"event {e!r} is not modelled")
         self._params()
 
-    def _set_knob(self, e: SetKnob) -> None:
-        parts = e.knob.split(".")
-        G = self.G
-        if parts[0] == "ksm":
-            if parts[1] == "max_page_sharing" and (G[PAGES_SHARED] or G[PAGES_SHARING]):
-                return
-            self.ksm_knobs = self.ksm_knobs.model_copy(update={parts[1]: e.value})
-        elif len(parts) == 3:
-            khd = self.thp.khugepaged.model_copy(update={parts[2]: e.value})
-            self.thp = self.thp.model_copy(update={"khugepaged": khd})
-            self.khugepaged.knobs = khd
-        else:
-            self.thp = self.thp.model_copy(update={parts[1]: e.value})
+    def _pressure(self, t: float) -> None:
+        """deferred_split_scan() over the queue; a replay's record (``shrinker``) says
+        which THPs the kernel's shrinker left whole and how many failures it counted."""
+        R, V = self.R, self.V
+        held = np.zeros(len(R.pmd), np.uint8)
+        failed = 0
+        if self.shrinker:
+            rec = self.shrinker.pop(0)
+            failed = int((rec.get("vmstat") or {}).get("thp_split_page_failed", 0))
+            kept = rec.get("thps_kept")
+            if kept is not None:
+                names = {(int(inst), int(i)) for inst, idx in kept.items() for i in idx}
+                for r in np.flatnonzero(R.qseq).tolist():
+                    v = int(R.vma[r])
+                    name = (int(self.vma_mm[v]),
+                            int(self.name_first[v]) + r * HPAGE_PMD_NR - int(V.base[v]))
+                    held[r] = name in names
+        deferred_split_scan(self.S, R, V, self.G, queued_order(R),
+                            int(self.thp.khugepaged.max_ptes_none),
+                            self._remap("shrinker", True), self._remap("shrinker", False),
+                            held, failed)
+        n = int(np.count_nonzero(held == 2))
+        if n:
+            self.notes.append(
+                f"replayed: at the pressure event at {t:.1f} s the kernel's shrinker "
+                f"left {n} underused THP(s) whole (held by another reference "
+                "for that moment); the model kept them too")
 
-    def _volatile(self) -> None:
+    def _set_knob(self, e: SetKnob) -> None:
+        G = self.G
+        self.ksm_knobs, self.thp = knobs_after(e, self.ksm_knobs, self.thp,
+                                               bool(G[PAGES_SHARED] or G[PAGES_SHARING]))
+        self.khugepaged.knobs = self.thp.khugepaged
+
+    def volatile(self, t: float) -> None:
         for v, ref, rng in self.regions:
-            rate = ref.spec.volatile_pages_per_s
-            if rate <= 0:
+            targets = volatile_burst(rng, ref.spec.volatile_pages_per_s, ref.spec.pages)
+            if targets is None:
                 continue
-            n = int(rate * VOLATILE_TICK)
-            frac = rate * VOLATILE_TICK - n
-            if frac > 0 and rng.random() < frac:
-                n += 1
-            if n <= 0:
-                continue
-            pages = ref.spec.pages
-            targets = rng.choice(pages, size=min(n, pages), replace=False)
             cids = content.fresh_ids(self.fresh, len(targets))
             self.fresh += len(targets)
             self._write(np.asarray(targets, np.int64) + int(self.V.base[v]), cids)
 
-    def _volatile_scan(self, step: int) -> None:
+    def volatile_scan(self, step: int) -> None:
         """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
         slots: list[np.ndarray[Any, Any]] = []
         keys: list[np.ndarray[Any, Any]] = []
@@ -521,59 +540,63 @@ class FastSimulation:
         codes = FRESH_CODE + first + rank
         write_many(self.S, self.R, self.V, self.P, self.G, at, codes)
 
-    def _khugepaged_pass(self, t: float) -> None:
+    def khugepaged_scan(self) -> None:
         if self.khugepaged.slots:
             self.khugepaged.do_scan()
-        self.khd_generation += 1
-        period = timer_period_s(self.sc, self.khugepaged.knobs)
-        self.push(t + period, 5, "khugepaged", self.khd_generation)
 
-    def push(self, t: float, prio: int, kind: str, payload: object = None) -> None:
-        heapq.heappush(self.heap, (t, prio, self.seq, kind, payload))
-        self.seq += 1
+    def khugepaged_period(self) -> float:
+        return timer_period_s(self.sc, self.khugepaged.knobs)
+
+    def has_volatile(self) -> tuple[bool, bool]:
+        refs = [ref for _v, ref, _r in self.regions]
+        return (any(r.spec.volatile_pages_per_s > 0 for r in refs),
+                any(r.spec.volatile_pages_per_scan > 0 for r in refs))
 
     # ---- samples -------------------------------------------------------------
-    def _sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
+    def sample(self, t: float, full_scan_end: bool) -> dict[str, float]:
         G = self.G
-        shared, sharing = int(G[PAGES_SHARED]), int(G[PAGES_SHARING])
-        unshared, rmap = int(G[PAGES_UNSHARED]), int(G[RMAP_ITEMS])
-        zero = int(G[KSM_ZERO])
-        anon = int(G[ANON_RSS])
-        merging = shared + sharing
-        row: dict[str, float] = {
-            "t": round(t, 9),
-            FULL_SCAN_END: float(full_scan_end),
-            "pages_scanned": int(G[PAGES_SCANNED]),
-            "pages_shared": shared,
-            "pages_sharing": sharing,
-            "pages_unshared": unshared,
-            "pages_volatile": max(0, rmap - shared - sharing - unshared),
-            "pages_skipped": int(G[PAGES_SKIPPED]),
-            "ksm_zero_pages": zero,
-            "full_scans": int(G[SEQNR]),
-            "stable_node_chains": int(G[CHAINS]),
-            "stable_node_dups": int(G[DUPS]),
-            "general_profit": (sharing + zero) * 4096 - rmap * KSM_RMAP_ITEM_SIZE,
+        rmap, zero = int(G[RMAP_ITEMS]), int(G[KSM_ZERO])
+        raw: dict[str, float] = {
+            "pages_scanned": int(G[PAGES_SCANNED]), "pages_shared": int(G[PAGES_SHARED]),
+            "pages_sharing": int(G[PAGES_SHARING]), "pages_unshared": int(G[PAGES_UNSHARED]),
+            "pages_skipped": int(G[PAGES_SKIPPED]), "rmap_items": rmap,
+            "ksm_zero_pages": zero, "full_scans": int(G[SEQNR]),
+            "stable_node_chains": int(G[CHAINS]), "stable_node_dups": int(G[DUPS]),
+            **{k: int(G[VMSTAT_G[k]]) for k in VMSTAT_COUNTERS
+               if k != "nr_anon_transparent_hugepages"},
+            "nr_anon_transparent_hugepages": int(G[NR_THP]),
+            "khugepaged_full_scans": self.khugepaged.full_scans,
+            "khugepaged_pages_collapsed": self.khugepaged.pages_collapsed,
+            "anon_rss": int(G[ANON_RSS]), "thps_mapped": int(G[THP_RANGES]),
+            # every rmap item, KSM page and KSM zero page belongs to a workload process
+            "ksm_rmap_items": rmap, "ksm_merging_pages": int(G[PAGES_SHARED] + G[PAGES_SHARING]),
+            "proc_ksm_zero_pages": zero, "ksmd_cpu_ns": float(self.F[CPU]),
         }
-        for k in VMSTAT_COUNTERS:
-            row[k] = int(G[NR_THP]) if k == "nr_anon_transparent_hugepages" else int(
-                G[VMSTAT_G[k]])
-        row["khugepaged_full_scans"] = self.khugepaged.full_scans
-        row["khugepaged_pages_collapsed"] = self.khugepaged.pages_collapsed
-        row["RssAnon"] = anon * 4
-        row["Rss"] = anon * 4
-        row["AnonHugePages"] = int(G[THP_RANGES]) * 2048
-        row["ksm_rmap_items"] = rmap
-        row["ksm_merging_pages"] = merging
-        row["ksm_process_profit"] = (merging + zero) * 4096 - rmap * KSM_RMAP_ITEM_SIZE
-        row["proc_ksm_zero_pages"] = zero
-        row["ksmd_cpu_ns"] = int(self.F[CPU])
-        return {c: row[c] for c in COLUMNS}
+        return sample_row(t, full_scan_end, raw)
 
-    # ---- ksmd ----------------------------------------------------------------
-    def _ksmd(self, t_next: float, inclusive: bool, t_end: float) -> int:
+    # ---- ksmd, as the timeline drives it ------------------------------------
+    def should_run(self) -> bool:
+        return bool(self.G[RUN] == 1 and self.G[NSLOTS] > 0)  # ksmd_should_run()
+
+    def wake_ksmd(self, t: float) -> None:
+        self.F[T_KSMD] = t
+
+    def ksmd_wake_time(self) -> float:
+        return float(self.F[T_KSMD])
+
+    def scan_end_time(self) -> float:
+        return float(self.F[T_SCAN_END])
+
+    def cost_counts(self) -> dict[str, float]:
+        return {k: float(self.F[F_COUNTS + i]) for i, k in enumerate(COST_FIELDS)}
+
+    def batches(self) -> int:
+        return int(self.G[BATCHES])
+
+    def ksmd_until(self, t_next: float, inclusive: bool, t_end: float) -> int:
         """ksmd's batches up to the next action (KSMD_OK), or to the end of a full
-        scan (KSMD_SCAN_END); KSMD_IDLE once it waits for run=1."""
+        scan (KSMD_SCAN_END); KSMD_IDLE once it waits for run=1.  One compiled call
+        between two growths of the pools."""
         while True:
             G = self.G
             pts = int(G[K_PTS])
@@ -588,92 +611,6 @@ class FastSimulation:
             if res == KSMD_GROW:
                 continue
             return int(res)
-
-    # ---- the timeline ----------------------------------------------------------
-    def run(self, progress: Callable[[float], None] | None = None) -> Trace:
-        sc = self.sc
-        G, F = self.G, self.F
-        dur = sc.duration
-        t_end = dur + 1e-9
-        n_samples = int(dur / sc.sample_interval + 1e-9) + 1
-        heap, push = self.heap, self.push
-        # samples (priority 0) are generated lazily (a 1 TiB host has many of them)
-        next_sample = 0
-        if sc.fill_at is not None:
-            push(sc.fill_at, 1, "fill")
-        if sc.ksm_start_at is not None:
-            push(sc.ksm_start_at, 2, "event", KsmStart(action="ksm_start", at=sc.ksm_start_at))
-        for e in sc.event:
-            push(e.at, 3, "event", e)
-        for at in sc.khugepaged_wakes():  # the lab's wake-ups (drive_khugepaged)
-            push(at, 7, "event", KhugepagedWake(action="khugepaged", at=at))
-        if any(ref.spec.volatile_pages_per_s > 0 for _v, ref, _r in self.regions):
-            push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
-        if sc.khugepaged_wakes_at_start:  # as Simulation.run()
-            push(0.0, 5, "khugepaged", self.khd_generation)
-        per_scan = any(ref.spec.volatile_pages_per_scan for _v, ref, _r in self.regions)
-        held: list[tuple[str, object]] = []  # align_events: due, waiting for a scan end
-        ksmd_pending = False  # ksmd's entry (priority 6) is at F[T_KSMD]
-        rows: list[Mapping[str, float]] = []
-
-        def act(kind: str, payload: object, t: float, aligned: bool = False) -> None:
-            nonlocal ksmd_pending
-            mark = {"full_scans": int(G[SEQNR]), "aligned": aligned}  # as the exact model
-            if kind == "fill":
-                self._fill()
-                self.events.append({"t": round(t, 9), "action": "fill", **mark})
-                return
-            self._apply(payload, t)
-            self.events.append({"t": round(t, 9), **_event_dict(payload), **mark})
-            if G_should_run(G) and not ksmd_pending:
-                F[T_KSMD] = t  # writing run wakes ksmd at once
-                ksmd_pending = True
-
-        while True:
-            ts = next_sample * sc.sample_interval if next_sample < n_samples else None
-            th = heap[0][0] if heap else None
-            if th is None or (ts is not None and ts <= th):
-                nxt, prio = ts, 0  # a sample (priority 0) goes first at equal times
-            else:
-                nxt, prio = th, heap[0][1]
-            if ksmd_pending:
-                t_next = float("inf") if nxt is None else nxt
-                res = self._ksmd(t_next, prio > 6, t_end)
-                ksmd_pending = res != KSMD_IDLE
-                if res == KSMD_SCAN_END:
-                    end = float(F[T_SCAN_END])
-                    if end <= t_end:
-                        # the live lab samples right at each full-scan end, then does
-                        # the per-scan writes and the held events
-                        rows.append(self._sample(end, full_scan_end=True))
-                        if per_scan:
-                            self._volatile_scan(int(G[SEQNR]))
-                        for kind_, payload_ in held:
-                            act(kind_, payload_, end, aligned=True)
-                        held.clear()
-                    continue
-                if ksmd_pending and F[T_KSMD] > t_end and (nxt is None or nxt > t_end):
-                    break
-            if nxt is None or nxt > t_end:
-                break
-            if prio == 0 and ts is not None:
-                rows.append(self._sample(ts))
-                next_sample += 1
-                if progress is not None:
-                    progress(ts)
-                continue
-            t, _prio, _s, kind, payload = heapq.heappop(heap)
-            if kind in ("fill", "event"):
-                if sc.align_events and G_should_run(G):
-                    held.append((kind, payload))
-                else:
-                    act(kind, payload, t)
-            elif kind == "volatile":
-                self._volatile()
-                push(t + VOLATILE_TICK, 4, "volatile")
-            elif kind == "khugepaged" and payload == self.khd_generation:
-                self._khugepaged_pass(t)  # (a stale entry: re-armed by a wake-up since)
-        return model_trace(sc, self.policy.name, self.profile, rows, self.events)
 
 
 def _direct(disp: Any) -> Any:
@@ -690,7 +627,3 @@ def _direct(disp: Any) -> Any:
 
 
 _ENTRY: dict[int, Any] = {}
-
-
-def G_should_run(G: np.ndarray[Any, Any]) -> bool:
-    return bool(G[RUN] == 1 and G[NSLOTS] > 0)

@@ -11,11 +11,13 @@ treated as unlinked (``ndead``), which is what the exact model makes eager.
 from __future__ import annotations
 
 from ..costs import ksmd_wake
+from ..rules import skip_age
 from . import rbtree as rb
 from .jit import jit
 from .pages import break_ksm, split_folio
 from .state import (
     ANON_RSS,
+    BATCHES,
     BUDGET,
     C_BATCH,
     C_BREAK_COW,
@@ -90,9 +92,11 @@ from .state import (
     Ranges,
     Slots,
     Vmas,
+    charge,
 )
 
-_wake = jit(inline=True)(ksmd_wake)  # the exact model's rule, compiled
+_wake = jit(inline=True)(ksmd_wake)  # the exact model's rules, compiled
+_skip_age = jit(inline=True)(skip_age)
 
 NOPAGE = 1 << 62
 NULLK = NOPAGE + 1
@@ -207,7 +211,7 @@ def _dup_push_front(P: Pool, ch: int, n: int) -> None:
 
 
 @jit(inline=True)
-def _get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
+def ksm_get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
     kp = P.nkpage[n]
     if kp < 0 or P.kmap[kp] <= 0 or P.knode[kp] != n:
         _remove_node(S, P, G, n)
@@ -216,7 +220,7 @@ def _get_folio(S: Slots, P: Pool, G: I64, n: int) -> int:
 
 
 @jit(inline=True)
-def _remove_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
+def remove_rmap_item_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
     f = S.iflags[i]
     if f & STABLE:
         n = S.ileft[i]
@@ -224,7 +228,7 @@ def _remove_from_tree(S: Slots, P: Pool, G: I64, i: int) -> None:
             S.iflags[i] = EXISTS
             S.ileft[i] = -1
             return
-        if _get_folio(S, P, G, n) < 0:
+        if ksm_get_folio(S, P, G, n) < 0:
             S.iflags[i] = EXISTS
             S.ileft[i] = -1
             return
@@ -280,7 +284,7 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, C: F64, chain: int,
     while d >= 0:
         nx = P.nnext[d]
         visited += 1
-        kp = _get_folio(S, P, G, d)
+        kp = ksm_get_folio(S, P, G, d)
         if kp >= 0 and (found < 0 or (_is_candidate(P, G, d, 0) and (
                 not _is_candidate(P, G, found, 0) or P.nhl[d] > found_len))):
             found = int(d)
@@ -289,7 +293,7 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, C: F64, chain: int,
             if not prune and _is_candidate(P, G, found, 0):
                 break
         d = nx
-    F[CPU] += visited * C[C_DUP_VISIT]
+    charge(F, C, C_DUP_VISIT, visited)
     if found < 0:
         rb.erase(G, ROOT_S, P.nleft, P.nright, P.npar, P.nred, chain)
         P.ndead[chain] = 1
@@ -316,7 +320,7 @@ def _stable_node_dup(S: Slots, P: Pool, G: I64, F: F64, C: F64, chain: int,
 def _chain(S: Slots, P: Pool, G: I64, F: F64, C: F64, n: int,
            prune: bool) -> tuple[int, int, int]:
     if not P.nchain[n]:
-        return _get_folio(S, P, G, n), n, n
+        return ksm_get_folio(S, P, G, n), n, n
     return _stable_node_dup(S, P, G, F, C, n, prune)
 
 
@@ -345,7 +349,7 @@ def _stable_tree_search(S: Slots, P: Pool, G: I64, F: F64, C: F64, h: int) -> in
                 if not _is_candidate(P, G, dup, 0):
                     result = NOPAGE
                     break
-                kp2 = _get_folio(S, P, G, dup)
+                kp2 = ksm_get_folio(S, P, G, dup)
                 if kp2 < 0:
                     restart = True
                     break
@@ -353,7 +357,7 @@ def _stable_tree_search(S: Slots, P: Pool, G: I64, F: F64, C: F64, h: int) -> in
                 break
         if not restart:
             break
-    F[CPU] += levels * C[C_STABLE_LEVEL]
+    charge(F, C, C_STABLE_LEVEL, levels)
     return result
 
 
@@ -394,7 +398,7 @@ def _stable_tree_insert(S: Slots, P: Pool, G: I64, F: F64, C: F64, kp: int) -> i
                 break
         if not restart:
             break
-    F[CPU] += levels * C[C_STABLE_LEVEL]
+    charge(F, C, C_STABLE_LEVEL, levels)
     new = _alloc_node(P, G, kp, False)
     if match < 0:
         rb.link_node(G, ROOT_S, P.nleft, P.nright, P.npar, P.nred, new, parent, left)
@@ -443,7 +447,7 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
             tp = _handle_at(S, n) if _vma_ok(R, V, n) else NOPAGE
             if tp == NOPAGE:
                 if G[SKIP_ZP] and (S.pte[n] == ZERO or S.pte[n] == KZERO):
-                    _remove_from_tree(S, P, G, n)
+                    remove_rmap_item_from_tree(S, P, G, n)
                     restart = True
                     break
                 done = True
@@ -460,7 +464,7 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
                 n = int(S.iright[n])
                 left = False
             else:
-                F[CPU] += C[C_MEMCMP]
+                charge(F, C, C_MEMCMP, 1.0)
                 res_i = n
                 res_h = tp
                 done = True
@@ -474,7 +478,7 @@ def _unstable_search_insert(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F6
             rb.insert_color(G, ROOT_U, S.ileft, S.iright, S.ipar, S.ired, i)
             G[PAGES_UNSHARED] += 1
         break
-    F[CPU] += levels * C[C_UNSTABLE_LEVEL]
+    charge(F, C, C_UNSTABLE_LEVEL, levels)
     return res_i, res_h
 
 
@@ -485,14 +489,14 @@ def _ksm_split(S: Slots, R: Ranges, G: I64, C: F64, F: F64, r: int, keep: int,
     budget = max(0, G[BUDGET])
     ok, zt, dt, rem, krem = split_folio(S, R, G, r, G[REMAP_KSM], extra, keep, budget)
     if not ok:
-        F[CPU] += C[C_SPLIT_FAILED]
+        charge(F, C, C_SPLIT_FAILED, 1.0)
         return False
     # CpuMeter.charge() one cost at a time (the float sum's order matters)
-    F[CPU] += C[C_SPLIT]
-    F[CPU] += zt * C[C_ZT_ZERO]
-    F[CPU] += dt * C[C_ZT_DATA]
-    F[CPU] += 512 * C[C_REMAP_PTE]
-    F[CPU] += rem * C[C_FREE_PAGE]
+    charge(F, C, C_SPLIT, 1.0)
+    charge(F, C, C_ZT_ZERO, zt)
+    charge(F, C, C_ZT_DATA, dt)
+    charge(F, C, C_REMAP_PTE, 512)
+    charge(F, C, C_FREE_PAGE, rem)
     if krem:
         G[BUDGET] -= krem
         G[PAGES_SCANNED] += krem
@@ -529,11 +533,11 @@ def _merge_one_page(S: Slots, R: Ranges, P: Pool, G: I64, F: F64, C: F64, s: int
             P.knode[k] = -1
             S.pte[s] = k
         return 0
-    F[CPU] += C[C_MEMCMP]
+    charge(F, C, C_MEMCMP, 1.0)
     if kpage == ZEROPAGE:
         if _cid(S, P, h) != 0:
             return -1
-        F[CPU] += C[C_ZERO_MERGE]
+        charge(F, C, C_ZERO_MERGE, 1.0)
         S.pte[s] = KZERO
         G[KSM_ZERO] += 1
         G[ANON_RSS] -= 1
@@ -541,7 +545,7 @@ def _merge_one_page(S: Slots, R: Ranges, P: Pool, G: I64, F: F64, C: F64, s: int
         return 0
     if _cid(S, P, h) != P.kcid[kpage]:
         return -1
-    F[CPU] += C[C_MERGE]
+    charge(F, C, C_MERGE, 1.0)
     S.pte[s] = kpage
     P.kmap[kpage] += 1
     _put_mapping(P, h)
@@ -556,7 +560,7 @@ def _merge_with_ksm_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, 
     err = _merge_one_page(S, R, P, G, F, C, s, h, kpage, extra)
     if err:
         return err
-    _remove_from_tree(S, P, G, s)
+    remove_rmap_item_from_tree(S, P, G, s)
     return 0
 
 
@@ -569,8 +573,8 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
         if _head(S, P, i) == node:
             return
     else:
-        _remove_from_tree(S, P, G, i)
-        F[CPU] += C[C_CHECKSUM]
+        remove_rmap_item_from_tree(S, P, G, i)
+        charge(F, C, C_CHECKSUM, 1.0)
         checksum = _cid(S, P, h) + 1
         if S.ichk[i] != checksum:
             S.ichk[i] = checksum
@@ -586,7 +590,7 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
     kpage = _stable_tree_search(S, P, G, F, C, h)
     if kpage == h and _head(S, P, i) == node:
         return
-    _remove_from_tree(S, P, G, i)
+    remove_rmap_item_from_tree(S, P, G, i)
     if kpage != NOPAGE:
         if _merge_with_ksm_page(S, R, V, P, G, F, C, i, h, kpage, 0) == 0:
             _stable_tree_append(S, P, G, i, int(P.knode[kpage]))
@@ -604,7 +608,7 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
         if err:
             if _vma_ok(R, V, i):  # break_cow()
                 break_ksm(S, P, G, i)
-                F[CPU] += C[C_BREAK_COW]
+                charge(F, C, C_BREAK_COW, 1.0)
         else:
             kp = h2
     split = _same_folio(S, R, h, th)
@@ -620,14 +624,14 @@ def _cmp_and_merge_page(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C
 @jit(inline=True)
 def _flush_frees(G: I64, F: F64, C: F64) -> None:
     for _ in range(G[PENDING_FREE]):
-        F[CPU] += C[C_RMAP_FREE]
+        charge(F, C, C_RMAP_FREE, 1.0)
     G[PENDING_FREE] = 0
 
 
 @jit(inline=True)
 def _drop_item(S: Slots, P: Pool, G: I64, i: int) -> None:
     """An item passed over: unlinked now, its free charged at the next flush."""
-    _remove_from_tree(S, P, G, i)
+    remove_rmap_item_from_tree(S, P, G, i)
     S.iflags[i] = 0
     G[RMAP_ITEMS] -= 1
     G[PENDING_FREE] += 1
@@ -643,18 +647,17 @@ def _should_skip(S: Slots, P: Pool, G: I64, i: int, h: int) -> bool:
     if age < 3:
         return False
     if not S.iskip[i]:
-        S.iskip[i] = 1 if age <= 3 else 2 if age <= 5 else 4 if age <= 8 else 8
+        S.iskip[i] = _skip_age(age)
         return False
     G[PAGES_SKIPPED] += 1
     S.iskip[i] -= 1
-    _remove_from_tree(S, P, G, i)
+    remove_rmap_item_from_tree(S, P, G, i)
     return True
 
 
 @jit(inline=True)
 def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: int) -> int:
     scan_thp = _scan_thp(G)
-    skip_ns = C[C_PTE_SKIP]
     first = V.mm_first[m]
     for v in range(first, first + V.mm_count[m]):
         vbase = V.base[v]
@@ -683,21 +686,21 @@ def _scan_mm(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, m: i
                     S.iright[i] = -1
                     S.ipar[i] = -1
                     G[RMAP_ITEMS] += 1
-                    F[CPU] += C[C_RMAP_ALLOC]
+                    charge(F, C, C_RMAP_ALLOC, 1.0)
                 G[CUR_PREV] = i
                 h = int(p) if p >= 0 else -i - 1
                 if _should_skip(S, P, G, i, h):
-                    F[CPU] += C[C_SMART_SKIP]
+                    charge(F, C, C_SMART_SKIP, 1.0)
                     i += 1
                     continue
-                F[CPU] += skipped * skip_ns
+                charge(F, C, C_PTE_SKIP, skipped)
                 G[CUR_ADDR] = i + 1
                 return int(i)
             if S.iflags[i] & EXISTS:
                 _drop_item(S, P, G, i)
             skipped += 1
             i += 1
-        F[CPU] += skipped * skip_ns
+        charge(F, C, C_PTE_SKIP, skipped)
         G[CUR_ADDR] = vend
     return -1
 
@@ -707,7 +710,7 @@ def _scan_get_next(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64
     if G[NSLOTS] == 0:
         return -1
     if G[CUR_SLOT] < 0:
-        F[CPU] += C[C_SCAN_START]
+        charge(F, C, C_SCAN_START, 1.0)
         G[ROOT_U] = -1
         G[CUR_SLOT] = 0
         G[CUR_ADDR] = -1
@@ -743,7 +746,7 @@ def do_scan(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> bo
         i = _scan_get_next(S, R, V, P, G, F, C)
         if i < 0:
             return True
-        F[CPU] += C[C_VISIT]
+        charge(F, C, C_VISIT, 1.0)
         _cmp_and_merge_page(S, R, V, P, G, F, C, i)
         G[PAGES_SCANNED] += 1
     return False
@@ -767,8 +770,9 @@ def ksmd_until(S: Slots, R: Ranges, V: Vmas, P: Pool, G: I64, F: F64, C: F64, t_
         scans = G[SEQNR]
         F[NOW] = t
         do_scan(S, R, V, P, G, F, C)
-        F[CPU] += C[C_BATCH]
-        F[CPU] += min(F[CPU] - before, C[C_COLD_WINDOW]) * C[C_COLD]
+        charge(F, C, C_BATCH, 1.0)
+        charge(F, C, C_COLD, min(F[CPU] - before, C[C_COLD_WINDOW]))
+        G[BATCHES] += 1
         busy = (F[CPU] - before) / 1e9
         F[T_SCAN_END] = t + busy
         t = _wake(t, busy, G[K_SLEEP], C[C_SLACK], C[C_TICK])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...content import FRESH_BASE, UNIQUE_BASE
+from .. import rules
 from .jit import jit
 from .state import (
     ANON_RSS,
@@ -27,6 +28,7 @@ from .state import (
     THP_ALLOWED_ALWAYS,
     THP_ALLOWED_MADV,
     THP_RANGES,
+    U8,
     U32,
     U64,
     UNIQ_CODE,
@@ -164,35 +166,31 @@ def break_ksm(S: Slots, P: Pool, G: I64, s: int) -> None:
         G[ANON_RSS] += 1
 
 
-@jit()
-def thp_underused(S: Slots, r: int, max_none: int) -> bool:
-    if max_none == HPAGE - 1:
-        return False
-    zero = 0
-    filled = 0
-    for s in range(r * HPAGE, r * HPAGE + HPAGE):
-        if S.scid[s] == 0:
-            zero += 1
-            if zero > max_none:
-                return True
-        else:
-            filled += 1
-            if filled >= HPAGE - max_none:
-                return False
-    return False
+_underused = jit(inline=True)(rules.thp_underused)  # the exact engine's rule, compiled
 
 
 @jit()
 def deferred_split_scan(S: Slots, R: Ranges, V: Vmas, G: I64, order: I64, max_none: int,
-                        mode_m: int, mode_nm: int) -> int:
-    """The shrinker over the queue (``order``: queued ranges, oldest first)."""
+                        mode_m: int, mode_nm: int, held: U8, failed_counted: int) -> int:
+    """The shrinker over the queue (``order``: queued ranges, oldest first).
+
+    ``held``: per range, 1 where someone else holds the THP at that moment (a replay:
+    the kernel kept it), whose split fails and drops it from the queue (set to 2:
+    met); ``failed_counted`` of those failures count thp_split_page_failed."""
     split = 0
     for j in range(len(order)):
         r = order[j]
         if R.pmd[r] != PMD_THP:
             R.qseq[r] = 0
             continue
-        if not thp_underused(S, r, max_none):
+        if not _underused(S.scid, r * HPAGE, max_none):
+            R.qseq[r] = 0
+            continue
+        if held[r]:
+            held[r] = 2
+            if failed_counted > 0:
+                G[V_SPLIT_FAILED] += 1
+                failed_counted -= 1
             R.qseq[r] = 0
             continue
         mode = mode_m if V.merge[R.vma[r]] else mode_nm

@@ -17,6 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ...content import FRESH_BASE, UNIQUE_BASE
+from ..costs import COST_FIELDS
+from ..memory import VMSTAT_EVENTS
+from .jit import jit
 
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
@@ -46,26 +49,28 @@ MAX_FRESH = (1 << 32) - 2 - FRESH_CODE
  RUN, CUR_SLOT, CUR_ADDR, CUR_PREV, PRESSURE, BUDGET, NK, NN, ROOT_S, ROOT_U,
  K_PTS, K_UZP, K_SMART, K_MPS, K_SLEEP, K_PRUNE, NSLOTS, DEFER_SEQ, PENDING_FREE,
  REMAP_KSM, SCAN_THP_P, SCAN_THP_NP, SKIP_ZP, THP_ALLOWED_ALWAYS, THP_ALLOWED_MADV,
- DEFER_ON, N_G) = range(50)
-# float64 globals
-CPU, NOW, T_KSMD, T_SCAN_END, N_F = range(5)
+ DEFER_ON, BATCHES, N_G) = range(51)
+# float64 globals, then how often each cost was charged (CpuMeter.counts), by C_*
+CPU, NOW, T_KSMD, T_SCAN_END, F_COUNTS = range(5)
+N_F = F_COUNTS + len(COST_FIELDS)
 
-VMSTAT = ("thp_fault_alloc", "thp_fault_fallback", "thp_collapse_alloc", "thp_split_page",
-          "thp_split_page_failed", "thp_deferred_split_page", "thp_underused_split_page",
-          "thp_split_pmd", "thp_zero_page_alloc", "thp_swpout_fallback")
+VMSTAT = VMSTAT_EVENTS  # in G from V_FAULT_ALLOC on, in this order
 VMSTAT_G = dict(zip(VMSTAT, range(V_FAULT_ALLOC, V_SWPOUT_FALLBACK + 1), strict=True))
 
-COST_FIELDS = ("visit_ns", "pte_skip_ns", "rmap_alloc_ns", "rmap_free_ns", "checksum_ns",
-               "stable_level_ns", "unstable_level_ns", "memcmp_equal_ns", "merge_ns",
-               "zero_merge_ns", "break_cow_ns", "split_ns", "zero_test_zero_ns",
-               "zero_test_data_ns",
-               "remap_pte_ns", "free_page_ns", "split_failed_ns", "scan_start_ns",
-               "batch_overhead_ns", "dup_visit_ns", "smart_skip_ns", "cold_start",
-               "cold_window_ns", "sleep_slack_ns", "tick_ns")
+# prices by position in COST_FIELDS (C: the profile's values in that order)
 (C_VISIT, C_PTE_SKIP, C_RMAP_ALLOC, C_RMAP_FREE, C_CHECKSUM, C_STABLE_LEVEL,
  C_UNSTABLE_LEVEL, C_MEMCMP, C_MERGE, C_ZERO_MERGE, C_BREAK_COW, C_SPLIT, C_ZT_ZERO, C_ZT_DATA,
  C_REMAP_PTE, C_FREE_PAGE, C_SPLIT_FAILED, C_SCAN_START, C_BATCH, C_DUP_VISIT, C_SMART_SKIP,
- C_COLD, C_COLD_WINDOW, C_SLACK, C_TICK) = range(25)
+ C_COLD, C_COLD_WINDOW, C_SLACK, C_TICK) = range(len(COST_FIELDS))
+
+
+
+@jit(inline=True)
+def charge(F: F64, C: F64, k: int, n: float) -> None:
+    """CpuMeter.charge(): ``n`` of cost ``k``, counted and added to ksmd's CPU."""
+    F[F_COUNTS + k] += n
+    F[CPU] += n * C[k]
+
 
 # remap modes (policies.Remap)
 R_NONE, R_CLEAN, R_KSM = 0, 1, 2

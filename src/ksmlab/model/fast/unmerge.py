@@ -6,12 +6,11 @@ import numpy as np
 
 from . import rbtree as rb
 from .jit import jit
-from .ksmd import _get_folio, _remove_from_tree
+from .ksmd import ksm_get_folio, remove_rmap_item_from_tree
 from .pages import break_ksm
 from .state import (
     C_RMAP_FREE,
     CHAINS,
-    CPU,
     CUR_ADDR,
     CUR_PREV,
     CUR_SLOT,
@@ -27,6 +26,7 @@ from .state import (
     Pool,
     Slots,
     Vmas,
+    charge,
 )
 
 
@@ -43,10 +43,10 @@ def unmerge_all(S: Slots, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> None:
         for v in range(first, first + V.mm_count[m]):
             for s in range(V.base[v], V.base[v] + V.n[v]):
                 if S.iflags[s] & EXISTS:
-                    _remove_from_tree(S, P, G, s)
+                    remove_rmap_item_from_tree(S, P, G, s)
                     S.iflags[s] = 0
                     G[RMAP_ITEMS] -= 1
-                    F[CPU] += C[C_RMAP_FREE]
+                    charge(F, C, C_RMAP_FREE, 1.0)
     # remove_all_stable_nodes(): an in-order snapshot of the stable tree
     order = np.empty(G[NN], np.int64)
     k = 0
@@ -69,14 +69,14 @@ def unmerge_all(S: Slots, V: Vmas, P: Pool, G: I64, F: F64, C: F64) -> None:
             d = P.nfirst[n]
             while d >= 0:
                 nx = P.nnext[d]
-                _get_folio(S, P, G, d)
+                ksm_get_folio(S, P, G, d)
                 d = nx
             if not P.ndead[n]:
                 rb.erase(G, ROOT_S, P.nleft, P.nright, P.npar, P.nred, n)
                 P.ndead[n] = 1
                 G[CHAINS] -= 1
         else:
-            _get_folio(S, P, G, n)
+            ksm_get_folio(S, P, G, n)
     G[ROOT_S] = -1
     G[ROOT_U] = -1
     G[CUR_SLOT] = -1
