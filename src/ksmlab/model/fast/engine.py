@@ -30,7 +30,6 @@ from ...scenario import (
 from ...trace import VMSTAT_COUNTERS
 from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
-from ..khugepaged import timer_period_s
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
 from ..scope import ModelUnsupported, check_supported, image_span
 from ..timeline import (
@@ -176,6 +175,8 @@ def _write_count(sc: Scenario, e: Write) -> int:
 
 
 class FastSimulation(Engine):
+    khugepaged: FastKhugepaged
+
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  progress_setup: Callable[[int, int], None] | None = None,
                  khugepaged_enter_passes: int | None = None,
@@ -538,18 +539,6 @@ class FastSimulation(Engine):
         rank[np.argsort(np.concatenate(keys), kind="stable")] = np.arange(k, dtype=np.int64)
         codes = FRESH_CODE + first + rank
         write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, at, codes)
-
-    def khugepaged_scan(self) -> None:
-        if self.khugepaged.slots:
-            self.khugepaged.do_scan()
-
-    def khugepaged_period(self) -> float:
-        return timer_period_s(self.sc, self.khugepaged.knobs)
-
-    def has_volatile(self) -> tuple[bool, bool]:
-        refs = [ref for _v, ref, _r in self.regions]
-        return (any(r.spec.volatile_pages_per_s > 0 for r in refs),
-                any(r.spec.volatile_pages_per_scan > 0 for r in refs))
 
     # ---- samples -------------------------------------------------------------
     def sample(self, t: float, full_scan_end: bool) -> dict[str, float]:
