@@ -295,3 +295,13 @@ def test_fast_equals_exact_on_recorded_replays(path: Path) -> None:
     fast, tf = run_model(sc, pol, engine="fast", **fidelity.replay(ref))
     assert_same(te, tf)
     assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
+
+
+def test_the_globals_are_named_in_order() -> None:
+    """Each int64 global's constant is its index in G_NAMES (the layout a reader reads)."""
+    from ksmlab.model.fast import state
+
+    assert [getattr(state, n) for n in state.G_NAMES] == list(range(state.N_G))
+    assert [state.COST_FIELDS[getattr(state, c)] for c in ("C_VISIT", "C_COLD", "C_TICK")] == [
+        "visit_ns", "cold_start", "tick_ns"]
+    assert state.VMSTAT_G["thp_swpout_fallback"] == state.V_SWPOUT_FALLBACK

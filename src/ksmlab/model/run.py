@@ -35,7 +35,7 @@ from ..scenario import (
 )
 from ..trace import VMSTAT_COUNTERS, Trace
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter, ksmd_wake
-from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
+from .khugepaged import Khugepaged, khugepaged_enter_passes
 from .ksm import Ksm
 from .memory import PMD_THP, Mm, Page, System, Thp, Vma
 from .policies import get_policy
@@ -69,6 +69,8 @@ class _Region:
 
 
 class Simulation(Engine):
+    khugepaged: Khugepaged
+
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  pins: Sequence[tuple[str, int]] = (),
                  khugepaged_enter_passes: int | None = None,
@@ -280,17 +282,6 @@ class Simulation(Engine):
                 ids = content.written_ids(reg.ref, content.VOLATILE_TAG + step, idx)
                 for i, cid in zip(idx.tolist(), ids.tolist(), strict=True):
                     write_fault(self.sys, reg.vma, int(i), int(cid))
-
-    def khugepaged_scan(self) -> None:
-        if self.khugepaged.slots:
-            self.khugepaged.do_scan()
-
-    def khugepaged_period(self) -> float:
-        return timer_period_s(self.sc, self.khugepaged.knobs)
-
-    def has_volatile(self) -> tuple[bool, bool]:
-        return (any(r.spec.volatile_pages_per_s > 0 for r in self.regions),
-                any(r.spec.volatile_pages_per_scan > 0 for r in self.regions))
 
     def volatile(self, t: float) -> None:
         for reg in self.regions:

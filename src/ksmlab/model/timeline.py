@@ -31,6 +31,7 @@ from ..constants import KSM_RMAP_ITEM_SIZE
 from ..scenario import KhugepagedWake, KsmKnobs, KsmStart, Scenario, SetKnob, ThpKnobs
 from ..trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace, is_monotonic
 from .costs import CostProfile
+from .khugepaged import KhugepagedWalk, timer_period_s
 from .policies import Policy
 
 VOLATILE_TICK = 0.01  # seconds between the volatile writer's bursts
@@ -286,6 +287,21 @@ class Engine:
     policy: Policy
     notes: list[str]
     timeline: Timeline
+
+    khugepaged: KhugepagedWalk[Any, Any]
+
+    def khugepaged_scan(self) -> None:
+        if self.khugepaged.slots:
+            self.khugepaged.do_scan()
+
+    def khugepaged_period(self) -> float:
+        return timer_period_s(self.sc, self.khugepaged.knobs)
+
+    def has_volatile(self) -> tuple[bool, bool]:
+        """Whether any region has a volatile writer (per second, per full scan)."""
+        regions = [r for p in self.sc.process for r in p.region]
+        return (any(r.volatile_pages_per_s > 0 for r in regions),
+                any(r.volatile_pages_per_scan > 0 for r in regions))
 
     @property
     def events(self) -> list[dict[str, Any]]:

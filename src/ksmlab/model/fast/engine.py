@@ -31,7 +31,6 @@ from ...scenario import (
 from ...trace import VMSTAT_COUNTERS
 from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
-from ..khugepaged import timer_period_s
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
 from ..scope import ModelUnsupported, check_supported, image_span
 from ..timeline import (
@@ -179,6 +178,8 @@ def _write_count(sc: Scenario, e: Write) -> int:
 
 
 class FastSimulation(Engine):
+    khugepaged: FastKhugepaged
+
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  progress_setup: Callable[[int, int], None] | None = None,
                  khugepaged_enter_passes: int | None = None,
@@ -209,17 +210,17 @@ class FastSimulation(Engine):
                 self.write_code[id(e)] = code
                 code += _write_count(sc, e)
         self.next_code = code
-        self.C = np.array([getattr(profile, f) for f in COST_FIELDS], np.float64)
-        self.G = np.zeros(N_G, np.int64)
-        self.F = np.zeros(N_F, np.float64)
-        G = self.G
+        self.price = np.array([getattr(profile, f) for f in COST_FIELDS], np.float64)
+        self.glob = np.zeros(N_G, np.int64)
+        self.meter = np.zeros(N_F, np.float64)
+        glob = self.glob
         for k in (CUR_SLOT, CUR_ADDR, CUR_PREV, ROOT_S, ROOT_U):
-            G[k] = -1
+            glob[k] = -1
         self._build(progress_setup)
-        self.khugepaged = FastKhugepaged(self.S, self.R, self.V, G, sc.thp.khugepaged,
+        self.khugepaged = FastKhugepaged(self.page, self.ranges, self.vmas, glob, sc.thp.khugepaged,
                                          self.policy.khugepaged_needs_writable,
                                          self.hstart, self.hend)
-        self.khugepaged.P = self.P
+        self.khugepaged.pool = self.pool
         self._params()
         self._map_images()
         self._register_khugepaged()
@@ -231,18 +232,18 @@ class FastSimulation(Engine):
     def _register_khugepaged(self) -> None:
         # khugepaged_enter_vma(): at mmap or MADV_HUGEPAGE, and at a THP fault (an
         # image's THPs, even in a VMA where THPs are no longer allowed)
-        V, G = self.V, self.G
+        vmas, glob = self.vmas, self.glob
         for m in range(self.n_mms):
-            first = int(V.mm_first[m])
-            if self.mm_thp[m] or any(thp_allowed(V, G, vv)
-                                     for vv in range(first, first + int(V.mm_count[m]))):
+            first = int(vmas.mm_first[m])
+            if self.mm_thp[m] or any(thp_allowed(vmas, glob, vv)
+                                     for vv in range(first, first + int(vmas.mm_count[m]))):
                 self.khugepaged.register(m)
 
     def full_scans(self) -> int:
-        return int(self.G[SEQNR])
+        return int(self.glob[SEQNR])
 
     def pages_scanned(self) -> int:
-        return int(self.G[PAGES_SCANNED])
+        return int(self.glob[PAGES_SCANNED])
 
     # ---- set-up --------------------------------------------------------------
     def _build(self, progress: Callable[[int, int], None] | None) -> None:
@@ -325,34 +326,34 @@ class FastSimulation(Engine):
         self.mm_thp = np.zeros(len(insts), np.bool_)  # mm.khugepaged (a THP fault)
         ks = np.zeros(max(1, len(ksm_slots)), np.int64)
         ks[: len(ksm_slots)] = ksm_slots
-        self.G[NSLOTS] = len(ksm_slots)
-        self.V = Vmas(base=base, n=npg, merge=merge, anon=np.zeros(n_vma, np.uint8), huge=huge,
+        self.glob[NSLOTS] = len(ksm_slots)
+        self.vmas = Vmas(base=base, n=npg, merge=merge, anon=np.zeros(n_vma, np.uint8), huge=huge,
                       nohuge=nohuge, mm_first=mm_first, mm_count=mm_count, ksm_slots=ks)
         nr = s // HPAGE_PMD_NR
         rvma = np.empty(nr, np.int32)
         for vi in range(n_vma):
             rvma[base[vi] // HPAGE_PMD_NR : (base[vi] + npg[vi]) // HPAGE_PMD_NR] = vi
-        self.R = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma)
-        self.S = new_slots(s)
-        self.P = new_pool(1024, 2048)
+        self.ranges = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma)
+        self.page = new_slots(s)
+        self.pool = new_pool(1024, 2048)
         self.n_mms = len(insts)
 
     def _params(self) -> None:
         """Knob- and policy-derived switches the compiled code reads."""
-        G, kn, thp, pol = self.G, self.ksm_knobs, self.thp, self.policy
-        G[K_PTS] = int(kn.pages_to_scan)
-        G[K_UZP] = int(kn.use_zero_pages)
-        G[K_SMART] = int(kn.smart_scan)
-        G[K_MPS] = int(kn.max_page_sharing)
-        G[K_SLEEP] = int(kn.sleep_millisecs)
-        G[K_PRUNE] = int(kn.stable_node_chains_prune_millisecs)
-        G[THP_ALLOWED_ALWAYS] = thp.enabled == "always"
-        G[THP_ALLOWED_MADV] = thp.enabled == "madvise"
-        G[DEFER_ON] = bool(thp.shrink_underused and pol.underused_shrinker)
-        G[SKIP_ZP] = pol.ksm_skip_zeropage
-        G[SCAN_THP_P] = ksm_scans_thp(pol, True)
-        G[SCAN_THP_NP] = ksm_scans_thp(pol, False)
-        G[REMAP_KSM] = self._remap("ksm", True)
+        glob, kn, thp, pol = self.glob, self.ksm_knobs, self.thp, self.policy
+        glob[K_PTS] = int(kn.pages_to_scan)
+        glob[K_UZP] = int(kn.use_zero_pages)
+        glob[K_SMART] = int(kn.smart_scan)
+        glob[K_MPS] = int(kn.max_page_sharing)
+        glob[K_SLEEP] = int(kn.sleep_millisecs)
+        glob[K_PRUNE] = int(kn.stable_node_chains_prune_millisecs)
+        glob[THP_ALLOWED_ALWAYS] = thp.enabled == "always"
+        glob[THP_ALLOWED_MADV] = thp.enabled == "madvise"
+        glob[DEFER_ON] = bool(thp.shrink_underused and pol.underused_shrinker)
+        glob[SKIP_ZP] = pol.ksm_skip_zeropage
+        glob[SCAN_THP_P] = ksm_scans_thp(pol, True)
+        glob[SCAN_THP_NP] = ksm_scans_thp(pol, False)
+        glob[REMAP_KSM] = self._remap("ksm", True)
 
     def _remap(self, caller: str, mergeable: bool) -> int:
         return _REMAP[remap_on_split(self.policy, caller, mergeable,  # type: ignore[arg-type]
@@ -361,26 +362,26 @@ class FastSimulation(Engine):
 
     def fill(self, progress: Callable[[int, int], None] | None = None) -> None:
         """fill_fresh_vma() for every region (streamed: one region's ids at a time)."""
-        S, R, V, G = self.S, self.R, self.V, self.G
+        page, ranges, vmas, glob = self.page, self.ranges, self.vmas, self.glob
         done = 0
         for v, ref, _rng in self.regions:
-            b, n = int(V.base[v]), int(V.n[v])
-            V.anon[v] = 1
-            S.pte[b : b + n] = OWN
-            store_codes(content.region_ids(self.sc, ref), S.scid[b : b + n])
+            b, n = int(vmas.base[v]), int(vmas.n[v])
+            vmas.anon[v] = 1
+            page.pte[b : b + n] = OWN
+            store_codes(content.region_ids(self.sc, ref), page.scid[b : b + n])
             rs = slice(b // HPAGE_PMD_NR, (b + n) // HPAGE_PMD_NR)
             nr = n // HPAGE_PMD_NR
-            if thp_allowed(V, G, v):
-                R.pmd[rs] = PMD_THP
-                G[V_FAULT_ALLOC] += nr
-                G[NR_THP] += nr
-                G[THP_RANGES] += nr
-                if G[DEFER_ON]:
-                    R.qseq[rs] = G[DEFER_SEQ] + 1 + np.arange(nr, dtype=np.int64)
-                    G[DEFER_SEQ] += nr
+            if thp_allowed(vmas, glob, v):
+                ranges.pmd[rs] = PMD_THP
+                glob[V_FAULT_ALLOC] += nr
+                glob[NR_THP] += nr
+                glob[THP_RANGES] += nr
+                if glob[DEFER_ON]:
+                    ranges.qseq[rs] = glob[DEFER_SEQ] + 1 + np.arange(nr, dtype=np.int64)
+                    glob[DEFER_SEQ] += nr
             else:
-                R.pmd[rs] = PMD_TABLE
-            G[ANON_RSS] += n
+                ranges.pmd[rs] = PMD_TABLE
+            glob[ANON_RSS] += n
             done += n
             if progress is not None:
                 progress(done, self.n)
@@ -389,15 +390,15 @@ class FastSimulation(Engine):
     def _map_images(self) -> None:
         """fill_from_image() for every captured VMA: its THPs (whole 2 MiB ranges whose
         first page was in one), 4 KiB pages, zero-page PTEs; pte_none elsewhere."""
-        S, R, V, G = self.S, self.R, self.V, self.G
+        page, ranges, vmas, glob = self.page, self.ranges, self.vmas, self.glob
         for m, v, lo, cids, flags in self.images:
-            b, n = int(V.base[v]), int(V.n[v])
+            b, n = int(vmas.base[v]), int(vmas.n[v])
             hi = lo + len(cids)
             cid, fl = np.asarray(cids), np.asarray(flags)  # read from the .npy files here
-            V.anon[v] = 1
+            vmas.anon[v] = 1
             zero = (fl & image.ZERO_PTE) != 0
             own = ((fl & image.PRESENT) != 0) & ~zero
-            pte, scid = S.pte[b + lo : b + hi], S.scid[b + lo : b + hi]
+            pte, scid = page.pte[b + lo : b + hi], page.scid[b + lo : b + hi]
             pte[zero] = ZERO
             pte[own] = OWN
             scid[own] = cid[own]  # an image's ids are codes: 0 zero-filled, memcmp order
@@ -411,42 +412,43 @@ class FastSimulation(Engine):
             pte[whole] = OWN  # every subpage of a THP, whatever its flags
             scid[whole] = cid[whole]
             rs = slice(b // HPAGE_PMD_NR, b // HPAGE_PMD_NR + nr)
-            used = (S.pte[b : b + n] != NONE).reshape(nr, HPAGE_PMD_NR).any(axis=1)
-            R.pmd[rs] = np.where(thp, PMD_THP, np.where(used, PMD_TABLE, PMD_NONE))
+            used = (page.pte[b : b + n] != NONE).reshape(nr, HPAGE_PMD_NR).any(axis=1)
+            ranges.pmd[rs] = np.where(thp, PMD_THP, np.where(used, PMD_TABLE, PMD_NONE))
             k = int(thp.sum())
-            G[NR_THP] += k
-            G[THP_RANGES] += k
-            G[ANON_RSS] += int(np.count_nonzero(pte == OWN))
+            glob[NR_THP] += k
+            glob[THP_RANGES] += k
+            glob[ANON_RSS] += int(np.count_nonzero(pte == OWN))
             if k:  # a THP from before time 0: no thp_fault_alloc, queued as its fault did
                 self.mm_thp[m] = True
-                if G[DEFER_ON]:
-                    q = R.qseq[rs]
-                    q[thp] = G[DEFER_SEQ] + 1 + np.arange(k, dtype=np.int64)
-                    G[DEFER_SEQ] += k
+                if glob[DEFER_ON]:
+                    q = ranges.qseq[rs]
+                    q[thp] = glob[DEFER_SEQ] + 1 + np.arange(k, dtype=np.int64)
+                    glob[DEFER_SEQ] += k
 
     # ---- actions -------------------------------------------------------------
     def _region(self, process: int, replica: int, region: int) -> tuple[int, int]:
         for v, ref, _rng in self.regions:
             if (ref.process, ref.replica, ref.region) == (process, replica, region):
-                return v, int(self.V.base[v])
+                return v, int(self.vmas.base[v])
         raise ModelUnsupported(f"no region {process}/{region}")  # pragma: no cover
 
     def _write(self, slots: np.ndarray[Any, Any], cids: np.ndarray[Any, Any]) -> None:
         codes = code_of(np.asarray(cids, dtype=np.uint64)).astype(np.int64)
-        write_many(self.S, self.R, self.V, self.P, self.G, slots.astype(np.int64), codes)
+        write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, slots.astype(np.int64),
+                   codes)
 
     def apply(self, e: object, t: float) -> None:
-        G = self.G
+        glob = self.glob
         if isinstance(e, KsmStart):
-            G[RUN] = 1
+            glob[RUN] = 1
             self.ksm_running = True
         elif isinstance(e, KsmStop):
-            G[RUN] = 0
+            glob[RUN] = 0
             self.ksm_running = False
         elif isinstance(e, KsmUnmerge):
-            G[RUN] = 2
+            glob[RUN] = 2
             self.ksm_running = False
-            unmerge_all(self.S, self.V, self.P, G, self.F, self.C)
+            unmerge_all(self.page, self.vmas, self.pool, glob, self.meter, self.price)
         elif isinstance(e, Write):
             _v, b = self._region(e.process, 0, e.region)
             pages = self.sc.process[e.process].region[e.region].pages
@@ -457,12 +459,13 @@ class FastSimulation(Engine):
             else:  # content.written_ids(ref, tag, targets): increasing with the target
                 codes = FRESH_CODE + self.write_code[id(e)] + np.arange(
                     len(targets), dtype=np.int64)
-            write_many(self.S, self.R, self.V, self.P, G, (targets + b).astype(np.int64),
+            write_many(self.page, self.ranges, self.vmas, self.pool, glob,
+                       (targets + b).astype(np.int64),
                        codes)
         elif isinstance(e, Pressure):
             self._params()
             self._pressure(t)
-            G[PRESSURE] = 2 if G[CUR_SLOT] < 0 else 3
+            glob[PRESSURE] = 2 if glob[CUR_SLOT] < 0 else 3
         elif isinstance(e, SetKnob):
             self._set_knob(e)
         elif isinstance(e, KhugepagedWake):
@@ -474,8 +477,8 @@ class FastSimulation(Engine):
     def _pressure(self, t: float) -> None:
         """deferred_split_scan() over the queue; a replay's record (``shrinker``) says
         which THPs the kernel's shrinker left whole and how many failures it counted."""
-        R, V = self.R, self.V
-        held = np.zeros(len(R.pmd), np.uint8)
+        ranges, vmas = self.ranges, self.vmas
+        held = np.zeros(len(ranges.pmd), np.uint8)
         failed = 0
         if self.shrinker:
             rec = self.shrinker.pop(0)
@@ -483,12 +486,12 @@ class FastSimulation(Engine):
             kept = rec.get("thps_kept")
             if kept is not None:
                 names = {(int(inst), int(i)) for inst, idx in kept.items() for i in idx}
-                for r in np.flatnonzero(R.qseq).tolist():
-                    v = int(R.vma[r])
+                for r in np.flatnonzero(ranges.qseq).tolist():
+                    v = int(ranges.vma[r])
                     name = (int(self.vma_mm[v]),
-                            int(self.name_first[v]) + r * HPAGE_PMD_NR - int(V.base[v]))
+                            int(self.name_first[v]) + r * HPAGE_PMD_NR - int(vmas.base[v]))
                     held[r] = name in names
-        deferred_split_scan(self.S, R, V, self.G, queued_order(R),
+        deferred_split_scan(self.page, ranges, vmas, self.glob, queued_order(ranges),
                             int(self.thp.khugepaged.max_ptes_none),
                             self._remap("shrinker", True), self._remap("shrinker", False),
                             held, failed)
@@ -500,9 +503,9 @@ class FastSimulation(Engine):
                 "for that moment); the model kept them too")
 
     def _set_knob(self, e: SetKnob) -> None:
-        G = self.G
+        glob = self.glob
         self.ksm_knobs, self.thp = knobs_after(e, self.ksm_knobs, self.thp,
-                                               bool(G[PAGES_SHARED] or G[PAGES_SHARING]))
+                                               bool(glob[PAGES_SHARED] or glob[PAGES_SHARING]))
         self.khugepaged.knobs = self.thp.khugepaged
 
     def volatile(self, t: float) -> None:
@@ -512,7 +515,7 @@ class FastSimulation(Engine):
                 continue
             cids = content.fresh_ids(self.fresh, len(targets))
             self.fresh += len(targets)
-            self._write(np.asarray(targets, np.int64) + int(self.V.base[v]), cids)
+            self._write(np.asarray(targets, np.int64) + int(self.vmas.base[v]), cids)
 
     def volatile_scan(self, step: int) -> None:
         """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
@@ -521,7 +524,7 @@ class FastSimulation(Engine):
         for v, ref, _rng in self.regions:
             if ref.spec.volatile_pages_per_scan:
                 idx = content.volatile_targets(ref, step)
-                slots.append(idx + int(self.V.base[v]))
+                slots.append(idx + int(self.vmas.base[v]))
                 keys.append(idx + ref.first_page)
         if not slots:
             return
@@ -538,76 +541,66 @@ class FastSimulation(Engine):
         rank = np.empty(k, np.int64)
         rank[np.argsort(np.concatenate(keys), kind="stable")] = np.arange(k, dtype=np.int64)
         codes = FRESH_CODE + first + rank
-        write_many(self.S, self.R, self.V, self.P, self.G, at, codes)
-
-    def khugepaged_scan(self) -> None:
-        if self.khugepaged.slots:
-            self.khugepaged.do_scan()
-
-    def khugepaged_period(self) -> float:
-        return timer_period_s(self.sc, self.khugepaged.knobs)
-
-    def has_volatile(self) -> tuple[bool, bool]:
-        refs = [ref for _v, ref, _r in self.regions]
-        return (any(r.spec.volatile_pages_per_s > 0 for r in refs),
-                any(r.spec.volatile_pages_per_scan > 0 for r in refs))
+        write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, at, codes)
 
     # ---- samples -------------------------------------------------------------
     def sample(self, t: float, full_scan_end: bool) -> dict[str, float]:
-        G = self.G
-        rmap, zero = int(G[RMAP_ITEMS]), int(G[KSM_ZERO])
+        glob = self.glob
+        rmap, zero = int(glob[RMAP_ITEMS]), int(glob[KSM_ZERO])
         raw: dict[str, float] = {
-            "pages_scanned": int(G[PAGES_SCANNED]), "pages_shared": int(G[PAGES_SHARED]),
-            "pages_sharing": int(G[PAGES_SHARING]), "pages_unshared": int(G[PAGES_UNSHARED]),
-            "pages_skipped": int(G[PAGES_SKIPPED]), "rmap_items": rmap,
-            "ksm_zero_pages": zero, "full_scans": int(G[SEQNR]),
-            "stable_node_chains": int(G[CHAINS]), "stable_node_dups": int(G[DUPS]),
-            **{k: int(G[VMSTAT_G[k]]) for k in VMSTAT_COUNTERS
+            "pages_scanned": int(glob[PAGES_SCANNED]), "pages_shared": int(glob[PAGES_SHARED]),
+            "pages_sharing": int(glob[PAGES_SHARING]), "pages_unshared": int(glob[PAGES_UNSHARED]),
+            "pages_skipped": int(glob[PAGES_SKIPPED]), "rmap_items": rmap,
+            "ksm_zero_pages": zero, "full_scans": int(glob[SEQNR]),
+            "stable_node_chains": int(glob[CHAINS]), "stable_node_dups": int(glob[DUPS]),
+            **{k: int(glob[VMSTAT_G[k]]) for k in VMSTAT_COUNTERS
                if k != "nr_anon_transparent_hugepages"},
-            "nr_anon_transparent_hugepages": int(G[NR_THP]),
+            "nr_anon_transparent_hugepages": int(glob[NR_THP]),
             "khugepaged_full_scans": self.khugepaged.full_scans,
             "khugepaged_pages_collapsed": self.khugepaged.pages_collapsed,
-            "anon_rss": int(G[ANON_RSS]), "thps_mapped": int(G[THP_RANGES]),
+            "anon_rss": int(glob[ANON_RSS]), "thps_mapped": int(glob[THP_RANGES]),
             # every rmap item, KSM page and KSM zero page belongs to a workload process
-            "ksm_rmap_items": rmap, "ksm_merging_pages": int(G[PAGES_SHARED] + G[PAGES_SHARING]),
-            "proc_ksm_zero_pages": zero, "ksmd_cpu_ns": float(self.F[CPU]),
+            "ksm_rmap_items": rmap,
+            "ksm_merging_pages": int(glob[PAGES_SHARED] + glob[PAGES_SHARING]),
+            "proc_ksm_zero_pages": zero, "ksmd_cpu_ns": float(self.meter[CPU]),
         }
         return sample_row(t, full_scan_end, raw)
 
     # ---- ksmd, as the timeline drives it ------------------------------------
     def should_run(self) -> bool:
-        return bool(self.G[RUN] == 1 and self.G[NSLOTS] > 0)  # ksmd_should_run()
+        return bool(self.glob[RUN] == 1 and self.glob[NSLOTS] > 0)  # ksmd_should_run()
 
     def wake_ksmd(self, t: float) -> None:
-        self.F[T_KSMD] = t
+        self.meter[T_KSMD] = t
 
     def ksmd_wake_time(self) -> float:
-        return float(self.F[T_KSMD])
+        return float(self.meter[T_KSMD])
 
     def scan_end_time(self) -> float:
-        return float(self.F[T_SCAN_END])
+        return float(self.meter[T_SCAN_END])
 
     def cost_counts(self) -> dict[str, float]:
-        return {k: float(self.F[F_COUNTS + i]) for i, k in enumerate(COST_FIELDS)}
+        return {k: float(self.meter[F_COUNTS + i]) for i, k in enumerate(COST_FIELDS)}
 
     def batches(self) -> int:
-        return int(self.G[BATCHES])
+        return int(self.glob[BATCHES])
 
     def ksmd_until(self, t_next: float, inclusive: bool, t_end: float) -> int:
         """ksmd's batches up to the next action (KSMD_OK), or to the end of a full
         scan (KSMD_SCAN_END); KSMD_IDLE once it waits for run=1.  One compiled call
         between two growths of the pools."""
         while True:
-            G = self.G
-            pts = int(G[K_PTS])
-            room_k, room_n = len(self.P.kcid), len(self.P.nkpage)
-            if G[NK] + pts > room_k or G[NN] + 2 * pts > room_n:
-                self.P = grow_pool(self.P, max(2 * room_k, int(G[NK]) + 2 * pts),
-                                   max(2 * room_n, int(G[NN]) + 4 * pts))
-                self.khugepaged.P = self.P
-            res = _direct(ksmd_until)(self.S, self.R, self.V, self.P, G, self.F, self.C,
-                                      t_next, inclusive, t_end, len(self.P.kcid),
-                                      len(self.P.nkpage))
+            glob = self.glob
+            pts = int(glob[K_PTS])
+            room_k, room_n = len(self.pool.kcid), len(self.pool.nkpage)
+            if glob[NK] + pts > room_k or glob[NN] + 2 * pts > room_n:
+                self.pool = grow_pool(self.pool, max(2 * room_k, int(glob[NK]) + 2 * pts),
+                                   max(2 * room_n, int(glob[NN]) + 4 * pts))
+                self.khugepaged.pool = self.pool
+            res = _direct(ksmd_until)(self.page, self.ranges, self.vmas, self.pool, glob,
+                          self.meter, self.price,
+                                      t_next, inclusive, t_end, len(self.pool.kcid),
+                                      len(self.pool.nkpage))
             if res == KSMD_GROW:
                 continue
             return int(res)

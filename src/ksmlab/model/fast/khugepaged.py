@@ -33,35 +33,35 @@ from .state import (
 class FastKhugepaged(KhugepagedWalk[int, int]):
     """Mms by index, VMAs by index, addresses are slots."""
 
-    def __init__(self, S: Slots, R: Ranges, V: Vmas, G: I64, knobs: KhugepagedKnobs,
+    def __init__(self, page: Slots, ranges: Ranges, vmas: Vmas, glob: I64, knobs: KhugepagedKnobs,
                  needs_writable: bool, hstart: I64, hend: I64) -> None:
         super().__init__(knobs)
-        self.S, self.R, self.V, self.G = S, R, V, G
+        self.page, self.ranges, self.vmas, self.glob = page, ranges, vmas, glob
         # per VMA, the slots of the whole 2 MiB ranges inside it (an image's unaligned
         # VMA is mapped in wider ranges): hstart/hend of khugepaged_scan_mm_slot()
         self.hstart, self.hend = hstart, hend
         self.needs_writable = needs_writable  # Policy.khugepaged_needs_writable
-        self.P: Pool | None = None  # set by the engine (the pool is replaced as it grows)
+        self.pool: Pool | None = None  # set by the engine (the pool is replaced as it grows)
 
     def vma_ranges(self, mm: int) -> Iterator[tuple[int, int, int, bool]]:
-        first = int(self.V.mm_first[mm])
-        for v in range(first, first + int(self.V.mm_count[mm])):
-            yield v, int(self.hstart[v]), int(self.hend[v]), thp_allowed(self.V, self.G, v)
+        first = int(self.vmas.mm_first[mm])
+        for v in range(first, first + int(self.vmas.mm_count[mm])):
+            yield v, int(self.hstart[v]), int(self.hend[v]), thp_allowed(self.vmas, self.glob, v)
 
     def scan_pmd(self, vma: int, address: int) -> bool:
         return self._scan_pmd(address // HPAGE_PMD_NR)
 
     def _scan_pmd(self, r: int) -> bool:
-        if self.R.pmd[r] != PMD_TABLE:
+        if self.ranges.pmd[r] != PMD_TABLE:
             return False
-        assert self.P is not None
+        assert self.pool is not None
         base = r * HPAGE_PMD_NR
-        pte = self.S.pte[base : base + HPAGE_PMD_NR]
+        pte = self.page.pte[base : base + HPAGE_PMD_NR]
         none_or_zero = int(np.count_nonzero((pte == NONE) | (pte == ZERO) | (pte == KZERO)))
         if none_or_zero > self.knobs.max_ptes_none:
             return False
         ksm = pte[pte >= 0]
-        if int(np.count_nonzero(self.P.kmap[ksm] > 1)) > MAX_PTES_SHARED:
+        if int(np.count_nonzero(self.pool.kmap[ksm] > 1)) > MAX_PTES_SHARED:
             return False
         if self.needs_writable and not np.any(pte == OWN):
             return False  # SCAN_PAGE_RO (6.12; gone in later trees)
@@ -69,23 +69,23 @@ class FastKhugepaged(KhugepagedWalk[int, int]):
         return True
 
     def _collapse(self, r: int) -> None:
-        S, G = self.S, self.G
-        assert self.P is not None
+        page, glob = self.page, self.glob
+        assert self.pool is not None
         base = r * HPAGE_PMD_NR
         sl = slice(base, base + HPAGE_PMD_NR)
-        pte = S.pte[sl].copy()
+        pte = page.pte[sl].copy()
         ksm = pte >= 0
         present = int(np.count_nonzero(ksm | (pte == OWN)))
-        codes = S.scid[sl].copy()
-        codes[ksm] = self.P.kcid[pte[ksm]]
+        codes = page.scid[sl].copy()
+        codes[ksm] = self.pool.kcid[pte[ksm]]
         codes[~(ksm | (pte == OWN))] = 0
-        np.subtract.at(self.P.kmap, pte[ksm], 1)
-        G[KSM_ZERO] -= int(np.count_nonzero(pte == KZERO))
-        S.scid[sl] = codes
-        S.pte[sl] = OWN
-        self.R.pmd[r] = PMD_THP
-        G[ANON_RSS] += HPAGE_PMD_NR - present
-        G[NR_THP] += 1
-        G[THP_RANGES] += 1
-        G[V_COLLAPSE_ALLOC] += 1
-        deferred_split_folio(self.R, G, r)
+        np.subtract.at(self.pool.kmap, pte[ksm], 1)
+        glob[KSM_ZERO] -= int(np.count_nonzero(pte == KZERO))
+        page.scid[sl] = codes
+        page.pte[sl] = OWN
+        self.ranges.pmd[r] = PMD_THP
+        glob[ANON_RSS] += HPAGE_PMD_NR - present
+        glob[NR_THP] += 1
+        glob[THP_RANGES] += 1
+        glob[V_COLLAPSE_ALLOC] += 1
+        deferred_split_folio(self.ranges, glob, r)
