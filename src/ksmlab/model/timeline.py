@@ -5,7 +5,7 @@ events, the lab's khugepaged wake-ups), the volatile writer's ticks, khugepaged'
 timer, ksmd's wake-ups, full-scan ends, events held for a scan end
 (``align_events``) and events pinned to one (a replay of a kernel run).  An engine
 is a :class:`Backend`: it applies an action, runs ksmd's batches up to a time and
-reads its counters; :func:`run` does the rest, so the two engines cannot order
+reads its counters; :meth:`Timeline.run` does the rest, so the two engines cannot order
 anything differently.
 
 Order at equal times (:class:`Prio`, lowest first; then the order things were
