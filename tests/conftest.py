@@ -29,6 +29,10 @@ os.environ["KSMLAB_PROFILE"] = TEST_PROFILE
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ksmlab-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
+# the differential tests' examples new each run (tests/test_model_fast.py): a seed
+# chosen here, printed in the header; set it to replay a run
+os.environ.setdefault("KSMLAB_FAST_SEED", str(int.from_bytes(os.urandom(4), "little")))
+
 from ksmlab.live.journal import RunLock  # noqa: E402
 from ksmlab.live.kernelfs import KernelFS, KernelWriteError  # noqa: E402
 from ksmlab.live.knobs import read_all  # noqa: E402
@@ -216,3 +220,8 @@ def _machine_left_as_found() -> Iterator[None]:
         restore_journal(real, Journal(Path("/run/ksmlab")), lock)
     assert not changed, f"the test suite left knobs changed: {changed}"
     assert not workload_pids(), f"workload processes left: {workload_pids()}"
+
+
+def pytest_report_header() -> str:
+    seed = os.environ["KSMLAB_FAST_SEED"]
+    return f"ksmlab differential tests: seed {seed} (replay: KSMLAB_FAST_SEED={seed})"

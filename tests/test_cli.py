@@ -270,7 +270,7 @@ def test_memory_estimate_follows_the_engine() -> None:
 
     sc = load("seed-uzp1")  # 128 MiB: 32768 pages
     assert memory_estimate(sc) == (BASE_BYTES + 32768 * 32, "fast")
-    assert memory_estimate(sc, pinned=True) == (BASE_BYTES + 32768 * 512, "exact")
+    assert memory_estimate(sc, events=True) == (BASE_BYTES + 32768 * 512, "exact")
 
 
 @pytest.mark.parametrize("cmd", [["run"], ["sim", "-p", "mainline"], ["validate"]])

@@ -225,3 +225,42 @@ def test_base_install_from_the_wheel(tmp_path: Path) -> None:
                            text=True, timeout=120, check=False, cwd=tmp_path,
                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
         assert r.returncode == 0 and r.stdout, (args, r.stderr)
+
+
+def test_no_import_cycles_at_all() -> None:
+    """Counting imports inside functions too: a lazy import still ties two modules
+    (the exact and the fast engine imported each other that way)."""
+    assert cycles(imports(top_level_only=False)) == []
+
+
+def test_the_engines_do_not_import_each_other() -> None:
+    """Both engines are backends of model/timeline.py; neither imports the other."""
+    graph = imports(top_level_only=False)
+    fast = {m for m in graph if m.startswith("ksmlab.model.fast")}
+    assert not graph["ksmlab.model.timeline"] & fast
+    assert not any("ksmlab.model.run" in graph[m] for m in fast)
+
+
+def test_no_private_names_across_modules() -> None:
+    files = {_module(p) for p in SRC.joinpath("ksmlab").rglob("*.py")}
+    bad = []
+    for path in SRC.joinpath("ksmlab").rglob("*.py"):
+        mod = _module(path)
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            if not base.startswith("ksmlab"):
+                continue
+            bad += [f"{mod}: {base}.{a.name}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                    and f"{base}.{a.name}" not in files]
+    assert bad == []
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -1,21 +1,37 @@
 """Differential tests: the fast engine gives the exact model's trace, column by
-column and sample by sample, on random small scenarios under every policy."""
+column and sample by sample, on random small scenarios under every policy, with
+random cost profiles, and replaying random pins (a kernel run's replay: events at
+given full scans, khugepaged's set-up passes, THPs the shrinker kept), with the same
+cost counts at every full-scan end (what calibration fits).
+
+Beside the fixed (derandomized) examples, one test draws new ones each run from the
+seed printed in pytest's header; ``KSMLAB_FAST_SEED=N`` replays a run's examples."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from ksmlab import fidelity
 from ksmlab.model import POLICIES, ModelUnsupported, simulate
-from ksmlab.model.fast import unsupported
+from ksmlab.model.costs import COST_FIELDS, CostProfile
+from ksmlab.model.fast import FastSimulation, unsupported
+from ksmlab.model.run import Simulation, run_model
 from ksmlab.scenario import Scenario, builtin_names, load
 from ksmlab.trace import COLUMNS, Trace
 
-EXAMPLES = int(__import__("os").environ.get("KSMLAB_FAST_EXAMPLES", "1000"))
+EXAMPLES = int(os.environ.get("KSMLAB_FAST_EXAMPLES", "1000"))
+# replays and random profiles: fewer (each runs both engines on a pinned timeline)
+REPLAY_EXAMPLES = int(os.environ.get("KSMLAB_FAST_REPLAY_EXAMPLES", "300"))
+# new examples each run (conftest.py chose the seed and printed it)
+RUN_SEED = int(os.environ["KSMLAB_FAST_SEED"])
+RUN_EXAMPLES = int(os.environ.get("KSMLAB_FAST_RUN_EXAMPLES", "100"))
 
 
 def assert_same(a: Trace, b: Trace) -> None:
@@ -169,3 +185,123 @@ def test_fallback_outside_the_fast_engine() -> None:
     with pytest.raises(ModelUnsupported, match="fast engine"):
         simulate(big, "mainline", engine="fast")
     assert_same(simulate(big, "mainline"), simulate(big, "mainline", engine="exact"))
+
+
+# ---- random cost profiles and replays -------------------------------------------
+PRICES = st.sampled_from([0.0, 0.5, 3.0, 77.7, 1000.0, 31_337.25])
+
+
+@st.composite
+def profiles(draw: st.DrawFn) -> CostProfile:
+    """Any prices: both engines add the same floats in the same order."""
+    d = {f: draw(PRICES) for f in COST_FIELDS}
+    d["cold_start"] = draw(st.sampled_from([0.0, 0.35, 2.0]))
+    d["cold_window_ns"] = draw(st.sampled_from([0.0, 1000.0, 250_000.0]))
+    d["sleep_slack_ns"] = draw(st.sampled_from([0.0, 500_000.0, 3_999_999.0]))
+    d["tick_ns"] = draw(st.sampled_from([1_000_000.0, 4_000_000.0, 10_000_000.0]))
+    return CostProfile.from_dict(d)
+
+
+@st.composite
+def replays(draw: st.DrawFn, sc: Scenario) -> dict[str, Any]:
+    """What fidelity.replay() takes from a kernel trace, made up: pins for some of the
+    scenario's actions, khugepaged's set-up passes, the shrinker's record per pressure
+    event (THPs kept by name: [instance, index of the THP's first page])."""
+    # not the fill, nor a write after it: the kernel applied them in that order, and a
+    # write before the fill has nothing to write to (pin 0: a scan end never seen)
+    acts = (["ksm_start"] if sc.ksm_start_at is not None else []) + [
+        e.action for e in sc.event if not (sc.fill_at is not None and e.action == "write")]
+    pins = [(a, draw(st.integers(0, 4))) for a in acts if draw(st.booleans())]
+    inst_pages = [p.pages for _pi, _k, p in sc.instances()]
+    shrinker = []
+    for e in sc.event:
+        if e.action != "pressure":
+            continue
+        kept = {str(i): sorted(draw(st.sets(st.sampled_from(range(0, n, 512)), max_size=3)))
+                for i, n in enumerate(inst_pages) if draw(st.booleans())}
+        shrinker.append({"thps_kept": draw(st.sampled_from([None, kept])),
+                         "vmstat": {"thp_split_page_failed": draw(st.integers(0, 2))}})
+    return {"pins": pins, "shrinker": shrinker,
+            "khugepaged_enter_passes": draw(st.sampled_from([None, 0, 1, 2]))}
+
+
+def assert_replay_same(data: dict[str, Any], policy: str, profile: CostProfile,
+                       draw: st.DataObject) -> None:
+    sc = Scenario.model_validate(data)
+    assert unsupported(sc) is None
+    rep = draw.draw(replays(sc))
+    exact = Simulation(sc, policy, profile, rep["pins"], rep["khugepaged_enter_passes"],
+                       shrinker=rep["shrinker"])
+    fast = FastSimulation(sc, policy, profile, pins=rep["pins"], shrinker=rep["shrinker"],
+                          khugepaged_enter_passes=rep["khugepaged_enter_passes"])
+    assert_same(exact.run(), fast.run())
+    assert exact.at_scan_end == fast.at_scan_end  # cost counts and batches, exactly
+
+
+def _replay_test(data: dict[str, Any], policy: str, profile: CostProfile,
+                 draw: st.DataObject) -> None:
+    assert_replay_same(data, policy, profile, draw)
+
+
+# no shrinking: a failure is reported as drawn (shrinking one took minutes)
+PHASES = (Phase.explicit, Phase.reuse, Phase.generate)
+test_fast_equals_exact_replay = settings(
+    max_examples=REPLAY_EXAMPLES, deadline=None, derandomize=True, phases=PHASES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
+    given(data=scenarios(), policy=st.sampled_from(sorted(POLICIES)), profile=profiles(),
+          draw=st.data())(_replay_test))
+
+# the same, on examples new each run (the seed is in pytest's header)
+test_fast_equals_exact_replay_this_run = seed(RUN_SEED)(settings(
+    max_examples=RUN_EXAMPLES, deadline=None, database=None, phases=PHASES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
+    given(data=scenarios(), policy=st.sampled_from(sorted(POLICIES)), profile=profiles(),
+          draw=st.data())(_replay_test)))
+
+
+@pytest.mark.parametrize("name", ["pressure-409", "volatile", "khugepaged-recollapse"])
+def test_fast_equals_exact_replay_builtins(name: str) -> None:
+    """Pinned events past the first full scans, a pressure event kept by the shrinker."""
+    sc = load(name).with_duration(6.0)
+    acts = [e.action for e in sc.event]
+    pins = [(a, 2 + i) for i, a in enumerate(acts)]
+    shrinker = [{"thps_kept": {"0": [0, 1024]}, "vmstat": {"thp_split_page_failed": 1}}
+                for a in acts if a == "pressure"]
+    exact = Simulation(sc, "mainline", CostProfile(), pins, 1, shrinker=shrinker)
+    fast = FastSimulation(sc, "mainline", CostProfile(), pins=pins, shrinker=shrinker,
+                          khugepaged_enter_passes=1)
+    assert_same(exact.run(), fast.run())
+    assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
+
+
+def test_replays_run_on_the_fast_engine() -> None:
+    """`validate` and `calibrate` replay kernel runs: the fast engine takes them."""
+    sc = load("seed-uzp0").with_duration(2.0)
+    tr = simulate(sc, "mainline", pins=[("ksm_start", 1)], shrinker=[{}], engine="fast")
+    assert tr.meta["source"] == "model"
+
+
+REPLAYS = sorted((Path(__file__).parent / "data" / "replay").glob("*.kernel.trace.json.gz"))
+
+
+@pytest.mark.parametrize("path", REPLAYS, ids=[p.name.split(".")[0] for p in REPLAYS])
+def test_fast_equals_exact_on_recorded_replays(path: Path) -> None:
+    """Kernel traces recorded by `ksmlab validate` (6.18, 2 CPUs): what validate and
+    calibrate replay, the same on both engines (trace, events, cost counts)."""
+    ref = Trace.load(path)
+    sc = Scenario.model_validate(ref.meta["scenario"])
+    pol = "mainline"  # recorded on 6.18, which remaps (b1f202060afe) as mainline does
+    exact, te = run_model(sc, pol, engine="exact", **fidelity.replay(ref))
+    fast, tf = run_model(sc, pol, engine="fast", **fidelity.replay(ref))
+    assert_same(te, tf)
+    assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
+
+
+def test_the_globals_are_named_in_order() -> None:
+    """Each int64 global's constant is its index in G_NAMES (the layout a reader reads)."""
+    from ksmlab.model.fast import state
+
+    assert [getattr(state, n) for n in state.G_NAMES] == list(range(state.N_G))
+    assert [state.COST_FIELDS[getattr(state, c)] for c in ("C_VISIT", "C_COLD", "C_TICK")] == [
+        "visit_ns", "cold_start", "tick_ns"]
+    assert state.VMSTAT_G["thp_swpout_fallback"] == state.V_SWPOUT_FALLBACK

@@ -29,7 +29,7 @@ from scipy.optimize import lsq_linear
 
 from .fidelity import replay
 from .model.costs import DEFAULT_PROFILE, CostProfile, ksmd_wake
-from .model.run import Simulation
+from .model.run import run_model
 from .scenario import Scenario
 from .trace import Trace, write_atomic
 
@@ -60,8 +60,7 @@ def intervals(name: str, kernel: Trace, policy: str,
     """Consecutive full-scan ends seen in both the kernel trace and the model
     (run with ``profile``: a batch's cold-start count depends on its work)."""
     sc = Scenario.model_validate(kernel.meta["scenario"])
-    sim = Simulation(sc, policy, profile, **replay(kernel))
-    sim.run()
+    sim, _ = run_model(sc, policy, profile=profile, **replay(kernel))  # the fast engine
     ck = {0: 0, **kernel.checkpoints()}  # 0: the run's start, before ksmd's first batch
     sim.at_scan_end[0] = ({}, 0)
     common = sorted(set(ck) & set(sim.at_scan_end))

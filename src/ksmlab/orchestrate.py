@@ -28,14 +28,14 @@ LiveRunner = Callable[[Scenario, bool, "Attach | None"], Trace]
 Log = Callable[[str], None]
 
 
-def model_fits(sc: Scenario, engine: str = "auto", pinned: bool = False) -> None:
+def model_fits(sc: Scenario, engine: str = "auto", events: bool = False) -> None:
     """Refuse, before it starts, a model run this machine has no memory for (a 10 TiB
     region ran 30 s and was OOM-killed at 24 GB resident)."""
     from .live.kernelfs import KernelFS
     from .live.run import mem_available_mib
     from .model.run import memory_estimate
 
-    need, eng = memory_estimate(sc, engine, pinned)
+    need, eng = memory_estimate(sc, engine, events)
     avail = mem_available_mib(KernelFS())
     if avail is not None and need > avail << 20:
         raise UserError(
@@ -90,7 +90,7 @@ def validate(runs: list[tuple[Scenario, Attach | None]], pol: str, choice: Profi
         ref = live(sc, kernel_events, attach)
         if attach is not None:
             sc = attach.scenario(attach.folder)
-            model_fits(sc, pinned=True)
+            model_fits(sc, events=kernel_events)
         stream = bool(ref.kernel_events and ref.kernel_events.get("recorded"))
         cand = simulate(sc, pol, profile=choice.profile, kernel_events=stream,
                         **fidelity.replay(ref))

@@ -26,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import events as kevents
+from ..model.timeline import Prio
+from ..model.timeline import actions as timeline_actions
 from ..scenario import (
     FOLIO_ORDERS,
     KHUGEPAGED_PARKED_MS,
@@ -219,14 +221,10 @@ class _Timed:
 
 
 def _timeline(sc: Scenario) -> list[_Timed]:
-    items = [_Timed(e.at, i + 2, e, i + 1) for i, e in enumerate(sc.event)]
-    if sc.fill_at is not None:
-        items.append(_Timed(sc.fill_at, 0, "fill"))
-    if sc.ksm_start_at is not None:
-        items.append(_Timed(sc.ksm_start_at, 1, "ksm_start"))
-    for at in sc.khugepaged_wakes():
-        items.append(_Timed(at, 1000, KhugepagedWake(action="khugepaged", at=at)))
-    return sorted(items, key=lambda x: (x.at, x.order))
+    # the model's actions in the model's order at equal times (ksmlab.model.timeline)
+    return [_Timed(a.at, n, "fill" if a.prio == Prio.FILL else "ksm_start"
+                   if a.prio == Prio.KSM_START else a.payload, a.tag)  # type: ignore[arg-type]
+            for n, a in enumerate(timeline_actions(sc))]
 
 
 Progress = Callable[[dict[str, float]], None]

@@ -113,6 +113,9 @@ class CostProfile:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+COST_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CostProfile))
+
+
 def ksmd_wake(t: float, busy: float, sleep_ms: int, slack_ns: float, tick_ns: float) -> float:
     """When ksmd starts its next batch: it started one at ``t`` and ran ``busy`` s.
 

@@ -12,13 +12,16 @@ churn loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from ..scenario import HPAGE_PMD_NR, KhugepagedKnobs, Scenario
 from .memory import PMD_TABLE, PMD_THP, Mm, Page, System, Thp, Vma, ZeroPte, put_mapping
 from .thp import deferred_split_folio
 
 MAX_PTES_SHARED = 256  # khugepaged/max_ptes_shared default
+M = TypeVar("M")
+H = TypeVar("H")
 
 
 def timer_period_s(sc: Scenario, knobs: KhugepagedKnobs) -> float:
@@ -44,17 +47,30 @@ def khugepaged_enter_passes(slots: Sequence[object], recorded: int | None) -> in
     return 1 if slots else 0
 
 
-class Khugepaged:
-    def __init__(self, sys: System, knobs: KhugepagedKnobs) -> None:
-        self.sys = sys
+class KhugepagedWalk(Generic[M, H]):
+    """khugepaged_do_scan() and khugepaged_scan_mm_slot(): the walk over the mms
+    registered with khugepaged, written once for both engines.  ``M``: an mm as the
+    engine names it; ``H``: a VMA.  An engine says which VMAs an mm has and their
+    whole 2 MiB ranges (:meth:`vma_ranges`), and scans one range (:meth:`scan_pmd`)."""
+
+    def __init__(self, knobs: KhugepagedKnobs) -> None:
         self.knobs = knobs
-        self.slots: list[Mm] = []
+        self.slots: list[M] = []
         self.slot: int | None = None  # khugepaged_scan.mm_slot (None = list head)
-        self.address = 0
+        self.address = 0  # khugepaged_scan.address
         self.full_scans = 0
         self.pages_collapsed = 0
 
-    def register(self, mm: Mm) -> None:
+    def vma_ranges(self, mm: M) -> Iterator[tuple[H, int, int, bool]]:
+        """(vma, hstart, hend, THP allowed) of each of ``mm``'s VMAs in address order:
+        hstart/hend the whole 2 MiB ranges inside it, as addresses in pages."""
+        raise NotImplementedError
+
+    def scan_pmd(self, vma: H, address: int) -> bool:
+        """hpage_collapse_scan_pmd() + collapse_huge_page() of the range at ``address``."""
+        raise NotImplementedError
+
+    def register(self, mm: M) -> None:
         # khugepaged_enter_vma() -> __khugepaged_enter(): appended to the list
         if mm not in self.slots:
             self.slots.append(mm)
@@ -79,18 +95,14 @@ class Khugepaged:
         if self.slot is None:
             self.slot = 0
             self.address = 0
-        mm = self.slots[self.slot]
         progress = 1
-        for vma in mm.vmas:
-            # hstart/hend: the whole 2 MiB ranges inside the VMA
-            hstart = vma.start + -(-vma.lo // HPAGE_PMD_NR) * HPAGE_PMD_NR
-            hend = vma.start + vma.hi // HPAGE_PMD_NR * HPAGE_PMD_NR
-            if not self.sys.thp_allowed(vma) or self.address >= hend or hend <= hstart:
+        for vma, hstart, hend, allowed in self.vma_ranges(self.slots[self.slot]):
+            if not allowed or self.address >= hend or hend <= hstart:
                 progress += 1
                 continue
             self.address = max(self.address, hstart)
             while self.address < hend:
-                if self._scan_pmd(vma, (self.address - vma.start) // HPAGE_PMD_NR):
+                if self.scan_pmd(vma, self.address):
                     self.pages_collapsed += 1
                 self.address += HPAGE_PMD_NR
                 progress += HPAGE_PMD_NR
@@ -103,6 +115,20 @@ class Khugepaged:
             self.slot = None
             self.full_scans += 1
         return progress
+
+
+class Khugepaged(KhugepagedWalk[Mm, Vma]):
+    def __init__(self, sys: System, knobs: KhugepagedKnobs) -> None:
+        super().__init__(knobs)
+        self.sys = sys
+
+    def vma_ranges(self, mm: Mm) -> Iterator[tuple[Vma, int, int, bool]]:
+        for vma in mm.vmas:
+            yield (vma, vma.start + -(-vma.lo // HPAGE_PMD_NR) * HPAGE_PMD_NR,
+                   vma.start + vma.hi // HPAGE_PMD_NR * HPAGE_PMD_NR, self.sys.thp_allowed(vma))
+
+    def scan_pmd(self, vma: Vma, address: int) -> bool:
+        return self._scan_pmd(vma, (address - vma.start) // HPAGE_PMD_NR)
 
     def _scan_pmd(self, vma: Vma, j: int) -> bool:
         """hpage_collapse_scan_pmd() + collapse_huge_page()."""

@@ -22,6 +22,7 @@ from .costs import CpuMeter
 from .memory import KSM_ZERO_PTE, Mm, Page, System, Vma, ZeroPte, put_mapping
 from .policies import ksm_scans_thp
 from .rbtree import RbNode, RbRoot, rb_erase, rb_insert_color, rb_link_node, rb_replace_node
+from .rules import skip_age
 from .thp import split_folio
 
 UNSTABLE_FLAG = 0x100
@@ -324,7 +325,7 @@ class Ksm:
         if age < 3:
             return False
         if not item.remaining_skips:
-            item.remaining_skips = 1 if age <= 3 else 2 if age <= 5 else 4 if age <= 8 else 8
+            item.remaining_skips = skip_age(age)
             return False
         self.pages_skipped += 1
         item.remaining_skips -= 1

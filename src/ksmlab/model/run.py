@@ -14,7 +14,6 @@ due at the same time as an action sees the state before it).
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +22,6 @@ import numpy as np
 
 from .. import content, image
 from ..scenario import (
-    HPAGE_PMD_NR,
-    PAGE_SIZE,
     KhugepagedWake,
     KsmStart,
     KsmStop,
@@ -36,35 +33,27 @@ from ..scenario import (
     SetKnob,
     Write,
 )
-from ..trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace, is_monotonic
+from ..trace import VMSTAT_COUNTERS, Trace
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter, ksmd_wake
-from .khugepaged import Khugepaged, khugepaged_enter_passes, timer_period_s
+from .khugepaged import Khugepaged, khugepaged_enter_passes
 from .ksm import Ksm
 from .memory import PMD_THP, Mm, Page, System, Thp, Vma
 from .policies import get_policy
+from .scope import ModelUnsupported, check_supported, image_span
 from .thp import deferred_split_scan, fill_fresh_vma, fill_from_image, write_fault
+from .timeline import (
+    KSMD_IDLE,
+    KSMD_OK,
+    KSMD_SCAN_END,
+    Engine,
+    Timeline,
+    knobs_after,
+    sample_row,
+    volatile_burst,
+)
 
-
-class ModelUnsupported(ValueError):
-    """A scenario feature the model cannot represent (one-line message)."""
-
-
-VOLATILE_TICK = 0.01  # seconds between the volatile writer's bursts
-
-
-def check_supported(sc: Scenario) -> None:
-    if sc.ksm.merge_across_nodes == 0:
-        raise ModelUnsupported(
-            "ksm.merge_across_nodes=0: the model has one NUMA node and no per-node trees"
-        )
-    if sc.thp.enabled != "never" and sc.thp.khugepaged.scan_sleep_millisecs == 0:
-        raise ModelUnsupported(
-            "thp.khugepaged.scan_sleep_millisecs=0: khugepaged without sleeps is not modelled"
-        )
-    for e in sc.event:
-        if not isinstance(e, KsmStart | KsmStop | KsmUnmerge | Write | Pressure | SetKnob
-                          | KhugepagedWake):
-            raise ModelUnsupported(f"event {getattr(e, 'action', e)!r} is not modelled")
+__all__ = ["ENGINES", "ModelUnsupported", "Simulation", "check_supported", "image_span",
+           "memory_estimate", "run_model", "simulate"]
 
 
 @dataclass
@@ -79,14 +68,9 @@ class _Region:
     ref: content.RegionRef
 
 
-def image_span(iv: image.ImageVma) -> tuple[int, int]:
-    """(lo, npages): a captured VMA's first page in the whole 2 MiB ranges the model
-    maps it in, and their pages (both engines)."""
-    lo = (iv.start // PAGE_SIZE) % HPAGE_PMD_NR
-    return lo, -(-(lo + iv.pages) // HPAGE_PMD_NR) * HPAGE_PMD_NR
+class Simulation(Engine):
+    khugepaged: Khugepaged
 
-
-class Simulation:
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  pins: Sequence[tuple[str, int]] = (),
                  khugepaged_enter_passes: int | None = None,
@@ -105,53 +89,16 @@ class Simulation:
         self.khugepaged = Khugepaged(self.sys, sc.thp.khugepaged)
         self.regions: list[_Region] = []
         self.fresh = 0  # next fresh content id index
-        self.events: list[dict[str, Any]] = []
         self.tags = {id(e): i + 1 for i, e in enumerate(sc.event)}  # names written ids
-        self.khd_generation = 0  # a khugepaged wake-up re-arms its timer
-        self.batches = 0  # ksmd batches so far (each followed by a sleep)
-        # full_scans -> (cost counts, batches) at that full-scan end: for calibration
-        self.at_scan_end: dict[int, tuple[dict[str, float], int]] = {}
-        self.heap: list[tuple[float, int, int, str, object]] = []
-        self.pins = list(pins)
+        self.n_batches = 0  # ksmd batches so far (each followed by a sleep)
+        self.t_ksmd = 0.0  # ksmd's next batch
+        self.t_scan_end = 0.0  # when the last batch that ended a full scan ended
+        self.timeline = Timeline(self, pins)
         self.enter_passes = khugepaged_enter_passes
         self.shrinker = list(shrinker)  # a replay: what each pressure event's shrinker did
         self.notes: list[str] = []
         self.image_vmas: dict[Mm, list[tuple[Vma, int]]] = {}
-        self.seq = 0
         self._setup()
-
-    def _take_pinned(self) -> dict[int, list[tuple[str, object]]]:
-        """Move the fill/events that ``pins`` place at a full scan out of the clock.
-
-        ``pins`` (from a kernel trace: fidelity.pins()) lists (action, full_scans) of
-        each event the kernel applied at a full-scan end, in order; the n-th event of
-        an action here is matched with the n-th pin of that action."""
-        out: dict[int, list[tuple[str, object]]] = {}
-        if not self.pins:
-            return out
-        wanted: dict[tuple[str, int], int] = {}
-        seen: dict[str, int] = {}
-        for action, scans in self.pins:
-            wanted[(action, seen.get(action, 0))] = scans
-            seen[action] = seen.get(action, 0) + 1
-        keep, count = [], dict.fromkeys(seen, 0)
-        for item in sorted(self.heap):
-            _t, _prio, _seq, kind, payload = item
-            action = "fill" if kind == "fill" else str(getattr(payload, "action", ""))
-            if kind in ("fill", "event") and action in count:
-                n = count[action]
-                count[action] += 1
-                if (action, n) in wanted:
-                    out.setdefault(wanted[(action, n)], []).append((kind, payload))
-                    continue
-            keep.append(item)
-        self.heap[:] = keep
-        heapq.heapify(self.heap)
-        return out
-
-    def push(self, t: float, prio: int, kind: str, payload: object = None) -> None:
-        heapq.heappush(self.heap, (t, prio, self.seq, kind, payload))
-        self.seq += 1
 
     # ---- before time 0 ----------------------------------------------------
     def _setup(self) -> None:
@@ -189,7 +136,7 @@ class Simulation:
         for _ in range(khugepaged_enter_passes(self.khugepaged.slots, self.enter_passes)):
             self.khugepaged.do_scan()
         if sc.fill_at is None:
-            self._fill()
+            self.fill()
         if self.ksm.trace is not None:
             self._name_pages()
 
@@ -262,13 +209,13 @@ class Simulation:
             if mm.khugepaged or any(self.sys.thp_allowed(v) for v in mm.vmas):
                 self.khugepaged.register(mm)
 
-    def _fill(self) -> None:
+    def fill(self) -> None:
         for reg in self.regions:
             fill_fresh_vma(self.sys, reg.vma, reg.ids)
         self._register_khugepaged()
 
     # ---- actions ---------------------------------------------------------
-    def _apply(self, e: object, t: float) -> None:
+    def apply(self, e: object, t: float) -> None:
         ksm = self.ksm
         if isinstance(e, KsmStart):
             ksm.run = 1
@@ -315,28 +262,19 @@ class Simulation:
         elif isinstance(e, SetKnob):
             self._set_knob(e)
         elif isinstance(e, KhugepagedWake):
-            # scan_sleep_millisecs_store(): a pass now, the timer restarts after it
-            self._khugepaged_pass(t)
+            pass  # scan_sleep_millisecs_store(): the timeline's khugepaged_pass()
         else:  # pragma: no cover - check_supported() refuses these
             raise ModelUnsupported(f"event {e!r} is not modelled")
 
     def _set_knob(self, e: SetKnob) -> None:
         """A knob written mid-run: every component sees the new value."""
-        parts = e.knob.split(".")
-        sys, ksm = self.sys, self.ksm
-        if parts[0] == "ksm":
-            if parts[1] == "max_page_sharing" and (ksm.pages_shared or ksm.pages_sharing):
-                return  # max_page_sharing_store(): -EBUSY while KSM pages exist
-            ksm.knobs = ksm.knobs.model_copy(update={parts[1]: e.value})
-            sys.ksm_use_zero_pages = ksm.knobs.use_zero_pages
-        elif len(parts) == 3:
-            khd = sys.thp.khugepaged.model_copy(update={parts[2]: e.value})
-            sys.thp = sys.thp.model_copy(update={"khugepaged": khd})
-            self.khugepaged.knobs = khd
-        else:
-            sys.thp = sys.thp.model_copy(update={parts[1]: e.value})
+        ksm, sys = self.ksm, self.sys
+        ksm.knobs, sys.thp = knobs_after(e, ksm.knobs, sys.thp,
+                                         bool(ksm.pages_shared or ksm.pages_sharing))
+        sys.ksm_use_zero_pages = ksm.knobs.use_zero_pages
+        self.khugepaged.knobs = sys.thp.khugepaged
 
-    def _volatile_scan(self, step: int) -> None:
+    def volatile_scan(self, step: int) -> None:
         """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
         for reg in self.regions:
             if reg.spec.volatile_pages_per_scan:
@@ -345,142 +283,93 @@ class Simulation:
                 for i, cid in zip(idx.tolist(), ids.tolist(), strict=True):
                     write_fault(self.sys, reg.vma, int(i), int(cid))
 
-    def _khugepaged_pass(self, t: float) -> None:
-        if self.khugepaged.slots:
-            self.khugepaged.do_scan()
-        self.khd_generation += 1
-        period = timer_period_s(self.sc, self.khugepaged.knobs)
-        self.push(t + period, 5, "khugepaged", self.khd_generation)
-
-    def _volatile(self, t: float) -> None:
+    def volatile(self, t: float) -> None:
         for reg in self.regions:
-            rate = reg.spec.volatile_pages_per_s
-            if rate <= 0:
+            targets = volatile_burst(reg.rng, reg.spec.volatile_pages_per_s, reg.spec.pages)
+            if targets is None:
                 continue
-            n = int(rate * VOLATILE_TICK)
-            frac = rate * VOLATILE_TICK - n
-            if frac > 0 and reg.rng.random() < frac:
-                n += 1
-            if n <= 0:
-                continue
-            targets = reg.rng.choice(reg.spec.pages, size=min(n, reg.spec.pages), replace=False)
             cids = content.fresh_ids(self.fresh, len(targets))
             self.fresh += len(targets)
             for i, cid in zip(targets.tolist(), cids.tolist(), strict=True):
                 write_fault(self.sys, reg.vma, int(i), int(cid))
 
     # ---- samples ---------------------------------------------------------
-    def _sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
-        sys = self.sys
-        row: dict[str, float] = {"t": round(t, 9), FULL_SCAN_END: float(full_scan_end)}
-        row.update(self.ksm.counters())
-        for k in VMSTAT_COUNTERS:
-            row[k] = sys.nr_anon_thp if k == "nr_anon_transparent_hugepages" else sys.vmstat[k]
-        row["khugepaged_full_scans"] = self.khugepaged.full_scans
-        row["khugepaged_pages_collapsed"] = self.khugepaged.pages_collapsed
-        anon = sum(mm.anon_rss for mm in sys.mms)
-        row["RssAnon"] = anon * 4
-        row["Rss"] = anon * 4  # file/shmem RSS of the workload binary is not modelled
-        thps = sum(sum(1 for s in v.pmd if s == PMD_THP) for mm in sys.mms for v in mm.vmas)
-        row["AnonHugePages"] = thps * 2048
-        row["ksm_rmap_items"] = sum(mm.ksm_rmap_items for mm in sys.mms)
-        row["ksm_merging_pages"] = sum(mm.ksm_merging_pages for mm in sys.mms)
-        row["ksm_process_profit"] = sum(mm.ksm_process_profit() for mm in sys.mms)
-        row["proc_ksm_zero_pages"] = sum(mm.ksm_zero_pages for mm in sys.mms)
-        row["ksmd_cpu_ns"] = int(self.cpu.ns)
-        return {**{c: row[c] for c in COLUMNS}, **sys.mthp}
+    def sample(self, t: float, full_scan_end: bool) -> dict[str, float]:
+        sys, ksm, mms = self.sys, self.ksm, self.sys.mms
+        raw: dict[str, float] = {
+            "pages_scanned": ksm.pages_scanned, "pages_shared": ksm.pages_shared,
+            "pages_sharing": ksm.pages_sharing, "pages_unshared": ksm.pages_unshared,
+            "pages_skipped": ksm.pages_skipped, "rmap_items": ksm.rmap_items,
+            "ksm_zero_pages": sys.ksm_zero_pages, "full_scans": ksm.seqnr,
+            "stable_node_chains": ksm.stable_node_chains,
+            "stable_node_dups": ksm.stable_node_dups,
+            **{k: sys.vmstat[k] for k in VMSTAT_COUNTERS
+               if k != "nr_anon_transparent_hugepages"},
+            "nr_anon_transparent_hugepages": sys.nr_anon_thp,
+            "khugepaged_full_scans": self.khugepaged.full_scans,
+            "khugepaged_pages_collapsed": self.khugepaged.pages_collapsed,
+            "anon_rss": sum(mm.anon_rss for mm in mms),
+            "thps_mapped": sum(sum(1 for s in v.pmd if s == PMD_THP)
+                               for mm in mms for v in mm.vmas),
+            "ksm_rmap_items": sum(mm.ksm_rmap_items for mm in mms),
+            "ksm_merging_pages": sum(mm.ksm_merging_pages for mm in mms),
+            "proc_ksm_zero_pages": sum(mm.ksm_zero_pages for mm in mms),
+            "ksmd_cpu_ns": self.cpu.ns,
+        }
+        # the per-size counters of multi-size THP, where the scenario enables a size
+        return {**sample_row(t, full_scan_end, raw), **sys.mthp}
 
-    # ---- the timeline ----------------------------------------------------
+    # ---- ksmd, as the timeline drives it ---------------------------------
+    def should_run(self) -> bool:
+        return self.ksm.should_run()
+
+    def full_scans(self) -> int:
+        return self.ksm.seqnr
+
+    def wake_ksmd(self, t: float) -> None:
+        self.t_ksmd = t
+
+    def ksmd_wake_time(self) -> float:
+        return self.t_ksmd
+
+    def scan_end_time(self) -> float:
+        return self.t_scan_end
+
+    def cost_counts(self) -> dict[str, float]:
+        return dict(self.cpu.counts)
+
+    def batches(self) -> int:
+        return self.n_batches
+
+    def ksmd_until(self, t_next: float, inclusive: bool, t_end: float) -> int:
+        """ksm_scan_thread(): batches while ksmd wakes before ``t_next`` (at it too when
+        ``inclusive``) and not after ``t_end``; KSMD_SCAN_END after a batch that ended
+        a full scan, KSMD_IDLE once it waits for run=1 (wait_event_freezable())."""
+        t = self.t_ksmd
+        while (t < t_next or (inclusive and t == t_next)) and t <= t_end:
+            if not self.ksm.should_run():
+                return KSMD_IDLE
+            before = self.cpu.ns
+            scans = self.ksm.seqnr
+            self.ksm.now = t
+            self.ksm.do_scan()
+            self.cpu.charge("batch_overhead_ns")
+            self.cpu.charge("cold_start", min(self.cpu.ns - before,
+                                              self.profile.cold_window_ns))
+            self.n_batches += 1
+            busy = (self.cpu.ns - before) / 1e9
+            self.t_scan_end = t + busy
+            prof = self.profile  # sleep_millisecs: a `set` event may change it
+            t = ksmd_wake(t, busy, self.ksm.knobs.sleep_millisecs, prof.sleep_slack_ns,
+                          prof.tick_ns)
+            self.t_ksmd = t
+            if self.ksm.seqnr > scans:
+                return KSMD_SCAN_END
+        return KSMD_OK
+
+    # ---- the run -----------------------------------------------------------
     def run(self, progress: Callable[[float], None] | None = None) -> Trace:
-        sc = self.sc
-        dur = sc.duration
-        n_samples = int(dur / sc.sample_interval + 1e-9) + 1
-        push, heap = self.push, self.heap  # (time, priority, seq, kind, payload)
-        for k in range(n_samples):
-            push(k * sc.sample_interval, 0, "sample")
-        if sc.fill_at is not None:
-            push(sc.fill_at, 1, "fill")
-        if sc.ksm_start_at is not None:
-            push(sc.ksm_start_at, 2, "event", KsmStart(action="ksm_start", at=sc.ksm_start_at))
-        for e in sc.event:
-            push(e.at, 3, "event", e)
-        for at in sc.khugepaged_wakes():  # the lab's wake-ups (drive_khugepaged)
-            push(at, 7, "event", KhugepagedWake(action="khugepaged", at=at))
-        if any(r.spec.volatile_pages_per_s > 0 for r in self.regions):
-            push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
-        if sc.khugepaged_wakes_at_start:
-            # the live lab wakes khugepaged at time 0 (rewriting scan_sleep_millisecs)
-            push(0.0, 5, "khugepaged", self.khd_generation)
-        per_scan = any(r.spec.volatile_pages_per_scan for r in self.regions)
-        held: list[tuple[str, object]] = []  # align_events: due, waiting for a scan end
-        at_scan = self._take_pinned()  # replayed at the full scan the kernel applied them
-        ksmd_pending = False
-        rows: list[Mapping[str, float]] = []
-
-        def act(kind: str, payload: object, t: float, aligned: bool = False) -> None:
-            nonlocal ksmd_pending
-            mark = {"full_scans": self.ksm.seqnr, "aligned": aligned}
-            if kind == "fill":
-                self._fill()
-                self.events.append({"t": round(t, 9), "action": "fill", **mark})
-                return
-            self._apply(payload, t)
-            self.events.append({"t": round(t, 9), **_event_dict(payload), **mark})
-            if self.ksm.should_run() and not ksmd_pending:
-                push(t, 6, "ksmd")  # writing run wakes ksmd at once
-                ksmd_pending = True
-
-        while heap:
-            t, _prio, _s, kind, payload = heapq.heappop(heap)
-            if t > dur + 1e-9:
-                break
-            if kind == "sample":
-                rows.append(self._sample(t))
-                if progress is not None:
-                    progress(t)
-            elif kind in ("fill", "event"):
-                if sc.align_events and self.ksm.should_run():
-                    held.append((kind, payload))
-                else:
-                    act(kind, payload, t)
-            elif kind == "volatile":
-                self._volatile(t)
-                push(t + VOLATILE_TICK, 4, "volatile")
-            elif kind == "khugepaged":
-                if payload == self.khd_generation:  # else re-armed by a wake-up since
-                    self._khugepaged_pass(t)
-            elif kind == "ksmd":
-                ksmd_pending = False
-                if not self.ksm.should_run():
-                    continue  # wait_event_freezable(): woken by the next run=1
-                before = self.cpu.ns
-                scans = self.ksm.seqnr
-                self.ksm.now = t
-                self.ksm.do_scan()
-                self.cpu.charge("batch_overhead_ns")
-                self.cpu.charge("cold_start", min(self.cpu.ns - before,
-                                                  self.profile.cold_window_ns))
-                self.batches += 1
-                busy = (self.cpu.ns - before) / 1e9
-                ms = self.ksm.knobs.sleep_millisecs  # a `set` event may change it
-                prof = self.profile
-                push(ksmd_wake(t, busy, ms, prof.sleep_slack_ns, prof.tick_ns), 6, "ksmd")
-                ksmd_pending = True
-                end = t + busy
-                if self.ksm.seqnr > scans and end <= dur + 1e-9:
-                    # the live lab samples right at each full-scan end (ksmd then
-                    # sleeps), then does the per-scan writes and the held events
-                    rows.append(self._sample(end, full_scan_end=True))
-                    self.at_scan_end.setdefault(
-                        self.ksm.seqnr, (dict(self.cpu.counts), self.batches))
-                    if per_scan:
-                        self._volatile_scan(self.ksm.seqnr)
-                    for kind_, payload_ in at_scan.pop(self.ksm.seqnr, []) + held:
-                        act(kind_, payload_, end, aligned=True)
-                    held.clear()
-        tr = model_trace(sc, self.policy.name, self.profile, rows, self.events)
-        if self.notes:
-            tr.meta["notes"] = self.notes
+        tr = super().run(progress)
         if self.ksm.trace is not None:
             counts: dict[str, int] = {}
             for ke in self.ksm.trace:
@@ -488,30 +377,6 @@ class Simulation:
             tr.kernel_events = {"source": "model", "recorded": True, "events": self.ksm.trace,
                                 "counts": counts, "lost": 0}
         return tr
-
-
-def model_trace(sc: Scenario, policy: str, profile: CostProfile,
-                rows: list[Mapping[str, float]], events: list[dict[str, Any]]) -> Trace:
-    """The trace of a model run (either engine): samples in time order, the meta
-    the live lab writes too, counters starting from 0 (a zero baseline)."""
-    meta = {
-        "source": "model",
-        "policy": policy,
-        "scenario": sc.model_dump(mode="json"),
-        "kernel": f"model:{policy}",
-        "knobs": {"ksm": sc.ksm.model_dump(mode="json"), "thp": sc.thp.model_dump(mode="json")},
-        "sample_interval": sc.sample_interval,
-        "profile": profile.to_json(),
-        "baseline": {c: 0 for c in (rows[0] if rows else COLUMNS)
-                     if is_monotonic(c) or c in VMSTAT_COUNTERS},
-    }
-    rows.sort(key=lambda r: r["t"])  # boundary samples were taken between ticks
-    return Trace.from_rows(meta, rows, events)
-
-
-def _event_dict(e: object) -> dict[str, Any]:
-    dump = getattr(e, "model_dump", None)
-    return dict(dump(mode="json")) if dump is not None else {"action": repr(e)}
 
 
 ENGINES = ("auto", "fast", "exact")
@@ -525,14 +390,14 @@ BYTES_PER_PAGE = {"exact": 512, "fast": 32}
 BASE_BYTES = 512 << 20
 
 
-def memory_estimate(sc: Scenario, engine: str = "auto", pinned: bool = False
+def memory_estimate(sc: Scenario, engine: str = "auto", events: bool = False
                     ) -> tuple[int, str]:
     """(bytes, engine) a model run of ``sc`` needs at most, before it starts: the
     engine ``simulate()`` would choose, times the pages the scenario maps."""
     if engine == "auto":
         from .fast import unsupported
 
-        engine = "exact" if pinned or unsupported(sc) is not None else "fast"
+        engine = "exact" if events or unsupported(sc) is not None else "fast"
     pages = sc.total_mib * 256
     return BASE_BYTES + pages * BYTES_PER_PAGE[engine], engine
 
@@ -556,36 +421,43 @@ def simulate(
     the scenario is outside what it represents.  Both give the same trace.
     ``pins``: (action, full_scans) of events to apply at those full-scan ends rather
     than at the first one after their time (a kernel trace's ``fidelity.pins()``);
-    a replay of a kernel run, done by the exact engine.
+    a replay of a kernel run (either engine).
     ``khugepaged_enter_passes``: khugepaged passes while the workload is set up (a
     kernel trace's ``khugepaged_enter_passes``); None: what the kernel does when
     no other mm is registered with khugepaged (:func:`khugepaged_enter_passes`).
     ``kernel_events``: also record KSM's tracepoints as the kernel fires them
     (``Trace.kernel_events``, :mod:`ksmlab.events`); done by the exact engine.
     ``shrinker``: per pressure event of a kernel trace, the THPs its shrinker left
-    whole (``thps_kept``) and the failures it counted; a replay, on the exact engine.
+    whole (``thps_kept``) and the failures it counted; a replay (either engine).
     """
+    return run_model(scenario.with_duration(duration), policy, profile, engine, progress,
+                     kernel_events, pins=pins, khugepaged_enter_passes=khugepaged_enter_passes,
+                     shrinker=shrinker)[1]
+
+
+def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,
+              engine: str = "auto", progress: Callable[[float], None] | None = None,
+              kernel_events: bool = False, **replay: Any) -> tuple[Engine, Trace]:
+    """:func:`simulate`, and the engine that ran (its ``at_scan_end``: calibration).
+    ``replay``: what :func:`ksmlab.fidelity.replay` takes from a kernel trace."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
-    sc = scenario.with_duration(duration)
     prof = profile or DEFAULT_PROFILE
     get_policy(policy)
     check_supported(sc)
     if engine != "exact":
         from .fast import FastSimulation, unsupported
 
-        why = ("pinned events (a replay of a kernel run)" if pins or shrinker
-               else "KSM's event stream" if kernel_events else unsupported(sc))
+        why = "KSM's event stream" if kernel_events else unsupported(sc)
         if why is None:
             try:
-                return FastSimulation(sc, policy, prof,
-                                      khugepaged_enter_passes=khugepaged_enter_passes
-                                      ).run(progress)
+                fast = FastSimulation(sc, policy, prof, **replay)
+                return fast, fast.run(progress)
             except ModelUnsupported:
                 # a limit met only while running (32-bit content codes used up)
                 if engine == "fast":
                     raise
         elif engine == "fast":
             raise ModelUnsupported(f"fast engine: {why}")
-    return Simulation(sc, policy, prof, pins, khugepaged_enter_passes,
-                      kernel_events, shrinker).run(progress)
+    exact = Simulation(sc, policy, prof, kernel_events=kernel_events, **replay)
+    return exact, exact.run(progress)

@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from .. import image as img
 from ..scenario import HPAGE_PMD_NR, PMD_ORDER
+from . import rules
 from .memory import (
     KSM_ZERO_PTE,
     PMD_NONE,
@@ -192,21 +193,9 @@ def split_folio(
 
 
 def thp_underused(sys: System, folio: Thp) -> bool:
-    """thp_underused(): more than max_ptes_none zero subpages."""
-    max_none = sys.thp.khugepaged.max_ptes_none
-    if max_none == HPAGE_PMD_NR - 1:
-        return False  # early return at the default 511 (6.12-6.18)
-    zero = filled = 0
-    for page in folio.pages:
-        if page.cid == 0:
-            zero += 1
-            if zero > max_none:
-                return True
-        else:
-            filled += 1
-            if filled >= HPAGE_PMD_NR - max_none:
-                return False
-    return False
+    """thp_underused() of a folio (:func:`ksmlab.model.rules.thp_underused`)."""
+    return rules.thp_underused([p.cid for p in folio.pages], 0,
+                               sys.thp.khugepaged.max_ptes_none)
 
 
 def deferred_split_scan(sys: System, held: Callable[[Thp], bool] | None = None,

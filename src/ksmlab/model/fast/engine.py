@@ -8,9 +8,8 @@ in the exact model (same heap priorities, same float time arithmetic).
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,21 +28,22 @@ from ...scenario import (
     SetKnob,
     Write,
 )
-from ...trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace
-from ..costs import CostProfile
+from ...trace import VMSTAT_COUNTERS
+from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
-from ..khugepaged import timer_period_s
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
-from ..run import (
+from ..scope import ModelUnsupported, check_supported, image_span
+from ..timeline import (
+    KSMD_GROW,
     VOLATILE_TICK,
-    ModelUnsupported,
-    _event_dict,
-    check_supported,
-    image_span,
-    model_trace,
+    Engine,
+    Timeline,
+    knobs_after,
+    sample_row,
+    volatile_burst,
 )
 from .khugepaged import FastKhugepaged
-from .ksmd import KSMD_GROW, KSMD_IDLE, KSMD_SCAN_END, ksmd_until
+from .ksmd import ksmd_until
 from .pages import (
     deferred_split_scan,
     queued_order,
@@ -53,8 +53,8 @@ from .pages import (
 )
 from .state import (
     ANON_RSS,
+    BATCHES,
     CHAINS,
-    COST_FIELDS,
     CPU,
     CUR_ADDR,
     CUR_PREV,
@@ -63,6 +63,7 @@ from .state import (
     DEFER_SEQ,
     DUP_MAX,
     DUPS,
+    F_COUNTS,
     FRESH_CODE,
     K_MPS,
     K_PRUNE,
@@ -120,7 +121,6 @@ from .state import (
 from .unmerge import unmerge_all
 
 _REMAP = {Remap.NONE: R_NONE, Remap.CLEAN: R_CLEAN, Remap.KSM_ACCOUNTED: R_KSM}
-KSM_RMAP_ITEM_SIZE = 64
 
 
 def unsupported(sc: Scenario) -> str | None:
@@ -177,10 +177,14 @@ def _write_count(sc: Scenario, e: Write) -> int:
     return max(1, round(e.fraction * sc.process[e.process].region[e.region].pages))
 
 
-class FastSimulation:
+class FastSimulation(Engine):
+    khugepaged: FastKhugepaged
+
     def __init__(self, sc: Scenario, policy: str, profile: CostProfile,
                  progress_setup: Callable[[int, int], None] | None = None,
-                 khugepaged_enter_passes: int | None = None) -> None:
+                 khugepaged_enter_passes: int | None = None,
+                 pins: Sequence[tuple[str, int]] = (),
+                 shrinker: Sequence[Mapping[str, Any]] = ()) -> None:
         check_supported(sc)
         why = unsupported(sc)
         if why is not None:
@@ -192,7 +196,9 @@ class FastSimulation:
         self.thp = sc.thp
         self.ksm_running = False
         self.fresh = 0
-        self.events: list[dict[str, Any]] = []
+        self.shrinker = list(shrinker)  # a replay: what each pressure event's shrinker did
+        self.notes: list[str] = []
+        self.timeline = Timeline(self, pins)
         # 32-bit codes of written ids (content.written_ids(): FRESH_BASE + tag << 40 +
         # page), in id order: after the volatile writer's fresh ids, one block per
         # write event in tag order, then one block per volatile_pages_per_scan step
@@ -204,43 +210,40 @@ class FastSimulation:
                 self.write_code[id(e)] = code
                 code += _write_count(sc, e)
         self.next_code = code
-        self.heap: list[tuple[float, int, int, str, object]] = []
-        self.seq = 0
-        self.khd_generation = 0
-        self.C = np.array([getattr(profile, f) for f in COST_FIELDS], np.float64)
-        self.G = np.zeros(N_G, np.int64)
-        self.F = np.zeros(N_F, np.float64)
-        G = self.G
+        self.price = np.array([getattr(profile, f) for f in COST_FIELDS], np.float64)
+        self.glob = np.zeros(N_G, np.int64)
+        self.meter = np.zeros(N_F, np.float64)
+        glob = self.glob
         for k in (CUR_SLOT, CUR_ADDR, CUR_PREV, ROOT_S, ROOT_U):
-            G[k] = -1
+            glob[k] = -1
         self._build(progress_setup)
-        self.khugepaged = FastKhugepaged(self.S, self.R, self.V, G, sc.thp.khugepaged,
+        self.khugepaged = FastKhugepaged(self.page, self.ranges, self.vmas, glob, sc.thp.khugepaged,
                                          self.policy.khugepaged_needs_writable,
                                          self.hstart, self.hend)
-        self.khugepaged.P = self.P
+        self.khugepaged.pool = self.pool
         self._params()
         self._map_images()
         self._register_khugepaged()
         for _ in range(enter_passes(self.khugepaged.slots, khugepaged_enter_passes)):
             self.khugepaged.do_scan()
         if sc.fill_at is None:
-            self._fill(progress_setup)
+            self.fill(progress_setup)
 
     def _register_khugepaged(self) -> None:
         # khugepaged_enter_vma(): at mmap or MADV_HUGEPAGE, and at a THP fault (an
         # image's THPs, even in a VMA where THPs are no longer allowed)
-        V, G = self.V, self.G
+        vmas, glob = self.vmas, self.glob
         for m in range(self.n_mms):
-            first = int(V.mm_first[m])
-            if self.mm_thp[m] or any(thp_allowed(V, G, vv)
-                                     for vv in range(first, first + int(V.mm_count[m]))):
+            first = int(vmas.mm_first[m])
+            if self.mm_thp[m] or any(thp_allowed(vmas, glob, vv)
+                                     for vv in range(first, first + int(vmas.mm_count[m]))):
                 self.khugepaged.register(m)
 
     def full_scans(self) -> int:
-        return int(self.G[SEQNR])
+        return int(self.glob[SEQNR])
 
     def pages_scanned(self) -> int:
-        return int(self.G[PAGES_SCANNED])
+        return int(self.glob[PAGES_SCANNED])
 
     # ---- set-up --------------------------------------------------------------
     def _build(self, progress: Callable[[int, int], None] | None) -> None:
@@ -259,6 +262,10 @@ class FastSimulation:
         nohuge = np.zeros(n_vma, np.uint8)
         mm_first = np.zeros(len(insts), np.int64)
         mm_count = np.zeros(len(insts), np.int64)
+        # each VMA's instance and the index its first slot has among the instance's pages
+        # (Simulation._vma_bases(): the live lab's names of pages and THPs)
+        self.vma_mm = np.zeros(n_vma, np.int64)
+        self.name_first = np.zeros(n_vma, np.int64)
         ksm_slots: list[int] = []
         # (vma index, ref) in fill order (process, replica, region)
         self.regions: list[tuple[int, content.RegionRef, np.random.Generator]] = []
@@ -280,6 +287,7 @@ class FastSimulation:
                     base[v], npg[v], merge[v] = s, npages, 1
                     huge[v], nohuge[v] = iv.hugepage, iv.nohugepage
                     lim[v] = (s + lo, s + lo + iv.pages)
+                    self.vma_mm[v], self.name_first[v] = m, iv.first - lo
                     mapped.append((m, v, lo, cid[iv.first:iv.first + iv.pages],
                                    flags[iv.first:iv.first + iv.pages]))
                     s += npages
@@ -302,6 +310,8 @@ class FastSimulation:
                 if content.mergeable(sc, ref) and proc.merge == "madvise":
                     entered = True
                 by_key[(pi, k, ri)] = v
+                self.vma_mm[v] = m
+                self.name_first[v] = sum(r.pages for r in proc.region[:ri])
                 s += reg.pages
                 v += 1
             if entered:
@@ -316,62 +326,62 @@ class FastSimulation:
         self.mm_thp = np.zeros(len(insts), np.bool_)  # mm.khugepaged (a THP fault)
         ks = np.zeros(max(1, len(ksm_slots)), np.int64)
         ks[: len(ksm_slots)] = ksm_slots
-        self.G[NSLOTS] = len(ksm_slots)
-        self.V = Vmas(base=base, n=npg, merge=merge, anon=np.zeros(n_vma, np.uint8), huge=huge,
+        self.glob[NSLOTS] = len(ksm_slots)
+        self.vmas = Vmas(base=base, n=npg, merge=merge, anon=np.zeros(n_vma, np.uint8), huge=huge,
                       nohuge=nohuge, mm_first=mm_first, mm_count=mm_count, ksm_slots=ks)
         nr = s // HPAGE_PMD_NR
         rvma = np.empty(nr, np.int32)
         for vi in range(n_vma):
             rvma[base[vi] // HPAGE_PMD_NR : (base[vi] + npg[vi]) // HPAGE_PMD_NR] = vi
-        self.R = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma)
-        self.S = new_slots(s)
-        self.P = new_pool(1024, 2048)
+        self.ranges = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma)
+        self.page = new_slots(s)
+        self.pool = new_pool(1024, 2048)
         self.n_mms = len(insts)
 
     def _params(self) -> None:
         """Knob- and policy-derived switches the compiled code reads."""
-        G, kn, thp, pol = self.G, self.ksm_knobs, self.thp, self.policy
-        G[K_PTS] = int(kn.pages_to_scan)
-        G[K_UZP] = int(kn.use_zero_pages)
-        G[K_SMART] = int(kn.smart_scan)
-        G[K_MPS] = int(kn.max_page_sharing)
-        G[K_SLEEP] = int(kn.sleep_millisecs)
-        G[K_PRUNE] = int(kn.stable_node_chains_prune_millisecs)
-        G[THP_ALLOWED_ALWAYS] = thp.enabled == "always"
-        G[THP_ALLOWED_MADV] = thp.enabled == "madvise"
-        G[DEFER_ON] = bool(thp.shrink_underused and pol.underused_shrinker)
-        G[SKIP_ZP] = pol.ksm_skip_zeropage
-        G[SCAN_THP_P] = ksm_scans_thp(pol, True)
-        G[SCAN_THP_NP] = ksm_scans_thp(pol, False)
-        G[REMAP_KSM] = self._remap("ksm", True)
+        glob, kn, thp, pol = self.glob, self.ksm_knobs, self.thp, self.policy
+        glob[K_PTS] = int(kn.pages_to_scan)
+        glob[K_UZP] = int(kn.use_zero_pages)
+        glob[K_SMART] = int(kn.smart_scan)
+        glob[K_MPS] = int(kn.max_page_sharing)
+        glob[K_SLEEP] = int(kn.sleep_millisecs)
+        glob[K_PRUNE] = int(kn.stable_node_chains_prune_millisecs)
+        glob[THP_ALLOWED_ALWAYS] = thp.enabled == "always"
+        glob[THP_ALLOWED_MADV] = thp.enabled == "madvise"
+        glob[DEFER_ON] = bool(thp.shrink_underused and pol.underused_shrinker)
+        glob[SKIP_ZP] = pol.ksm_skip_zeropage
+        glob[SCAN_THP_P] = ksm_scans_thp(pol, True)
+        glob[SCAN_THP_NP] = ksm_scans_thp(pol, False)
+        glob[REMAP_KSM] = self._remap("ksm", True)
 
     def _remap(self, caller: str, mergeable: bool) -> int:
         return _REMAP[remap_on_split(self.policy, caller, mergeable,  # type: ignore[arg-type]
                                      self.ksm_running, int(self.ksm_knobs.use_zero_pages),
                                      int(self.thp.shrink_underused))]
 
-    def _fill(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def fill(self, progress: Callable[[int, int], None] | None = None) -> None:
         """fill_fresh_vma() for every region (streamed: one region's ids at a time)."""
-        S, R, V, G = self.S, self.R, self.V, self.G
+        page, ranges, vmas, glob = self.page, self.ranges, self.vmas, self.glob
         done = 0
         for v, ref, _rng in self.regions:
-            b, n = int(V.base[v]), int(V.n[v])
-            V.anon[v] = 1
-            S.pte[b : b + n] = OWN
-            store_codes(content.region_ids(self.sc, ref), S.scid[b : b + n])
+            b, n = int(vmas.base[v]), int(vmas.n[v])
+            vmas.anon[v] = 1
+            page.pte[b : b + n] = OWN
+            store_codes(content.region_ids(self.sc, ref), page.scid[b : b + n])
             rs = slice(b // HPAGE_PMD_NR, (b + n) // HPAGE_PMD_NR)
             nr = n // HPAGE_PMD_NR
-            if thp_allowed(V, G, v):
-                R.pmd[rs] = PMD_THP
-                G[V_FAULT_ALLOC] += nr
-                G[NR_THP] += nr
-                G[THP_RANGES] += nr
-                if G[DEFER_ON]:
-                    R.qseq[rs] = G[DEFER_SEQ] + 1 + np.arange(nr, dtype=np.int64)
-                    G[DEFER_SEQ] += nr
+            if thp_allowed(vmas, glob, v):
+                ranges.pmd[rs] = PMD_THP
+                glob[V_FAULT_ALLOC] += nr
+                glob[NR_THP] += nr
+                glob[THP_RANGES] += nr
+                if glob[DEFER_ON]:
+                    ranges.qseq[rs] = glob[DEFER_SEQ] + 1 + np.arange(nr, dtype=np.int64)
+                    glob[DEFER_SEQ] += nr
             else:
-                R.pmd[rs] = PMD_TABLE
-            G[ANON_RSS] += n
+                ranges.pmd[rs] = PMD_TABLE
+            glob[ANON_RSS] += n
             done += n
             if progress is not None:
                 progress(done, self.n)
@@ -380,15 +390,15 @@ class FastSimulation:
     def _map_images(self) -> None:
         """fill_from_image() for every captured VMA: its THPs (whole 2 MiB ranges whose
         first page was in one), 4 KiB pages, zero-page PTEs; pte_none elsewhere."""
-        S, R, V, G = self.S, self.R, self.V, self.G
+        page, ranges, vmas, glob = self.page, self.ranges, self.vmas, self.glob
         for m, v, lo, cids, flags in self.images:
-            b, n = int(V.base[v]), int(V.n[v])
+            b, n = int(vmas.base[v]), int(vmas.n[v])
             hi = lo + len(cids)
             cid, fl = np.asarray(cids), np.asarray(flags)  # read from the .npy files here
-            V.anon[v] = 1
+            vmas.anon[v] = 1
             zero = (fl & image.ZERO_PTE) != 0
             own = ((fl & image.PRESENT) != 0) & ~zero
-            pte, scid = S.pte[b + lo : b + hi], S.scid[b + lo : b + hi]
+            pte, scid = page.pte[b + lo : b + hi], page.scid[b + lo : b + hi]
             pte[zero] = ZERO
             pte[own] = OWN
             scid[own] = cid[own]  # an image's ids are codes: 0 zero-filled, memcmp order
@@ -402,42 +412,43 @@ class FastSimulation:
             pte[whole] = OWN  # every subpage of a THP, whatever its flags
             scid[whole] = cid[whole]
             rs = slice(b // HPAGE_PMD_NR, b // HPAGE_PMD_NR + nr)
-            used = (S.pte[b : b + n] != NONE).reshape(nr, HPAGE_PMD_NR).any(axis=1)
-            R.pmd[rs] = np.where(thp, PMD_THP, np.where(used, PMD_TABLE, PMD_NONE))
+            used = (page.pte[b : b + n] != NONE).reshape(nr, HPAGE_PMD_NR).any(axis=1)
+            ranges.pmd[rs] = np.where(thp, PMD_THP, np.where(used, PMD_TABLE, PMD_NONE))
             k = int(thp.sum())
-            G[NR_THP] += k
-            G[THP_RANGES] += k
-            G[ANON_RSS] += int(np.count_nonzero(pte == OWN))
+            glob[NR_THP] += k
+            glob[THP_RANGES] += k
+            glob[ANON_RSS] += int(np.count_nonzero(pte == OWN))
             if k:  # a THP from before time 0: no thp_fault_alloc, queued as its fault did
                 self.mm_thp[m] = True
-                if G[DEFER_ON]:
-                    q = R.qseq[rs]
-                    q[thp] = G[DEFER_SEQ] + 1 + np.arange(k, dtype=np.int64)
-                    G[DEFER_SEQ] += k
+                if glob[DEFER_ON]:
+                    q = ranges.qseq[rs]
+                    q[thp] = glob[DEFER_SEQ] + 1 + np.arange(k, dtype=np.int64)
+                    glob[DEFER_SEQ] += k
 
     # ---- actions -------------------------------------------------------------
     def _region(self, process: int, replica: int, region: int) -> tuple[int, int]:
         for v, ref, _rng in self.regions:
             if (ref.process, ref.replica, ref.region) == (process, replica, region):
-                return v, int(self.V.base[v])
+                return v, int(self.vmas.base[v])
         raise ModelUnsupported(f"no region {process}/{region}")  # pragma: no cover
 
     def _write(self, slots: np.ndarray[Any, Any], cids: np.ndarray[Any, Any]) -> None:
         codes = code_of(np.asarray(cids, dtype=np.uint64)).astype(np.int64)
-        write_many(self.S, self.R, self.V, self.P, self.G, slots.astype(np.int64), codes)
+        write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, slots.astype(np.int64),
+                   codes)
 
-    def _apply(self, e: object, t: float) -> None:
-        G = self.G
+    def apply(self, e: object, t: float) -> None:
+        glob = self.glob
         if isinstance(e, KsmStart):
-            G[RUN] = 1
+            glob[RUN] = 1
             self.ksm_running = True
         elif isinstance(e, KsmStop):
-            G[RUN] = 0
+            glob[RUN] = 0
             self.ksm_running = False
         elif isinstance(e, KsmUnmerge):
-            G[RUN] = 2
+            glob[RUN] = 2
             self.ksm_running = False
-            unmerge_all(self.S, self.V, self.P, G, self.F, self.C)
+            unmerge_all(self.page, self.vmas, self.pool, glob, self.meter, self.price)
         elif isinstance(e, Write):
             _v, b = self._region(e.process, 0, e.region)
             pages = self.sc.process[e.process].region[e.region].pages
@@ -448,61 +459,72 @@ class FastSimulation:
             else:  # content.written_ids(ref, tag, targets): increasing with the target
                 codes = FRESH_CODE + self.write_code[id(e)] + np.arange(
                     len(targets), dtype=np.int64)
-            write_many(self.S, self.R, self.V, self.P, G, (targets + b).astype(np.int64),
+            write_many(self.page, self.ranges, self.vmas, self.pool, glob,
+                       (targets + b).astype(np.int64),
                        codes)
         elif isinstance(e, Pressure):
             self._params()
-            deferred_split_scan(self.S, self.R, self.V, G, queued_order(self.R),
-                                int(self.thp.khugepaged.max_ptes_none),
-                                self._remap("shrinker", True), self._remap("shrinker", False))
-            G[PRESSURE] = 2 if G[CUR_SLOT] < 0 else 3
+            self._pressure(t)
+            glob[PRESSURE] = 2 if glob[CUR_SLOT] < 0 else 3
         elif isinstance(e, SetKnob):
             self._set_knob(e)
         elif isinstance(e, KhugepagedWake):
-            self._khugepaged_pass(t)
+            pass  # the timeline's khugepaged_pass()
         else:  # pragma: no cover - check_supported() refuses these
             raise ModelUnsupported(f"event {e!r} is not modelled")
         self._params()
 
-    def _set_knob(self, e: SetKnob) -> None:
-        parts = e.knob.split(".")
-        G = self.G
-        if parts[0] == "ksm":
-            if parts[1] == "max_page_sharing" and (G[PAGES_SHARED] or G[PAGES_SHARING]):
-                return
-            self.ksm_knobs = self.ksm_knobs.model_copy(update={parts[1]: e.value})
-        elif len(parts) == 3:
-            khd = self.thp.khugepaged.model_copy(update={parts[2]: e.value})
-            self.thp = self.thp.model_copy(update={"khugepaged": khd})
-            self.khugepaged.knobs = khd
-        else:
-            self.thp = self.thp.model_copy(update={parts[1]: e.value})
+    def _pressure(self, t: float) -> None:
+        """deferred_split_scan() over the queue; a replay's record (``shrinker``) says
+        which THPs the kernel's shrinker left whole and how many failures it counted."""
+        ranges, vmas = self.ranges, self.vmas
+        held = np.zeros(len(ranges.pmd), np.uint8)
+        failed = 0
+        if self.shrinker:
+            rec = self.shrinker.pop(0)
+            failed = int((rec.get("vmstat") or {}).get("thp_split_page_failed", 0))
+            kept = rec.get("thps_kept")
+            if kept is not None:
+                names = {(int(inst), int(i)) for inst, idx in kept.items() for i in idx}
+                for r in np.flatnonzero(ranges.qseq).tolist():
+                    v = int(ranges.vma[r])
+                    name = (int(self.vma_mm[v]),
+                            int(self.name_first[v]) + r * HPAGE_PMD_NR - int(vmas.base[v]))
+                    held[r] = name in names
+        deferred_split_scan(self.page, ranges, vmas, self.glob, queued_order(ranges),
+                            int(self.thp.khugepaged.max_ptes_none),
+                            self._remap("shrinker", True), self._remap("shrinker", False),
+                            held, failed)
+        n = int(np.count_nonzero(held == 2))
+        if n:
+            self.notes.append(
+                f"replayed: at the pressure event at {t:.1f} s the kernel's shrinker "
+                f"left {n} underused THP(s) whole (held by another reference "
+                "for that moment); the model kept them too")
 
-    def _volatile(self) -> None:
+    def _set_knob(self, e: SetKnob) -> None:
+        glob = self.glob
+        self.ksm_knobs, self.thp = knobs_after(e, self.ksm_knobs, self.thp,
+                                               bool(glob[PAGES_SHARED] or glob[PAGES_SHARING]))
+        self.khugepaged.knobs = self.thp.khugepaged
+
+    def volatile(self, t: float) -> None:
         for v, ref, rng in self.regions:
-            rate = ref.spec.volatile_pages_per_s
-            if rate <= 0:
+            targets = volatile_burst(rng, ref.spec.volatile_pages_per_s, ref.spec.pages)
+            if targets is None:
                 continue
-            n = int(rate * VOLATILE_TICK)
-            frac = rate * VOLATILE_TICK - n
-            if frac > 0 and rng.random() < frac:
-                n += 1
-            if n <= 0:
-                continue
-            pages = ref.spec.pages
-            targets = rng.choice(pages, size=min(n, pages), replace=False)
             cids = content.fresh_ids(self.fresh, len(targets))
             self.fresh += len(targets)
-            self._write(np.asarray(targets, np.int64) + int(self.V.base[v]), cids)
+            self._write(np.asarray(targets, np.int64) + int(self.vmas.base[v]), cids)
 
-    def _volatile_scan(self, step: int) -> None:
+    def volatile_scan(self, step: int) -> None:
         """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
         slots: list[np.ndarray[Any, Any]] = []
         keys: list[np.ndarray[Any, Any]] = []
         for v, ref, _rng in self.regions:
             if ref.spec.volatile_pages_per_scan:
                 idx = content.volatile_targets(ref, step)
-                slots.append(idx + int(self.V.base[v]))
+                slots.append(idx + int(self.vmas.base[v]))
                 keys.append(idx + ref.first_page)
         if not slots:
             return
@@ -519,161 +541,69 @@ class FastSimulation:
         rank = np.empty(k, np.int64)
         rank[np.argsort(np.concatenate(keys), kind="stable")] = np.arange(k, dtype=np.int64)
         codes = FRESH_CODE + first + rank
-        write_many(self.S, self.R, self.V, self.P, self.G, at, codes)
-
-    def _khugepaged_pass(self, t: float) -> None:
-        if self.khugepaged.slots:
-            self.khugepaged.do_scan()
-        self.khd_generation += 1
-        period = timer_period_s(self.sc, self.khugepaged.knobs)
-        self.push(t + period, 5, "khugepaged", self.khd_generation)
-
-    def push(self, t: float, prio: int, kind: str, payload: object = None) -> None:
-        heapq.heappush(self.heap, (t, prio, self.seq, kind, payload))
-        self.seq += 1
+        write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, at, codes)
 
     # ---- samples -------------------------------------------------------------
-    def _sample(self, t: float, full_scan_end: bool = False) -> dict[str, float]:
-        G = self.G
-        shared, sharing = int(G[PAGES_SHARED]), int(G[PAGES_SHARING])
-        unshared, rmap = int(G[PAGES_UNSHARED]), int(G[RMAP_ITEMS])
-        zero = int(G[KSM_ZERO])
-        anon = int(G[ANON_RSS])
-        merging = shared + sharing
-        row: dict[str, float] = {
-            "t": round(t, 9),
-            FULL_SCAN_END: float(full_scan_end),
-            "pages_scanned": int(G[PAGES_SCANNED]),
-            "pages_shared": shared,
-            "pages_sharing": sharing,
-            "pages_unshared": unshared,
-            "pages_volatile": max(0, rmap - shared - sharing - unshared),
-            "pages_skipped": int(G[PAGES_SKIPPED]),
-            "ksm_zero_pages": zero,
-            "full_scans": int(G[SEQNR]),
-            "stable_node_chains": int(G[CHAINS]),
-            "stable_node_dups": int(G[DUPS]),
-            "general_profit": (sharing + zero) * 4096 - rmap * KSM_RMAP_ITEM_SIZE,
+    def sample(self, t: float, full_scan_end: bool) -> dict[str, float]:
+        glob = self.glob
+        rmap, zero = int(glob[RMAP_ITEMS]), int(glob[KSM_ZERO])
+        raw: dict[str, float] = {
+            "pages_scanned": int(glob[PAGES_SCANNED]), "pages_shared": int(glob[PAGES_SHARED]),
+            "pages_sharing": int(glob[PAGES_SHARING]), "pages_unshared": int(glob[PAGES_UNSHARED]),
+            "pages_skipped": int(glob[PAGES_SKIPPED]), "rmap_items": rmap,
+            "ksm_zero_pages": zero, "full_scans": int(glob[SEQNR]),
+            "stable_node_chains": int(glob[CHAINS]), "stable_node_dups": int(glob[DUPS]),
+            **{k: int(glob[VMSTAT_G[k]]) for k in VMSTAT_COUNTERS
+               if k != "nr_anon_transparent_hugepages"},
+            "nr_anon_transparent_hugepages": int(glob[NR_THP]),
+            "khugepaged_full_scans": self.khugepaged.full_scans,
+            "khugepaged_pages_collapsed": self.khugepaged.pages_collapsed,
+            "anon_rss": int(glob[ANON_RSS]), "thps_mapped": int(glob[THP_RANGES]),
+            # every rmap item, KSM page and KSM zero page belongs to a workload process
+            "ksm_rmap_items": rmap,
+            "ksm_merging_pages": int(glob[PAGES_SHARED] + glob[PAGES_SHARING]),
+            "proc_ksm_zero_pages": zero, "ksmd_cpu_ns": float(self.meter[CPU]),
         }
-        for k in VMSTAT_COUNTERS:
-            row[k] = int(G[NR_THP]) if k == "nr_anon_transparent_hugepages" else int(
-                G[VMSTAT_G[k]])
-        row["khugepaged_full_scans"] = self.khugepaged.full_scans
-        row["khugepaged_pages_collapsed"] = self.khugepaged.pages_collapsed
-        row["RssAnon"] = anon * 4
-        row["Rss"] = anon * 4
-        row["AnonHugePages"] = int(G[THP_RANGES]) * 2048
-        row["ksm_rmap_items"] = rmap
-        row["ksm_merging_pages"] = merging
-        row["ksm_process_profit"] = (merging + zero) * 4096 - rmap * KSM_RMAP_ITEM_SIZE
-        row["proc_ksm_zero_pages"] = zero
-        row["ksmd_cpu_ns"] = int(self.F[CPU])
-        return {c: row[c] for c in COLUMNS}
+        return sample_row(t, full_scan_end, raw)
 
-    # ---- ksmd ----------------------------------------------------------------
-    def _ksmd(self, t_next: float, inclusive: bool, t_end: float) -> int:
+    # ---- ksmd, as the timeline drives it ------------------------------------
+    def should_run(self) -> bool:
+        return bool(self.glob[RUN] == 1 and self.glob[NSLOTS] > 0)  # ksmd_should_run()
+
+    def wake_ksmd(self, t: float) -> None:
+        self.meter[T_KSMD] = t
+
+    def ksmd_wake_time(self) -> float:
+        return float(self.meter[T_KSMD])
+
+    def scan_end_time(self) -> float:
+        return float(self.meter[T_SCAN_END])
+
+    def cost_counts(self) -> dict[str, float]:
+        return {k: float(self.meter[F_COUNTS + i]) for i, k in enumerate(COST_FIELDS)}
+
+    def batches(self) -> int:
+        return int(self.glob[BATCHES])
+
+    def ksmd_until(self, t_next: float, inclusive: bool, t_end: float) -> int:
         """ksmd's batches up to the next action (KSMD_OK), or to the end of a full
-        scan (KSMD_SCAN_END); KSMD_IDLE once it waits for run=1."""
+        scan (KSMD_SCAN_END); KSMD_IDLE once it waits for run=1.  One compiled call
+        between two growths of the pools."""
         while True:
-            G = self.G
-            pts = int(G[K_PTS])
-            room_k, room_n = len(self.P.kcid), len(self.P.nkpage)
-            if G[NK] + pts > room_k or G[NN] + 2 * pts > room_n:
-                self.P = grow_pool(self.P, max(2 * room_k, int(G[NK]) + 2 * pts),
-                                   max(2 * room_n, int(G[NN]) + 4 * pts))
-                self.khugepaged.P = self.P
-            res = _direct(ksmd_until)(self.S, self.R, self.V, self.P, G, self.F, self.C,
-                                      t_next, inclusive, t_end, len(self.P.kcid),
-                                      len(self.P.nkpage))
+            glob = self.glob
+            pts = int(glob[K_PTS])
+            room_k, room_n = len(self.pool.kcid), len(self.pool.nkpage)
+            if glob[NK] + pts > room_k or glob[NN] + 2 * pts > room_n:
+                self.pool = grow_pool(self.pool, max(2 * room_k, int(glob[NK]) + 2 * pts),
+                                   max(2 * room_n, int(glob[NN]) + 4 * pts))
+                self.khugepaged.pool = self.pool
+            res = _direct(ksmd_until)(self.page, self.ranges, self.vmas, self.pool, glob,
+                          self.meter, self.price,
+                                      t_next, inclusive, t_end, len(self.pool.kcid),
+                                      len(self.pool.nkpage))
             if res == KSMD_GROW:
                 continue
             return int(res)
-
-    # ---- the timeline ----------------------------------------------------------
-    def run(self, progress: Callable[[float], None] | None = None) -> Trace:
-        sc = self.sc
-        G, F = self.G, self.F
-        dur = sc.duration
-        t_end = dur + 1e-9
-        n_samples = int(dur / sc.sample_interval + 1e-9) + 1
-        heap, push = self.heap, self.push
-        # samples (priority 0) are generated lazily (a 1 TiB host has many of them)
-        next_sample = 0
-        if sc.fill_at is not None:
-            push(sc.fill_at, 1, "fill")
-        if sc.ksm_start_at is not None:
-            push(sc.ksm_start_at, 2, "event", KsmStart(action="ksm_start", at=sc.ksm_start_at))
-        for e in sc.event:
-            push(e.at, 3, "event", e)
-        for at in sc.khugepaged_wakes():  # the lab's wake-ups (drive_khugepaged)
-            push(at, 7, "event", KhugepagedWake(action="khugepaged", at=at))
-        if any(ref.spec.volatile_pages_per_s > 0 for _v, ref, _r in self.regions):
-            push(0.0 if sc.fill_at is None else sc.fill_at, 4, "volatile")
-        if sc.khugepaged_wakes_at_start:  # as Simulation.run()
-            push(0.0, 5, "khugepaged", self.khd_generation)
-        per_scan = any(ref.spec.volatile_pages_per_scan for _v, ref, _r in self.regions)
-        held: list[tuple[str, object]] = []  # align_events: due, waiting for a scan end
-        ksmd_pending = False  # ksmd's entry (priority 6) is at F[T_KSMD]
-        rows: list[Mapping[str, float]] = []
-
-        def act(kind: str, payload: object, t: float, aligned: bool = False) -> None:
-            nonlocal ksmd_pending
-            mark = {"full_scans": int(G[SEQNR]), "aligned": aligned}  # as the exact model
-            if kind == "fill":
-                self._fill()
-                self.events.append({"t": round(t, 9), "action": "fill", **mark})
-                return
-            self._apply(payload, t)
-            self.events.append({"t": round(t, 9), **_event_dict(payload), **mark})
-            if G_should_run(G) and not ksmd_pending:
-                F[T_KSMD] = t  # writing run wakes ksmd at once
-                ksmd_pending = True
-
-        while True:
-            ts = next_sample * sc.sample_interval if next_sample < n_samples else None
-            th = heap[0][0] if heap else None
-            if th is None or (ts is not None and ts <= th):
-                nxt, prio = ts, 0  # a sample (priority 0) goes first at equal times
-            else:
-                nxt, prio = th, heap[0][1]
-            if ksmd_pending:
-                t_next = float("inf") if nxt is None else nxt
-                res = self._ksmd(t_next, prio > 6, t_end)
-                ksmd_pending = res != KSMD_IDLE
-                if res == KSMD_SCAN_END:
-                    end = float(F[T_SCAN_END])
-                    if end <= t_end:
-                        # the live lab samples right at each full-scan end, then does
-                        # the per-scan writes and the held events
-                        rows.append(self._sample(end, full_scan_end=True))
-                        if per_scan:
-                            self._volatile_scan(int(G[SEQNR]))
-                        for kind_, payload_ in held:
-                            act(kind_, payload_, end, aligned=True)
-                        held.clear()
-                    continue
-                if ksmd_pending and F[T_KSMD] > t_end and (nxt is None or nxt > t_end):
-                    break
-            if nxt is None or nxt > t_end:
-                break
-            if prio == 0 and ts is not None:
-                rows.append(self._sample(ts))
-                next_sample += 1
-                if progress is not None:
-                    progress(ts)
-                continue
-            t, _prio, _s, kind, payload = heapq.heappop(heap)
-            if kind in ("fill", "event"):
-                if sc.align_events and G_should_run(G):
-                    held.append((kind, payload))
-                else:
-                    act(kind, payload, t)
-            elif kind == "volatile":
-                self._volatile()
-                push(t + VOLATILE_TICK, 4, "volatile")
-            elif kind == "khugepaged" and payload == self.khd_generation:
-                self._khugepaged_pass(t)  # (a stale entry: re-armed by a wake-up since)
-        return model_trace(sc, self.policy.name, self.profile, rows, self.events)
 
 
 def _direct(disp: Any) -> Any:
@@ -690,7 +620,3 @@ def _direct(disp: Any) -> Any:
 
 
 _ENTRY: dict[int, Any] = {}
-
-
-def G_should_run(G: np.ndarray[Any, Any]) -> bool:
-    return bool(G[RUN] == 1 and G[NSLOTS] > 0)

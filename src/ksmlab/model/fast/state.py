@@ -17,6 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ...content import FRESH_BASE, UNIQUE_BASE
+from ..costs import COST_FIELDS
+from ..memory import VMSTAT_EVENTS
+from .jit import jit
 
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
@@ -38,34 +41,75 @@ FRESH_CODE = 1 << 31
 MAX_UNIQUE = FRESH_CODE - UNIQ_CODE
 MAX_FRESH = (1 << 32) - 2 - FRESH_CODE
 
-# int64 globals
-(PAGES_SCANNED, PAGES_SHARED, PAGES_SHARING, PAGES_UNSHARED, PAGES_SKIPPED, RMAP_ITEMS,
- CHAINS, DUPS, SEQNR, KSM_ZERO, ANON_RSS, NR_THP, THP_RANGES,
+# The compiled functions take the state as a few arrays, each named for what it holds:
+#   page   (Slots)  per 4 KiB slot: PTE, content code, rmap item
+#   ranges (Ranges) per 2 MiB range: PMD, deferred-split queue position, VMA
+#   vmas   (Vmas)   per VMA and per mm
+#   pool   (Pool)   KSM pages and stable nodes
+#   glob   int64 globals, by the names below (G_NAMES: all of them in order)
+#   meter  float64: CPU ns, clocks, how often each cost was charged (CpuMeter)
+#   price  float64: the cost profile, in COST_FIELDS order (C_* below)
+G_NAMES = (
+    # KSM's counters (/sys/kernel/mm/ksm) and the process counts they feed
+    "PAGES_SCANNED", "PAGES_SHARED", "PAGES_SHARING", "PAGES_UNSHARED", "PAGES_SKIPPED",
+    "RMAP_ITEMS", "CHAINS", "DUPS", "SEQNR", "KSM_ZERO", "ANON_RSS", "NR_THP", "THP_RANGES",
+    # /proc/vmstat THP events, in VMSTAT_EVENTS order
+    "V_FAULT_ALLOC", "V_FAULT_FALLBACK", "V_COLLAPSE_ALLOC", "V_SPLIT_PAGE", "V_SPLIT_FAILED",
+    "V_DEFERRED", "V_UNDERUSED", "V_SPLIT_PMD", "V_ZERO_PAGE_ALLOC", "V_SWPOUT_FALLBACK",
+    # ksmd: run, its cursor (ksm_scan), pressure scans left, the batch's budget, the pools'
+    # fill, the tree roots
+    "RUN", "CUR_SLOT", "CUR_ADDR", "CUR_PREV", "PRESSURE", "BUDGET", "NK", "NN", "ROOT_S",
+    "ROOT_U",
+    # KSM knobs: pages_to_scan, use_zero_pages, smart_scan, max_page_sharing,
+    # sleep_millisecs, stable_node_chains_prune_millisecs
+    "K_PTS", "K_UZP", "K_SMART", "K_MPS", "K_SLEEP", "K_PRUNE",
+    # mm slots, deferred queue's next position, rmap frees charged at the next flush
+    "NSLOTS", "DEFER_SEQ", "PENDING_FREE",
+    # switches from the policy and knobs (FastSimulation._params())
+    "REMAP_KSM", "SCAN_THP_P", "SCAN_THP_NP", "SKIP_ZP", "THP_ALLOWED_ALWAYS",
+    "THP_ALLOWED_MADV", "DEFER_ON",
+    # ksmd's batches so far
+    "BATCHES",
+)
+(PAGES_SCANNED, PAGES_SHARED, PAGES_SHARING, PAGES_UNSHARED, PAGES_SKIPPED,
+ RMAP_ITEMS, CHAINS, DUPS, SEQNR, KSM_ZERO, ANON_RSS, NR_THP, THP_RANGES,
  V_FAULT_ALLOC, V_FAULT_FALLBACK, V_COLLAPSE_ALLOC, V_SPLIT_PAGE, V_SPLIT_FAILED,
  V_DEFERRED, V_UNDERUSED, V_SPLIT_PMD, V_ZERO_PAGE_ALLOC, V_SWPOUT_FALLBACK,
- RUN, CUR_SLOT, CUR_ADDR, CUR_PREV, PRESSURE, BUDGET, NK, NN, ROOT_S, ROOT_U,
- K_PTS, K_UZP, K_SMART, K_MPS, K_SLEEP, K_PRUNE, NSLOTS, DEFER_SEQ, PENDING_FREE,
- REMAP_KSM, SCAN_THP_P, SCAN_THP_NP, SKIP_ZP, THP_ALLOWED_ALWAYS, THP_ALLOWED_MADV,
- DEFER_ON, N_G) = range(50)
-# float64 globals
-CPU, NOW, T_KSMD, T_SCAN_END, N_F = range(5)
+ RUN, CUR_SLOT, CUR_ADDR, CUR_PREV, PRESSURE, BUDGET, NK, NN, ROOT_S,
+ ROOT_U,
+ K_PTS, K_UZP, K_SMART, K_MPS, K_SLEEP, K_PRUNE,
+ NSLOTS, DEFER_SEQ, PENDING_FREE,
+ REMAP_KSM, SCAN_THP_P, SCAN_THP_NP, SKIP_ZP, THP_ALLOWED_ALWAYS,
+ THP_ALLOWED_MADV, DEFER_ON,
+ BATCHES) = range(len(G_NAMES))  # compile-time ints for numba; tests check the names
+N_G = len(G_NAMES)
+# meter: float64 clocks, then how often each cost was charged (CpuMeter.counts), by C_*
+CPU, NOW, T_KSMD, T_SCAN_END, F_COUNTS = range(5)
+N_F = F_COUNTS + len(COST_FIELDS)
 
-VMSTAT = ("thp_fault_alloc", "thp_fault_fallback", "thp_collapse_alloc", "thp_split_page",
-          "thp_split_page_failed", "thp_deferred_split_page", "thp_underused_split_page",
-          "thp_split_pmd", "thp_zero_page_alloc", "thp_swpout_fallback")
+
+def named(glob: I64) -> dict[str, int]:
+    """The int64 globals by name (for a reader, a debugger or a test)."""
+    return {n: int(glob[i]) for i, n in enumerate(G_NAMES)}
+
+
+VMSTAT = VMSTAT_EVENTS  # in glob from V_FAULT_ALLOC on, in this order
 VMSTAT_G = dict(zip(VMSTAT, range(V_FAULT_ALLOC, V_SWPOUT_FALLBACK + 1), strict=True))
 
-COST_FIELDS = ("visit_ns", "pte_skip_ns", "rmap_alloc_ns", "rmap_free_ns", "checksum_ns",
-               "stable_level_ns", "unstable_level_ns", "memcmp_equal_ns", "merge_ns",
-               "zero_merge_ns", "break_cow_ns", "split_ns", "zero_test_zero_ns",
-               "zero_test_data_ns",
-               "remap_pte_ns", "free_page_ns", "split_failed_ns", "scan_start_ns",
-               "batch_overhead_ns", "dup_visit_ns", "smart_skip_ns", "cold_start",
-               "cold_window_ns", "sleep_slack_ns", "tick_ns")
+# prices by position in COST_FIELDS (price: the profile's values in that order)
 (C_VISIT, C_PTE_SKIP, C_RMAP_ALLOC, C_RMAP_FREE, C_CHECKSUM, C_STABLE_LEVEL,
  C_UNSTABLE_LEVEL, C_MEMCMP, C_MERGE, C_ZERO_MERGE, C_BREAK_COW, C_SPLIT, C_ZT_ZERO, C_ZT_DATA,
  C_REMAP_PTE, C_FREE_PAGE, C_SPLIT_FAILED, C_SCAN_START, C_BATCH, C_DUP_VISIT, C_SMART_SKIP,
- C_COLD, C_COLD_WINDOW, C_SLACK, C_TICK) = range(25)
+ C_COLD, C_COLD_WINDOW, C_SLACK, C_TICK) = range(len(COST_FIELDS))
+
+
+
+@jit(inline=True)
+def charge(meter: F64, price: F64, k: int, n: float) -> None:
+    """CpuMeter.charge(): ``n`` of cost ``k``, counted and added to ksmd's CPU."""
+    meter[F_COUNTS + k] += n
+    meter[CPU] += n * price[k]
+
 
 # remap modes (policies.Remap)
 R_NONE, R_CLEAN, R_KSM = 0, 1, 2
