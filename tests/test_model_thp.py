@@ -169,6 +169,7 @@ def test_multi_size_scenarios_run_on_the_exact_engine() -> None:
     sc = load("mthp-64k-uzp1").with_duration(6.0)
     assert "multi-size" in (unsupported(sc) or "")
     tr = simulate(sc, "mainline")
+    assert tr.meta["engine"] == "exact" and "multi-size" in tr.meta["engine_why"]
     # the second full scan's 1024 merge attempts each split a 64 KiB folio, whose 16
     # zero subpages (the attempted page too) the split remaps: all 64 MiB, no KSM page
     assert tr.since_start("hugepages-64kB/split")[-1] == 1024

@@ -92,6 +92,7 @@ class Fidelity:
     verdict_notes: list[str] = field(default_factory=list)  # each difference, excused or not
     # KSM's event streams compared (events.compare), where both traces carry one
     events: dict[str, Any] | None = None
+    engine: str = ""  # the model engine that replayed the kernel's run
 
     def judge_verdicts(self, sides: dict[str, Summary]) -> None:
         """Fill the verdict fields from each side's summary (two sides, ref first)."""

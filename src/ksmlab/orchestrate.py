@@ -99,6 +99,7 @@ def validate(runs: list[tuple[Scenario, Attach | None]], pol: str, choice: Profi
         report.plot_validation(sc.name, ref, cand, out / f"{sc.name}.validate.png",
                                (f"Linux {ref.meta['kernel']}", f"model {pol}"))
         r = fidelity.compare(sc.name, ref, cand)
+        r.engine = str(cand.meta.get("engine", ""))
         r.judge_verdicts({"kernel": metrics.summarize(ref), "model": metrics.summarize(cand)})
         results.append(r)
         if log is not None:

@@ -445,6 +445,7 @@ def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,
     prof = profile or DEFAULT_PROFILE
     get_policy(policy)
     check_supported(sc)
+    why: str | None = None  # why the exact engine runs where "auto" asked
     if engine != "exact":
         from .fast import FastSimulation, unsupported
 
@@ -452,7 +453,9 @@ def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,
         if why is None:
             try:
                 fast = FastSimulation(sc, policy, prof, **replay)
-                return fast, fast.run(progress)
+                tr = fast.run(progress)
+                tr.meta["engine"] = "fast"
+                return fast, tr
             except ModelUnsupported:
                 # a limit met only while running (32-bit content codes used up)
                 if engine == "fast":
@@ -460,4 +463,9 @@ def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,
         elif engine == "fast":
             raise ModelUnsupported(f"fast engine: {why}")
     exact = Simulation(sc, policy, prof, kernel_events=kernel_events, **replay)
-    return exact, exact.run(progress)
+    tr = exact.run(progress)
+    # which engine ran: both give the same trace, but not at the same speed (and only
+    # the exact one emits KSM's event stream)
+    tr.meta["engine"] = "exact"
+    tr.meta["engine_why"] = why
+    return exact, tr
