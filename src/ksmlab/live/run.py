@@ -802,6 +802,15 @@ class LiveRun:
                 + ", ".join(str(p) for p in self.competitors[:8])
                 + "): its pages_to_scan per pass is shared with them"
             )
+        elif self.enter_passes == 0 and huge_mib and self.attach is None:
+            # __khugepaged_enter() wakes khugepaged only when it adds an mm to an empty
+            # list; an mm stays on it until it exits, even once its THP-eligible VMAs
+            # are gone (numpy madvises MADV_HUGEPAGE on large arrays and frees them)
+            self.notes.append(
+                "khugepaged made no pass when the workload registered: another process "
+                "was on its mm list (one that once had MADV_HUGEPAGE memory stays there "
+                "until it exits), so its passes walk that process too; the model's do not"
+            )
 
 
 def check_alive(workloads: list[Workload], t: float) -> None:
