@@ -29,12 +29,15 @@ os.environ["KSMLAB_PROFILE"] = TEST_PROFILE
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ksmlab-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
-# This process must not join khugepaged's mm list: numpy madvises MADV_HUGEPAGE on
-# large arrays, and an mm stays on the list until it exits, so every khugepaged pass
-# of a live test would walk pytest's mm too, which the model cannot know (a CI run's
-# three-procs-uzp0: the kernel's pass at 10 s collapsed nothing, the model's 8
-# ranges).  Read by numpy at import; children (the lab, its workloads) inherit it.
+# This process must not join khugepaged's mm list: an mm stays on it until it exits,
+# so every khugepaged pass of a live test would walk pytest's mm too, which the model
+# cannot know (two CI runs' three-procs-uzp0: the kernel's pass at 10 s collapsed
+# nothing, the model's 8 ranges).  Two libraries madvise MADV_HUGEPAGE in-process:
+# numpy on arrays of 4 MiB and more, and pyarrow's default pool (mimalloc reserves
+# 1 GiB with it; the export and sweep tests read Parquet).  Both read these at import,
+# and children (the lab, its workloads) inherit them.
 os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"
+os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
 
 # the differential tests' examples new each run (tests/test_model_fast.py): a seed
 # chosen here, printed in the header; set it to replay a run
