@@ -221,3 +221,26 @@ def test_a_policy_keeps_its_colour_in_every_plot(tmp_path: Path) -> None:
         assert colours["mainline"] in drawn and colours["v1"] in drawn
         assert drawn.count(colours["mainline"]) == 2  # freed, and KSM's account (0)
     assert (tmp_path / "a.png").stat().st_size > 10_000
+
+
+def test_compare_counts_folios_of_every_size() -> None:
+    # 64 MiB of 64 KiB folios (1024), all split by t=8 and freed outside KSM's account
+    def split(t: float) -> dict[str, float]:
+        gone = t >= 8.0
+        return {"RssAnon": 0.0 if gone else KB / 2, "AnonHugePages": 0.0,
+                "hugepages-64kB/nr_anon": 0.0 if gone else 1024.0,
+                "hugepages-64kB/split": 1024.0 if gone else 0.0,
+                "hugepages-64kB/split_failed": 0.0, "full_scans": scans(t)}
+    s = metrics.summarize(synthetic("mthp-64k-uzp1", 12, split))
+    assert s.mthp == {"64kB": {"start": 1024, "kept": 0, "split": 1024, "split_failed": 0}}
+    assert s.mthp_split == 1024 and s.thp_split_page == 0
+    row = report.compare_rows([("mainline", s)])[0]
+    assert row["splits_all"] == 1024 and row["thps_kept_all"] == 0
+    text = report.compare_table([("mainline", s)], "text")
+    assert all(len(line) <= 80 for line in text.splitlines())
+    note = " ".join(report.folio_note([s]))
+    assert "64 KiB x1024" in note and "64 KiB (16 pages)" in note
+    assert "hugepages-64kB" in report.summary_text(s, "t")
+    # PMD THPs only: no folio note
+    tr = synthetic("seed-uzp1", 12, lambda t: {"full_scans": scans(t)})
+    assert report.folio_note([metrics.summarize(tr)]) == []

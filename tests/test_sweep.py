@@ -14,7 +14,7 @@ import pytest
 pd = pytest.importorskip("pandas")
 pytest.importorskip("distributed")
 
-from ksmlab import sweep  # noqa: E402
+from ksmlab import scenario, sweep  # noqa: E402
 from ksmlab.model.costs import CostProfile, load_profile  # noqa: E402
 
 from .conftest import TEST_PROFILE  # noqa: E402
@@ -71,6 +71,22 @@ thp.khugepaged.max_ptes_none = [511, 409]
     assert len(points) == 2 * len(POLICIES)
     assert {p.scenario for p in points} == {"tiny"}
     assert points[-1].sc.thp.khugepaged.max_ptes_none == 409
+
+
+def test_folio_sizes_are_grid_fields() -> None:
+    # thp.hugepages lists only the sizes a scenario sets: a grid may add any size
+    spec, base = sweep.load_spec(Path(__file__).parents[1] / "sweeps" / "folio-sizes.toml")
+    assert len(spec.settings()) == 16
+    orders = {(p.sc.ksm.use_zero_pages, p.sc.thp.fault_order("hugepage"))
+              for p in sweep.expand(spec, base, PROFILE)}
+    # 4 KiB pages (order 0), 64 KiB, 1 MiB, 2 MiB, each use_zero_pages
+    assert orders == {(u, o) for u in (0, 1) for o in (0, 4, 8, 9)}
+    with pytest.raises(sweep.SweepError, match="not a scenario value"):
+        sweep.override(base_sc(), {"thp.hugepages.3kB": "always"}, "x")
+
+
+def base_sc() -> scenario.Scenario:
+    return scenario.load("mthp-64k-uzp0")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

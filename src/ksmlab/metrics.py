@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from . import content
 from .scenario import PAGE_SIZE, Scenario
-from .trace import MTHP_PREFIX, Trace
+from .trace import MTHP_PREFIX, Trace, mthp_column
 
 KIB_PER_PAGE = PAGE_SIZE // 1024
 # Rates are measured over at least this long (10 ksmd batches at the default 20 ms):
@@ -98,6 +98,9 @@ class Summary:
     expected_mergeable_mib: float
     # splits of multi-size THPs (hugepages-<N>kB/stats/split summed): not in thp_split_page
     mthp_split: int = 0
+    # per folio size below PMD ("64kB"): folios at the start and kept (nr_anon), split,
+    # split_failed; a merge attempt that splits one frees up to the folio at once
+    mthp: dict[str, dict[str, int]] = field(default_factory=dict)
     verdicts: list[Verdict] = field(default_factory=list)  # reached
     undetermined: list[str] = field(default_factory=list)
     near_misses: list[Verdict] = field(default_factory=list)  # missed within the margin
@@ -145,6 +148,22 @@ def _event_time(tr: Trace, action: str) -> float | None:
         if e.get("action") == action:
             return float(e["t"])
     return None
+
+
+def mthp_figures(tr: Trace) -> dict[str, dict[str, int]]:
+    """Per multi-size THP size sampled: folios at the start and at the end
+    (``nr_anon``) and the splits (``split``, ``split_failed``) during the run."""
+    out: dict[str, dict[str, int]] = {}
+    for c in tr.columns:
+        if not (c.startswith(MTHP_PREFIX) and c.endswith("/nr_anon")) or not len(tr.t):
+            continue
+        size = c[len(MTHP_PREFIX):-len("/nr_anon")]
+        nr = tr[c]
+        out[size] = {"start": int(nr[0]), "kept": int(nr[-1]),
+                     **{st: int(tr.since_start(mthp_column(size, st))[-1])
+                        for st in ("split", "split_failed")
+                        if mthp_column(size, st) in tr}}
+    return out
 
 
 def _first_time(t: Array, cond: npt.NDArray[np.bool_]) -> float | None:
@@ -215,6 +234,7 @@ def summarize(tr: Trace) -> Summary:
         expected_mergeable_mib=mergeable * mib,
         mthp_split=sum(int(tr.since_start(c)[-1]) for c in tr.columns
                        if c.startswith(MTHP_PREFIX) and c.endswith("/split")),
+        mthp=mthp_figures(tr),
     )
     _judge(s, sc, mergeable)
     for c in tr.meta.get("foreign_knob_changes", []):

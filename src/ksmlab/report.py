@@ -35,6 +35,9 @@ def summary_text(s: Summary, title: str) -> str:
         ("ksmd CPU", f"{_f(s.ksmd_cpu_pct)} % mean, {_f(s.ksmd_cpu_pct_peak)} % peak (1 s)"),
         ("THPs", f"{s.thps_start:.0f} at start, {s.thps_kept:.0f} kept"),
         ("thp_split_page", f"{s.thp_split_page} (failed {s.thp_split_page_failed})"),
+        *((f"hugepages-{k}", f"{m['start']} at start, {m['kept']} kept, split "
+           f"{m.get('split', 0)} (failed {m.get('split_failed', 0)})")
+          for k, m in s.mthp.items()),
         ("full_scans", f"{s.full_scans} ({s.pages_scanned} pages scanned)"),
     ]
     out = [title, "-" * min(WIDTH, len(title))]
@@ -63,8 +66,8 @@ COMPARE_COLUMNS = (  # header, key, width (0: last, free), format; 80 columns in
     ("t90%", "time_to_90pct_s", 5, ".1f"),
     ("ratio", "budget_ratio_peak", 5, ".1f"),
     ("cpu%", "ksmd_cpu_pct", 4, ".1f"),
-    ("THPs", "thps_kept", 4, ".0f"),
-    ("splits", "thp_split_page", 6, "d"),
+    ("THPs", "thps_kept_all", 4, ".0f"),
+    ("splits", "splits_all", 6, "d"),
     ("krnl", "kernel", 4, None),
     ("verdict", "verdict", 0, None),
 )
@@ -76,6 +79,9 @@ def compare_rows(results: Sequence[tuple[str, Summary]],
     for name, s in results:
         d = s.to_json()
         d["policy"] = name
+        # THPs of every size: PMD-mapped (AnonHugePages) and multi-size (nr_anon)
+        d["thps_kept_all"] = s.thps_kept + sum(m["kept"] for m in s.mthp.values())
+        d["splits_all"] = s.thp_split_page + s.mthp_split
         ok = confirmed(name) if confirmed else None
         d["kernel_confirmed"] = ok
         d["kernel"] = "-" if ok is None else ("yes" if ok else "NO")
@@ -122,10 +128,38 @@ def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str =
             cells.append(f"{c[:w]:<{w}}" if w else c)
         lines.append(" ".join(cells).rstrip())
     lines.append("freed/by KSM in MiB; t90% s to free 90 %; ratio = peak freeing rate / KSM")
-    lines.append("budget; cpu% = ksmd; THPs kept at the end; krnl: a patched kernel confirmed")
-    lines.append("the model here (ksmlab kernel validate; - = not run); verdict: bypass =")
-    lines.append("rate-limit bypass, collapse = merge collapse; ~ borderline, (~) near miss.")
+    lines.append("budget; cpu% = ksmd; THPs (any size) kept at the end, splits of any size;")
+    lines.append("krnl: a patched kernel confirmed the model here (ksmlab kernel validate;")
+    lines.append("- = not run); verdict: bypass = rate-limit bypass, collapse = merge")
+    lines.append("collapse; ~ borderline, (~) near miss.")
+    lines += folio_note([s for _, s in results])
     return "\n".join(line[:WIDTH] for line in lines)
+
+
+def folio_note(summaries: Sequence[Summary]) -> list[str]:
+    """What the run's folio sizes mean for the regressions (80 columns), when it had
+    multi-size THPs: KSM splits a whole large folio before it merges a page of it
+    (try_to_merge_one_page()), and the split remaps the folio's zero subpages, so
+    one merge attempt can free a whole folio; with use_zero_pages=0 a full scan
+    merges about one folio (the one split's subpages become KSM pages next scan)."""
+    if not summaries or not any(s.mthp for s in summaries):
+        return []
+    first = summaries[0]
+    sizes = [(k, v["start"]) for k, v in sorted(
+        first.mthp.items(), key=lambda kv: int(kv[0].removesuffix("kB")))]
+    if first.thps_start:
+        sizes.append(("2048kB", int(first.thps_start)))
+    shown = ", ".join(f"{k.removesuffix('kB')} KiB x{n}" for k, n in sizes if n)
+    if not shown:
+        return []
+    bursts = ", ".join(f"{k.removesuffix('kB')} KiB ({int(k.removesuffix('kB')) // 4} pages)"
+                       for k, n in sizes if n)
+    text = (f"Large folios at the start: {shown}. KSM splits a whole folio before it "
+            f"merges a page of it and the split remaps its zero subpages: with "
+            f"use_zero_pages=1 one merge attempt frees up to {bursts}; with "
+            "use_zero_pages=0 a kernel that remaps merges about one folio a full scan, "
+            "so smaller folios merge slower (ksmlab compare --json: mthp per size and policy).")
+    return textwrap.wrap(text, WIDTH)
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:

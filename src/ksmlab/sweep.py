@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import __version__
 from . import scenario as scenario_mod
 from .model.costs import CostProfile
-from .scenario import Scenario, ScenarioError
+from .scenario import FOLIO_ORDERS, Scenario, ScenarioError
 from .trace import write_atomic
 
 if TYPE_CHECKING:
@@ -165,9 +165,12 @@ def override(sc: Scenario, setting: dict[str, Value], where: str) -> Scenario:
                 node = {}
                 break
             node = node[p]
-        if leaf not in node or isinstance(node[leaf], dict | list):
+        # thp.hugepages lists only the sizes a scenario sets: any size may be added
+        size_knob = parents == ["thp", "hugepages"] and leaf in FOLIO_ORDERS
+        if (leaf not in node and not size_knob) or isinstance(node.get(leaf), dict | list):
             raise SweepError(f"{where}: grid field {name!r} is not a scenario value "
-                             "(e.g. duration, ksm.pages_to_scan, thp.khugepaged.max_ptes_none)")
+                             "(e.g. duration, ksm.pages_to_scan, thp.khugepaged.max_ptes_none, "
+                             "thp.hugepages.64kB)")
         node[leaf] = value
     try:
         return Scenario.model_validate(data)
