@@ -304,3 +304,16 @@ def test_a_scenario_without_the_advisor_leaves_its_mode_alone(fake: FakeKernel) 
             if fake.exists(knob(name).rel):
                 s.set(name, value)
     assert not any(w[0].endswith("advisor_mode") for w in fake.writes)
+
+
+def test_a_kernel_without_the_advisor(fake: FakeKernel) -> None:
+    """6.1 (the guest lab's old kernel) has no advisor: its knobs are skipped with one
+    note, and a scenario with the advisor on is refused before anything is touched."""
+    from ksmlab.live.run import problems
+
+    for name in ("mode", "max_cpu", "min_pages_to_scan", "max_pages_to_scan",
+                 "target_scan_time"):
+        fake.path(f"{KSM}/advisor_{name}").unlink()
+    assert any("advisor_mode scan-time, which this kernel has not (the advisor: Linux 6.8+)"
+               in p for p in problems(fake, load("advisor-healthy")))
+    assert not any("advisor" in p for p in problems(fake, load("seed-uzp1")))

@@ -83,6 +83,10 @@ ADVISOR_BUFFER_KB = 256  # per CPU, for ksm_advisor alone: one event per full sc
 OPTIONAL_KNOBS = {
     "ksm/advisor_mode": f"no advisor ({release_of('ksm/advisor_mode')}+), pages_to_scan "
     "is fixed",
+    # the advisor's limits: noted once, with advisor_mode (a scenario with the advisor on
+    # is refused on such a kernel: problems())
+    **{f"ksm/advisor_{k}": "" for k in ("max_cpu", "min_pages_to_scan", "max_pages_to_scan",
+                                        "target_scan_time")},
     "ksm/smart_scan": f"no smart scan ({release_of('ksm/smart_scan')}+): every page is "
     "scanned every time",
     "transparent_hugepage/shrink_underused": "no underused-THP shrinker "
@@ -137,6 +141,9 @@ def problems(fs: KernelFS, sc: Scenario | None = None) -> list[str]:
     if not fs.exists(f"{THP}/enabled"):
         out.append("this kernel has no THP (/sys/kernel/mm/transparent_hugepage is missing)")
     if sc is not None:
+        if sc.ksm.advisor_mode != "none" and not fs.exists(f"{KSM}/advisor_mode"):
+            out.append(f"scenario {sc.name} has advisor_mode {sc.ksm.advisor_mode}, which this "
+                       f"kernel has not (the advisor: Linux {release_of('ksm/advisor_mode')}+)")
         for name, value in scenario_knobs(sc):
             if value not in ("never", "inherit") and _size_knob_missing(fs, name):
                 out.append(f"scenario {sc.name} enables {name.split('/')[1]} folios, which "
@@ -316,7 +323,9 @@ class LiveRun:
             try:
                 for name, value in scenario_knobs(self.sc):
                     if name in OPTIONAL_KNOBS and not self.fs.exists(f"sys/kernel/mm/{name}"):
-                        self.notes.append(f"this kernel has no {name}: {OPTIONAL_KNOBS[name]}")
+                        note = f"this kernel has no {name}: {OPTIONAL_KNOBS[name]}"
+                        if OPTIONAL_KNOBS[name] and note not in self.notes:
+                            self.notes.append(note)
                         continue
                     if _size_knob_missing(self.fs, name):
                         continue  # problems() refused a size the scenario enables
