@@ -59,6 +59,10 @@ FAKE_FILES = {
     "sys/kernel/mm/ksm/merge_across_nodes": "1",
     "sys/kernel/mm/ksm/stable_node_chains_prune_millisecs": "2000",
     "sys/kernel/mm/ksm/advisor_mode": "[none] scan-time",
+    "sys/kernel/mm/ksm/advisor_max_cpu": "70",
+    "sys/kernel/mm/ksm/advisor_min_pages_to_scan": "500",
+    "sys/kernel/mm/ksm/advisor_max_pages_to_scan": "30000",
+    "sys/kernel/mm/ksm/advisor_target_scan_time": "200",
     "sys/kernel/mm/ksm/pages_shared": "0",
     "sys/kernel/mm/ksm/pages_sharing": "0",
     "sys/kernel/mm/ksm/full_scans": "0",
@@ -77,7 +81,9 @@ BRACKETED = ("enabled", "defrag", "advisor_mode")
 class FakeKernel(KernelFS):
     """A /sys tree of plain files that behaves like the kernel where it matters:
     bracketed mode files, EINVAL for out-of-range values, EBUSY for
-    max_page_sharing/merge_across_nodes while pages are shared, run=2 unmerging."""
+    max_page_sharing/merge_across_nodes while pages are shared, run=2 unmerging,
+    advisor_mode switches setting pages_to_scan and pages_to_scan refused (EINVAL)
+    while the advisor is on (advisor_mode_store(), pages_to_scan_store())."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -92,6 +98,16 @@ class FakeKernel(KernelFS):
             "sys/kernel/mm/ksm/pages_shared") != "0":
             self.writes.append((rel, value))
             raise KernelWriteError(rel, value, errno.EBUSY)
+        if name == "pages_to_scan" and rel.endswith("ksm/pages_to_scan") and self.value(
+                "sys/kernel/mm/ksm/advisor_mode") != "none":
+            self.writes.append((rel, value))
+            raise KernelWriteError(rel, value, errno.EINVAL)
+        if name == "advisor_mode" and value != self.value(rel) and value in (
+                "none", "scan-time"):
+            # set_advisor_defaults(): on a switch, pages_to_scan starts over
+            start = self.read("sys/kernel/mm/ksm/advisor_min_pages_to_scan") \
+                if value == "scan-time" else "100"
+            self.path("sys/kernel/mm/ksm/pages_to_scan").write_text(start.strip() + "\n")
         if name == "run" and value not in ("0", "1", "2"):
             self.writes.append((rel, value))
             raise KernelWriteError(rel, value, errno.EINVAL)

@@ -249,3 +249,71 @@ def test_per_size_knob_names() -> None:
     assert knob("transparent_hugepage/hugepages-64kB/enabled").check("inherit") == "inherit"
     with pytest.raises(KnobError):
         knob("transparent_hugepage/hugepages-64kB/defrag")
+
+
+def test_advisor_scenario_writes_limits_then_mode_and_restores(fake: FakeKernel) -> None:
+    """advisor_mode none first (pages_to_scan is writable only then), the advisor_*
+    limits, advisor_mode scan-time last: its switch sets pages_to_scan to
+    advisor_min_pages_to_scan, the scenario's value.  The advisor's own changes of
+    pages_to_scan are not someone else's: the restore puts everything back."""
+    sc = load("advisor-healthy")
+    s = KnobSession(fake, Journal())
+    with s:
+        for name, value in scenario_knobs(sc):
+            if fake.exists(knob(name).rel):  # the fake tree has not every THP knob
+                s.set(name, value)
+        assert fake.value(f"{KSM}/advisor_mode") == "scan-time"
+        assert fake.value(f"{KSM}/pages_to_scan") == "500" == str(sc.ksm.pages_to_scan)
+        assert fake.value(f"{KSM}/advisor_target_scan_time") == "2"
+        fake.path(f"{KSM}/pages_to_scan").write_text("2000\n")  # scan_time_advisor()
+        setup = [w for w in fake.writes if w[0].startswith(KSM)]
+        fake.writes.clear()
+    assert setup == [
+        (f"{KSM}/run", "2"),
+        (f"{KSM}/pages_to_scan", "500"),
+        (f"{KSM}/advisor_max_pages_to_scan", "2000"),
+        (f"{KSM}/advisor_target_scan_time", "2"),
+        (f"{KSM}/advisor_mode", "scan-time"),
+    ]
+    assert [w for w in fake.writes if w[0].startswith(KSM)] == [
+        (f"{KSM}/advisor_target_scan_time", "200"),
+        (f"{KSM}/advisor_max_pages_to_scan", "30000"),
+        (f"{KSM}/advisor_mode", "none"),  # before pages_to_scan: else EINVAL
+        (f"{KSM}/pages_to_scan", "100"),
+        (f"{KSM}/run", "0"),
+    ]
+    assert s.left == []
+    assert read_all(fake)["ksm/pages_to_scan"] == "100"
+
+
+def test_pages_to_scan_is_refused_while_the_advisor_is_on(fake: FakeKernel) -> None:
+    with pytest.raises(KernelWriteError, match="Invalid argument"), \
+            KnobSession(fake, Journal()) as s:
+        s.set("ksm/advisor_mode", "scan-time")
+        s.set("ksm/pages_to_scan", 1000)  # pages_to_scan_store(): EINVAL
+    assert fake.value(f"{KSM}/advisor_mode") == "none"
+    assert fake.value(f"{KSM}/pages_to_scan") == "100"
+
+
+def test_a_scenario_without_the_advisor_leaves_its_mode_alone(fake: FakeKernel) -> None:
+    knobs = scenario_knobs(load("seed-uzp1"))
+    assert knobs[1] == ("ksm/advisor_mode", "none") and knobs[-1][0] != "ksm/advisor_mode"
+    assert [n for n, _ in knobs].count("ksm/advisor_mode") == 2
+    with KnobSession(fake, Journal()) as s:
+        for name, value in knobs:
+            if fake.exists(knob(name).rel):
+                s.set(name, value)
+    assert not any(w[0].endswith("advisor_mode") for w in fake.writes)
+
+
+def test_a_kernel_without_the_advisor(fake: FakeKernel) -> None:
+    """6.1 (the guest lab's old kernel) has no advisor: its knobs are skipped with one
+    note, and a scenario with the advisor on is refused before anything is touched."""
+    from ksmlab.live.run import problems
+
+    for name in ("mode", "max_cpu", "min_pages_to_scan", "max_pages_to_scan",
+                 "target_scan_time"):
+        fake.path(f"{KSM}/advisor_{name}").unlink()
+    assert any("advisor_mode scan-time, which this kernel has not (the advisor: Linux 6.8+)"
+               in p for p in problems(fake, load("advisor-healthy")))
+    assert not any("advisor" in p for p in problems(fake, load("seed-uzp1")))

@@ -79,6 +79,16 @@ SET_KNOBS: dict[str, Any] = {
     "thp.enabled": st.sampled_from(["always", "madvise", "never"]),
     "thp.khugepaged.max_ptes_none": st.sampled_from([0, 256, 511]),
     "thp.khugepaged.pages_to_scan": st.sampled_from([512, 4096]),
+    "ksm.advisor_max_cpu": st.sampled_from([1, 10, 70]),
+    "ksm.advisor_max_pages_to_scan": st.sampled_from([30, 400, 30000]),
+    "ksm.advisor_target_scan_time": st.sampled_from([1, 2, 200]),
+}
+# the scan-time advisor's knobs (a scenario with it on has no pages_to_scan of its own)
+ADVISOR_KNOBS: dict[str, Any] = {
+    "advisor_min_pages_to_scan": st.sampled_from([1, 16, 200, 500]),
+    "advisor_max_cpu": st.sampled_from([1, 10, 70, 100]),
+    "advisor_max_pages_to_scan": st.sampled_from([30, 400, 30000]),
+    "advisor_target_scan_time": st.sampled_from([1, 2, 200]),
 }
 
 
@@ -94,6 +104,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
                 r["volatile_pages_per_scan"] = 0
                 if align:
                     r["volatile_pages_per_s"] = 0.0
+    advisor = draw(st.sampled_from(["none", "none", "scan-time"]))
     n_ev = draw(st.integers(0, 4))
     events: list[dict[str, Any]] = []
     for _ in range(n_ev):
@@ -111,9 +122,22 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
             if fill_at is not None:
                 ev["at"] = max(ev["at"], fill_at)
         elif kind == "set":
-            knob = draw(st.sampled_from(sorted(SET_KNOBS)))
+            knob = draw(st.sampled_from(sorted(
+                k for k in SET_KNOBS  # pages_to_scan_store(): EINVAL with the advisor on
+                if not (advisor == "scan-time" and k == "ksm.pages_to_scan"))))
             ev.update(knob=knob, value=draw(SET_KNOBS[knob]))
         events.append(ev)
+    ksm: dict[str, Any] = {
+        "pages_to_scan": draw(st.sampled_from([1, 16, 64, 200, 400, 400])),
+        "sleep_millisecs": draw(st.sampled_from([2, 5, 10, 20])),
+        "use_zero_pages": draw(st.sampled_from([0, 1])),
+        "smart_scan": draw(st.sampled_from([0, 1])),
+        "max_page_sharing": draw(st.sampled_from([2, 3, 16, 256])),
+        "stable_node_chains_prune_millisecs": draw(st.sampled_from([50, 2000])),
+    }
+    if advisor == "scan-time":
+        del ksm["pages_to_scan"]
+        ksm.update(advisor_mode=advisor, **{k: draw(v) for k, v in ADVISOR_KNOBS.items()})
     return {
         "name": "fuzz",
         "duration": duration,
@@ -123,14 +147,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "duplicate_pool": draw(st.sampled_from([1, 7, 512])),
         "align_events": align,
         "drive_khugepaged": draw(st.sampled_from([True, True, False])),
-        "ksm": {
-            "pages_to_scan": draw(st.sampled_from([1, 16, 64, 200, 400, 400])),
-            "sleep_millisecs": draw(st.sampled_from([2, 5, 10, 20])),
-            "use_zero_pages": draw(st.sampled_from([0, 1])),
-            "smart_scan": draw(st.sampled_from([0, 1])),
-            "max_page_sharing": draw(st.sampled_from([2, 3, 16, 256])),
-            "stable_node_chains_prune_millisecs": draw(st.sampled_from([50, 2000])),
-        },
+        "ksm": ksm,
         "thp": {
             "enabled": draw(st.sampled_from(["always", "madvise", "madvise", "never"])),
             "shrink_underused": draw(st.sampled_from([0, 1])),
@@ -225,8 +242,13 @@ def replays(draw: st.DrawFn, sc: Scenario) -> dict[str, Any]:
                 for i, n in enumerate(inst_pages) if draw(st.booleans())}
         shrinker.append({"thps_kept": draw(st.sampled_from([None, kept])),
                          "vmstat": {"thp_split_page_failed": draw(st.integers(0, 2))}})
+    # the kernel's advisor decisions (pages_to_scan, in order) and ksmd's CPU before
+    advisor = draw(st.lists(st.sampled_from([1, 49, 500, 30000]), max_size=6)) \
+        if sc.ksm.advisor_mode == "scan-time" else []
     return {"pins": pins, "shrinker": shrinker,
-            "khugepaged_enter_passes": draw(st.sampled_from([None, 0, 1, 2]))}
+            "khugepaged_enter_passes": draw(st.sampled_from([None, 0, 1, 2])),
+            "advisor": advisor,
+            "ksmd_runtime0_ns": draw(st.sampled_from([0, 10**9, 178 * 10**9]))}
 
 
 def assert_replay_same(data: dict[str, Any], policy: str, profile: CostProfile,
@@ -235,9 +257,11 @@ def assert_replay_same(data: dict[str, Any], policy: str, profile: CostProfile,
     assert unsupported(sc) is None
     rep = draw.draw(replays(sc))
     exact = Simulation(sc, policy, profile, rep["pins"], rep["khugepaged_enter_passes"],
-                       shrinker=rep["shrinker"])
+                       shrinker=rep["shrinker"], advisor=rep["advisor"],
+                       ksmd_runtime0_ns=rep["ksmd_runtime0_ns"])
     fast = FastSimulation(sc, policy, profile, pins=rep["pins"], shrinker=rep["shrinker"],
-                          khugepaged_enter_passes=rep["khugepaged_enter_passes"])
+                          khugepaged_enter_passes=rep["khugepaged_enter_passes"],
+                          advisor=rep["advisor"], ksmd_runtime0_ns=rep["ksmd_runtime0_ns"])
     assert_same(exact.run(), fast.run())
     assert exact.at_scan_end == fast.at_scan_end  # cost counts and batches, exactly
 

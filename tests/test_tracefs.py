@@ -384,3 +384,40 @@ def test_doctor_status_reads_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     fs = FakeTracefs(tmp_path / "r2", mounted=True)
     assert tracefs_status(fs) == "tracefs mounted, events/ksm present"
     assert fs.writes == []
+
+
+def test_the_advisor_alone_enables_only_ksm_advisor(tfs: FakeTracefs) -> None:
+    """A run with the scan-time advisor but without KSM's event stream records the
+    ksm_advisor tracepoint alone (one event per full scan: a small buffer), with the
+    same mount, journal and restore rules."""
+    with KernelEvents(tfs, Journal(), 256, only=("ksm_advisor",)) as kev:
+        assert kev.start()
+        assert kev.names == ["ksm_advisor"]
+        assert tfs.writes == [
+            (T, "mount tracefs"), (f"{T}/tracing_on", "0"), (f"{T}/buffer_size_kb", "256"),
+            (f"{T}/trace_clock", "mono"), (f"{EV}/ksm_advisor/enable", "1"),
+            (f"{T}/trace", ""), (f"{T}/tracing_on", "1")]
+        time.sleep(0.05)
+        got = [e for e in kev.stop() if e["event"] == "ksm_advisor"]
+        assert got[0]["scan_time"] == 12 and got[0]["pages_to_scan"] == 100
+    assert tfs.writes[7:] == [(f"{T}/tracing_on", "0"), (f"{EV}/ksm_advisor/enable", "0"),
+                              (f"{T}/trace_clock", "local"), (f"{T}/buffer_size_kb", "1408"),
+                              (f"{T}/tracing_on", "1"), (T, "umount")]
+    assert tfs.mounted(T) is None and not Journal().path.exists()
+
+
+def test_a_kernel_without_ksm_advisor_records_no_decisions(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from .conftest import make_fake_tree
+
+    make_fake_tree(tmp_path / "root")
+    monkeypatch.setenv("KSMLAB_STATE_DIR", str(tmp_path / "state"))
+    fs = FakeTracefs(tmp_path / "root")
+    fs._populate()
+    fs._mounts(add=True)
+    fs.path(f"{EV}/ksm_advisor/enable").unlink()
+    kev = KernelEvents(fs, Journal(), only=("ksm_advisor",))
+    assert not kev.start()
+    assert "none of events/ksm/ksm_advisor" in kev.notes[0]
+    assert fs.writes == []

@@ -57,10 +57,15 @@ class Advice:
 def _seed(knobs: dict[str, Any], uzp: int) -> Scenario:
     sc = load(SEED)
     # the values as sysfs shows them ("100"), or as a scenario has them (100)
-    ksm = {k: int(knobs[f"ksm/{k}"]) for k in KSM_KNOBS if f"ksm/{k}" in knobs}
+    ksm: dict[str, Any] = {k: knobs[f"ksm/{k}"] if k == "advisor_mode" else
+                           int(knobs[f"ksm/{k}"]) for k in KSM_KNOBS if f"ksm/{k}" in knobs}
     ksm["use_zero_pages"] = uzp
     data = sc.model_dump()
     data["ksm"] = {**data["ksm"], **ksm}
+    if data["ksm"].get("advisor_mode") == "scan-time":
+        # the advisor sets pages_to_scan, from advisor_min_pages_to_scan (scenario.KsmKnobs)
+        del data["ksm"]["pages_to_scan"]
+        data["ksm"] = KsmKnobs.model_validate(data["ksm"]).model_dump()
     k = {**data["ksm"]}
     rate = k["pages_to_scan"] * 1000 / max(k["sleep_millisecs"], 1)  # pages a second
     data["duration"] = min(120.0, max(15.0, SCANS * sc.total_pages / rate))

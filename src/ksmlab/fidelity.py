@@ -42,6 +42,7 @@ SUITE = (
     "smart-scan-off", "uzp0-1000", "prctl-uzp1", "chains-mps8", "volatile", "pressure-409",
     "khugepaged-recollapse", "ksm-before-fill", "three-procs-uzp0", "three-procs-uzp1",
     "three-procs-fill", "mthp-64k-uzp1", "mthp-64k-uzp0", "mthp-1m-uzp0", "mthp-mixed-uzp1",
+    "advisor-healthy", "advisor-collapse",
 )
 # A subset CI runs live (under five minutes): the thread's two claims, processes of
 # different kinds registering in order, and the two scenarios where kernel work races
@@ -93,6 +94,8 @@ class Fidelity:
     # KSM's event streams compared (events.compare), where both traces carry one
     events: dict[str, Any] | None = None
     engine: str = ""  # the model engine that replayed the kernel's run
+    # the scan-time advisor's decisions, where the kernel's run had it on (advisor_fit())
+    advisor: dict[str, Any] | None = None
 
     def judge_verdicts(self, sides: dict[str, Summary]) -> None:
         """Fill the verdict fields from each side's summary (two sides, ref first)."""
@@ -101,8 +104,15 @@ class Fidelity:
         self.verdicts_agree, self.verdict_notes = verdict_agreement(sides)
 
     def ok(self) -> bool:
-        """Targets met and verdicts not in disagreement (what validate's exit code says)."""
-        return self.passed() and self.verdicts_agree is not False
+        """Targets met, verdicts not in disagreement and the advisor's arithmetic the
+        kernel's (what validate's exit code says)."""
+        return self.passed() and self.verdicts_agree is not False and self.advisor_ok()
+
+    def advisor_ok(self) -> bool:
+        """Every recorded decision of the kernel's advisor is what the model's
+        arithmetic gives on the kernel's inputs (True where the advisor was off)."""
+        a = self.advisor
+        return a is None or (bool(a["recorded"]) and a["arithmetic_equal"] == a["decisions"])
 
     def passed(self) -> bool:
         return (
@@ -116,6 +126,7 @@ class Fidelity:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["passed"] = self.passed()
+        d["advisor_ok"] = self.advisor_ok()
         return d
 
     def events_fit(self) -> dict[str, Any]:
@@ -185,12 +196,93 @@ def shrinker(tr: Trace) -> list[dict[str, Any]]:
             for e in tr.events if e.get("action") == "pressure"]
 
 
+def advisor_decisions(tr: Trace) -> list[int]:
+    """The pages_to_scan the kernel's scan-time advisor set at each full-scan end, in
+    order (the ksm_advisor tracepoint); [] where it was off or not recorded."""
+    rec = tr.meta.get("advisor") or {}
+    return [int(d["pages_to_scan"]) for d in rec.get("decisions", [])]
+
+
+def ksmd_runtime0_ns(tr: Trace) -> int:
+    """ksmd's CPU time before the run (the baseline of ksmd_cpu_ns): switching the
+    advisor on zeroes its context, so its first decision sees all of it."""
+    return int((tr.meta.get("baseline") or {}).get("ksmd_cpu_ns", 0) or 0)
+
+
 def replay(tr: Trace) -> dict[str, Any]:
     """What the model takes from a kernel trace to replay its run: the pinned events,
-    the khugepaged passes of the workload's set-up (None for a trace without) and
-    what the shrinker did at each pressure event."""
-    return {"pins": pins(tr), "khugepaged_enter_passes": tr.meta.get("khugepaged_enter_passes"),
-            "shrinker": shrinker(tr)}
+    the khugepaged passes of the workload's set-up (None for a trace without), what
+    the shrinker did at each pressure event, and the scan-time advisor's decisions
+    (they hang on ksmd's real CPU time, which the model only estimates) with ksmd's
+    CPU time before the run."""
+    out: dict[str, Any] = {
+        "pins": pins(tr), "khugepaged_enter_passes": tr.meta.get("khugepaged_enter_passes"),
+        "shrinker": shrinker(tr)}
+    if tr.meta.get("advisor"):
+        out.update(advisor=advisor_decisions(tr), ksmd_runtime0_ns=ksmd_runtime0_ns(tr))
+    return out
+
+
+def _advisor_knobs(ref: Trace, n: int) -> list[Any]:
+    """The advisor_* knobs at each of the kernel's ``n`` decisions: the scenario's, and
+    those of its ``set`` events from when the run applied them."""
+    from .model.advisor import knobs_of
+    from .scenario import KsmKnobs, Scenario, SetKnob
+
+    sc = Scenario.model_validate(ref.meta["scenario"])
+    decisions = ref.meta["advisor"]["decisions"]
+    applied = [float(e["t"]) for e in ref.events if e.get("action") == "set"]
+    sets = [(t, e) for t, e in zip(applied, (e for e in sc.event if isinstance(e, SetKnob)),
+                                   strict=False) if e.knob.startswith("ksm.advisor_")]
+    out = []
+    for d in decisions[:n]:
+        ksm: KsmKnobs = sc.ksm
+        for t, e in sets:
+            if t <= float(d["t"]):
+                ksm = ksm.model_copy(update={e.knob.split(".")[1]: e.value})
+        out.append(knobs_of(ksm))
+    return out
+
+
+def advisor_fit(ref: Trace, cand: Trace) -> dict[str, Any] | None:
+    """The kernel's scan-time advisor decisions against the model's arithmetic
+    (model/advisor.py's decide() fed each decision's scan_time and cpu_percent and
+    the kernel's previous pages_to_scan): ``arithmetic_equal`` of ``decisions``, what
+    validate checks.  Also how many the model replayed, and how many of the model's
+    own decisions (from its CPU estimate, ``predicted``) were the kernel's: reported,
+    not judged.  None where the kernel's run had the advisor off."""
+    from .model.advisor import check_decisions
+
+    rec = ref.meta.get("advisor")
+    if not rec:
+        return None
+    kernel = list(rec.get("decisions", []))
+    mine = check_decisions(kernel, int(rec.get("pages_to_scan_at_switch", 0)),
+                           _advisor_knobs(ref, len(kernel))) if kernel else []
+    wrong = [i for i, (a, d) in enumerate(zip(mine, kernel, strict=True))
+             if a != int(d["pages_to_scan"])]
+    model = list((cand.meta.get("advisor") or {}).get("decisions", []))
+    same = sum(int(m["predicted"]) == int(k["pages_to_scan"])
+               for m, k in zip(model, kernel, strict=False))
+    return {"recorded": bool(rec.get("recorded", True)), "decisions": len(kernel),
+            "arithmetic_equal": len(kernel) - len(wrong),
+            "first_unequal": wrong[0] if wrong else None,
+            "model_decisions": len(model),
+            "replayed": int((cand.meta.get("advisor") or {}).get("replayed", 0)),
+            "predicted_equal": same}
+
+
+def advisor_text(r: Fidelity) -> str | None:
+    """One line on the advisor's decisions (None where it was off)."""
+    a = r.advisor
+    if a is None:
+        return None
+    if not a["recorded"]:
+        return f"{r.name}: advisor decisions not recorded (no ksm_advisor tracepoint)"
+    return (f"{r.name}: advisor arithmetic on the kernel's inputs: {a['arithmetic_equal']} of "
+            f"{a['decisions']} decisions equal; {a['replayed']} replayed; the model's own "
+            f"(CPU-dependent, not judged): {a['predicted_equal']} of "
+            f"{min(a['model_decisions'], a['decisions'])} equal")
 
 
 def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
@@ -238,6 +330,7 @@ def compare(name: str, ref: Trace, cand: Trace) -> Fidelity:
     pr, pc = _cpu_pct(ref, upto), _cpu_pct(cand, upto)
     cpu_err = rel_diff(pr, pc) if pr is not None and pc is not None else None
     return Fidelity(
+        advisor=advisor_fit(ref, cand),
         events=streams(ref, cand),
         name=name,
         checkpoints=len(ks),
@@ -300,6 +393,7 @@ def table(results: list[Fidelity]) -> str:
         granted = sum(_agree(r) == "yes~" for r in judged)
         lines.append(f"suite: verdicts agree in {same} of {len(judged)} scenarios"
                      + (f" ({granted} only by a borderline one: yes~)" if granted else ""))
+    lines += [t for t in map(advisor_text, results) if t is not None]
     total = suite_cpu_rel_err(results)
     if total is not None:
         lines.append(f"suite: ksmd CPU summed over the scenarios within {total * 100:.1f} %")

@@ -171,16 +171,33 @@ def _first_time(t: Array, cond: npt.NDArray[np.bool_]) -> float | None:
     return float(t[idx[0]]) if idx.size else None
 
 
+def pages_to_scan(tr: Trace, sc: Scenario, start: float = 0.0) -> float:
+    """KSM's pages_to_scan over the run: the scenario's, or with the scan-time advisor
+    on its decisions (``meta["advisor"]``) averaged over the time each held, from
+    ``start`` to the trace's end (the advisor starts at advisor_min_pages_to_scan)."""
+    rec = tr.meta.get("advisor")
+    if not rec or not len(tr.t):
+        return float(sc.ksm.pages_to_scan)
+    end = float(tr.t[-1])
+    t, pages, total = start, float(sc.ksm.pages_to_scan), 0.0
+    for d in rec.get("decisions", []):
+        at = min(max(float(d["t"]), start), end)
+        total += pages * (at - t)
+        t, pages = at, float(d["pages_to_scan"])
+    total += pages * (end - t)
+    return total / (end - start) if end > start else pages
+
+
 def summarize(tr: Trace) -> Summary:
     sc = Scenario.model_validate(tr.meta["scenario"])
     t = tr.t
     mib = KIB_PER_PAGE / 1024
     freed = freed_pages(tr)
     acct = ksm_accounted_pages(tr)
-    budget = (sc.ksm.pages_to_scan * 1000.0 / sc.ksm.sleep_millisecs
-              if sc.ksm.sleep_millisecs > 0 else None)
     start = _event_time(tr, "ksm_start")
     start = 0.0 if start is None else start
+    budget = (pages_to_scan(tr, sc, start) * 1000.0 / sc.ksm.sleep_millisecs
+              if sc.ksm.sleep_millisecs > 0 else None)
     total = float(freed[-1]) if len(freed) else 0.0
     window = max(PEAK_WINDOW_S, 2 * sc.sample_interval)
     peak = peak_rate(t, freed, window)
@@ -257,6 +274,13 @@ def _decide(s: Summary, v: Verdict, reached: bool) -> None:
         s.near_misses.append(v)
 
 
+def _budget_pages(sc: Scenario, budget_mib_s: float) -> str:
+    """pages_to_scan as the bypass verdict says it (the advisor's: a mean)."""
+    pages = budget_mib_s * 1024 / KIB_PER_PAGE * sc.ksm.sleep_millisecs / 1000.0
+    return (f"{pages:.0f}" if sc.ksm.advisor_mode == "none"
+            else f"the advisor's mean of {pages:.0f}")
+
+
 def _judge(s: Summary, sc: Scenario, mergeable: int) -> None:
     budget = s.budget_mib_s
     # rate-limit bypass: freed faster than KSM's budget allows, and not by KSM's account
@@ -268,7 +292,7 @@ def _judge(s: Summary, sc: Scenario, mergeable: int) -> None:
                 "rate-limit-bypass",
                 f"freed {s.freed_mib:.1f} MiB at up to {s.freed_rate_peak_mib_s:.1f} MiB/s, "
                 f"{ratio:.1f}x KSM's budget of {budget:.1f} MiB/s "
-                f"({sc.ksm.pages_to_scan} pages/{sc.ksm.sleep_millisecs} ms); KSM's counters "
+                f"({_budget_pages(sc, budget)} pages/{sc.ksm.sleep_millisecs} ms); KSM's counters "
                 f"account for {s.ksm_accounted_mib:.1f} MiB; thp_split_page +{s.thp_split_page}",
                 figure=ratio, threshold=BYPASS_RATIO,
                 measure=f"peak ratio {ratio:.2f}x vs threshold {BYPASS_RATIO:.1f}x",

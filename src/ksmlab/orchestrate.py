@@ -107,6 +107,9 @@ def validate(runs: list[tuple[Scenario, Attach | None]], pol: str, choice: Profi
                 "exact")
             if r.events is not None:
                 log(f"{sc.name}: {kevents.text(kevents.StreamFit(**r.events_fit()))}")
+            line = fidelity.advisor_text(r)
+            if line is not None:
+                log(line)
     return results
 
 

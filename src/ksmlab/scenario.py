@@ -21,6 +21,7 @@ from .constants import HPAGE_PMD_SIZE as HPAGE_PMD_SIZE
 from .constants import PAGE_SIZE as PAGE_SIZE
 
 MiB = 1 << 20
+U32 = (1 << 32) - 1
 KHUGEPAGED_PARKED_MS = 86_400_000  # a day: khugepaged's own timer never fires in a run
 
 
@@ -150,6 +151,30 @@ class KsmKnobs(_Strict):
     max_page_sharing: int = Field(256, ge=2, le=1_000_000)
     merge_across_nodes: Literal[0, 1] = 1
     stable_node_chains_prune_millisecs: int = Field(2000, ge=1)
+    # the scan-time advisor (Linux 6.8): ksmd sets pages_to_scan itself after every
+    # full scan (scan_time_advisor() in mm/ksm.c, model/advisor.py).  Switching it on
+    # sets pages_to_scan to advisor_min_pages_to_scan (advisor_mode_store()), so with
+    # "scan-time" pages_to_scan is that value here too: leave it out (_advisor_pages)
+    advisor_mode: Literal["none", "scan-time"] = "none"
+    advisor_max_cpu: int = Field(70, ge=1, le=100)  # percent of a CPU
+    advisor_min_pages_to_scan: int = Field(500, ge=1, le=1_000_000)  # as pages_to_scan
+    advisor_max_pages_to_scan: int = Field(30000, ge=1, le=U32)
+    advisor_target_scan_time: int = Field(200, ge=1, le=U32)  # seconds
+
+    @model_validator(mode="before")
+    @classmethod
+    def _advisor_pages(cls, data: Any) -> Any:
+        """With advisor_mode scan-time the kernel starts at advisor_min_pages_to_scan
+        and then decides pages_to_scan itself; a scenario cannot set it."""
+        if not isinstance(data, dict) or data.get("advisor_mode") != "scan-time":
+            return data
+        start = data.get("advisor_min_pages_to_scan", 500)
+        given = data.get("pages_to_scan")
+        if given is not None and given != start:
+            raise ValueError(f"pages_to_scan {given} with advisor_mode scan-time: the advisor "
+                             f"sets it, starting at advisor_min_pages_to_scan ({start}; "
+                             "advisor_mode_store()): leave pages_to_scan out")
+        return {**data, "pages_to_scan": start}
 
 
 class KhugepagedKnobs(_Strict):
@@ -351,6 +376,12 @@ class Scenario(_Strict):
     @model_validator(mode="after")
     def _events_fit(self) -> Scenario:
         for e in self.event:
+            if isinstance(e, SetKnob) and e.knob == "ksm.advisor_mode":
+                raise ValueError("ksm.advisor_mode cannot change mid-run (set it in [ksm])")
+            if (isinstance(e, SetKnob) and e.knob == "ksm.pages_to_scan"
+                    and self.ksm.advisor_mode == "scan-time"):
+                raise ValueError("ksm.pages_to_scan cannot be set with advisor_mode scan-time "
+                                 "(pages_to_scan_store() refuses it: EINVAL)")
             if (isinstance(e, SetKnob) and self.drive_khugepaged
                     and e.knob == "thp.khugepaged.scan_sleep_millisecs"):
                 raise ValueError("thp.khugepaged.scan_sleep_millisecs cannot change mid-run "

@@ -106,6 +106,7 @@ def validate(
             "cpu_rel_err_total": fidelity.suite_cpu_rel_err(results),
             "targets_met": all(r.passed() for r in results),
             "verdicts_agree": all(r.verdicts_agree is not False for r in results),
+            "advisor_ok": all(r.advisor_ok() for r in results),
         })
         validate_exit(results)
         return
@@ -132,7 +133,8 @@ def validate_exit(results: list[Fidelity]) -> None:
     bad = [r.name for r in results if not r.ok()]
     if bad:
         err.print(f"ksmlab: validate: {len(bad)} of {len(results)} scenarios missed their "
-                  f"targets or disagree on verdicts: {', '.join(bad)}", markup=False)
+                  f"targets, disagree on verdicts or on the advisor's arithmetic: "
+                  f"{', '.join(bad)}", markup=False)
         raise typer.Exit(1)
 
 

@@ -169,9 +169,11 @@ def foreign_changes(fs: KernelFS, saved: list[tuple[str, str]],
     wrote that is now at its saved value nor any the lab wrote (a refused write too:
     the journal has it before the kernel answers): someone else changed it."""
     out = []
+    # the scan-time advisor rewrites pages_to_scan after every full scan (scan_time_advisor())
+    advised = "scan-time" in wrote.get("ksm/advisor_mode", [])
     for name, orig in saved:
         values = wrote.get(name)
-        if not values:
+        if not values or (advised and name == "ksm/pages_to_scan"):
             continue
         try:
             now = read_knob(fs, name)

@@ -73,6 +73,7 @@ WATCH_S = 1.0  # how often a run looks for knobs someone else changed
 _SHRINKER_COUNTERS = ("thp_split_page", "thp_split_page_failed", "thp_underused_split_page",
                       "thp_split_pmd")
 POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full scan
+ADVISOR_BUFFER_KB = 256  # per CPU, for ksm_advisor alone: one event per full scan
 
 
 # Knobs that older or smaller kernels lack; a run goes on without them (with a note):
@@ -82,6 +83,10 @@ POLL_S = 0.001  # full_scans poll period: well inside ksmd's sleep after a full 
 OPTIONAL_KNOBS = {
     "ksm/advisor_mode": f"no advisor ({release_of('ksm/advisor_mode')}+), pages_to_scan "
     "is fixed",
+    # the advisor's limits: noted once, with advisor_mode (a scenario with the advisor on
+    # is refused on such a kernel: problems())
+    **{f"ksm/advisor_{k}": "" for k in ("max_cpu", "min_pages_to_scan", "max_pages_to_scan",
+                                        "target_scan_time")},
     "ksm/smart_scan": f"no smart scan ({release_of('ksm/smart_scan')}+): every page is "
     "scanned every time",
     "transparent_hugepage/shrink_underused": "no underused-THP shrinker "
@@ -136,6 +141,9 @@ def problems(fs: KernelFS, sc: Scenario | None = None) -> list[str]:
     if not fs.exists(f"{THP}/enabled"):
         out.append("this kernel has no THP (/sys/kernel/mm/transparent_hugepage is missing)")
     if sc is not None:
+        if sc.ksm.advisor_mode != "none" and not fs.exists(f"{KSM}/advisor_mode"):
+            out.append(f"scenario {sc.name} has advisor_mode {sc.ksm.advisor_mode}, which this "
+                       f"kernel has not (the advisor: Linux {release_of('ksm/advisor_mode')}+)")
         for name, value in scenario_knobs(sc):
             if value not in ("never", "inherit") and _size_knob_missing(fs, name):
                 out.append(f"scenario {sc.name} enables {name.split('/')[1]} folios, which "
@@ -156,11 +164,18 @@ def scenario_knobs(sc: Scenario) -> list[tuple[str, object]]:
     run=2 first: it unmerges everything, frees all rmap items and resets
     full_scans to 0 (``unmerge_and_remove_all_rmap_items``), so each run starts
     from the same KSM state, and max_page_sharing may then be written.
+    advisor_mode=none next: pages_to_scan_store() refuses a write while the advisor
+    is on (EINVAL), and switching it on later zeroes its context
+    (set_advisor_defaults()).  The scenario's advisor_mode comes last of KSM's: the
+    switch sets pages_to_scan to advisor_min_pages_to_scan (advisor_mode_store()), the
+    value the scenario then has for it (scenario.KsmKnobs).
     """
     k, t = sc.ksm, sc.thp
     out: list[tuple[str, object]] = [("ksm/run", 2), ("ksm/advisor_mode", "none")]
     for name, value in k.model_dump().items():  # scenario.KsmKnobs, in its order
-        out.append((f"ksm/{name}", value))
+        if name != "advisor_mode":
+            out.append((f"ksm/{name}", value))
+    out.append(("ksm/advisor_mode", k.advisor_mode))
     for name in ("enabled", "defrag", "use_zero_page", "shrink_underused"):
         out.append((f"transparent_hugepage/{name}", getattr(t, name)))
     for name, value in t.khugepaged.model_dump().items():
@@ -268,6 +283,7 @@ class LiveRun:
         # pagemap snapshots while the stream is recorded: (full_scans or None, changes)
         self._snaps: list[tuple[int | None, dict[int, list[tuple[int, int]]]]] | None = None
         self._last: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]] = {}
+        self._advisor_raw: list[dict[str, Any]] | None = None  # tracefs events, if recorded
 
     def check(self) -> None:
         """Refuse (LiveError) before anything is touched if the run cannot work here."""
@@ -307,7 +323,9 @@ class LiveRun:
             try:
                 for name, value in scenario_knobs(self.sc):
                     if name in OPTIONAL_KNOBS and not self.fs.exists(f"sys/kernel/mm/{name}"):
-                        self.notes.append(f"this kernel has no {name}: {OPTIONAL_KNOBS[name]}")
+                        note = f"this kernel has no {name}: {OPTIONAL_KNOBS[name]}"
+                        if OPTIONAL_KNOBS[name] and note not in self.notes:
+                            self.notes.append(note)
                         continue
                     if _size_knob_missing(self.fs, name):
                         continue  # problems() refused a size the scenario enables
@@ -316,7 +334,12 @@ class LiveRun:
                 raise LiveError(str(e)) from None
             knobs = read_all(self.fs)
             workloads: list[Workload] = []
-            tracer = KernelEvents(self.fs, self.journal) if self.kernel_events else None
+            # the scan-time advisor's decisions (the ksm_advisor tracepoint) are recorded
+            # whenever it is on: alone when KSM's event stream is not asked for
+            advised = self.sc.ksm.advisor_mode == "scan-time"
+            tracer = KernelEvents(self.fs, self.journal) if self.kernel_events else (
+                KernelEvents(self.fs, self.journal, ADVISOR_BUFFER_KB, only=("ksm_advisor",))
+                if advised else None)
             stream: dict[str, Any] | None = None
             try:
                 if tracer is not None:
@@ -331,15 +354,18 @@ class LiveRun:
                 ours = {os.getpid(), *sampler.pids}
                 self.competitors = thp_competitors(self.fs, ours)
                 self.ksm_others = ksm_competitors(self.fs, ours)
-                pfns = self._pagemap(workloads) if tracer is not None and tracer.available \
-                    else {}
+                pfns = self._pagemap(workloads) if self.kernel_events and tracer is not None \
+                    and tracer.available else {}
                 if self.sc.khugepaged_wakes_at_start:
                     self._wake_khugepaged()
                 rows = self._loop(ks, sampler, workloads)
                 if self.attach is not None and not self.attach_paused:
                     self._changed_during_run(self.attach.pid)
-                if tracer is not None:
+                if tracer is not None and self.kernel_events:
                     stream = self._stream(tracer, workloads, pfns)
+                elif tracer is not None:
+                    self._advisor_raw = tracer.stop() if tracer.available else None
+                    self.notes.extend(tracer.notes)
             except (WorkloadError, KernelWriteError, KnobError) as e:
                 raise LiveError(str(e)) from None
             finally:
@@ -375,6 +401,8 @@ class LiveRun:
             "khugepaged_enter_passes": self.enter_passes,
             "foreign_knob_changes": self.foreign,
         }
+        if advised:
+            meta["advisor"] = self._advisor_record(knobs)
         if self.attach is not None:
             meta["attached"] = {"pid": self.attach.pid, "paused": self.attach_paused,
                                 "image": str(self.attach.folder),
@@ -465,6 +493,7 @@ class LiveRun:
             self.notes.extend(tracer.notes)
             return {"source": "tracefs", "recorded": False, "events": [], "notes": tracer.notes}
         raw = tracer.stop()
+        self._advisor_raw = raw
         self._snapshot(workloads, None)  # where each page maps now
         known: dict[str, int] = {}
         if self.attach is not None and not self.ksm_others:
@@ -488,6 +517,24 @@ class LiveRun:
                 "enabled": tracer.names, "pages_identified": len(pfns),
                 "named_by_pagemap": named, "snapshots": len(self._snaps or []),
                 "pipe_reads": tracer.reads}
+
+    def _advisor_record(self, knobs: dict[str, str]) -> dict[str, Any]:
+        """The scan-time advisor's decisions, from its ksm_advisor tracepoint (fired by
+        scan_time_advisor() at every full-scan end); the trace's ``meta["advisor"]``."""
+        raw = self._advisor_raw
+        decisions = [{"t": round(float(e["ts"]) - self.t0, 6), "scan_time": int(e["scan_time"]),
+                      "pages_to_scan": int(e["pages_to_scan"]),
+                      "cpu_percent": int(e["cpu_percent"])}
+                     for e in raw or [] if e["event"] == "ksm_advisor" and "scan_time" in e]
+        if raw is None:
+            self.notes.append("the scan-time advisor's decisions were not recorded (no "
+                              "ksm_advisor tracepoint): validate cannot replay them")
+        return {"mode": "scan-time", "recorded": raw is not None,
+                "knobs": {n.removeprefix("ksm/"): v for n, v in knobs.items()
+                          if n.startswith("ksm/advisor_")},
+                # advisor_mode_store() set it to advisor_min_pages_to_scan
+                "pages_to_scan_at_switch": int(knobs.get("ksm/pages_to_scan", 0)),
+                "decisions": decisions}
 
     def _wake_khugepaged(self) -> float | None:
         """One khugepaged pass, whole: wake it and wait until it sleeps again.

@@ -116,10 +116,12 @@ class KernelEvents:
     events; they leave ``notes`` (and ``available`` False) instead.
     """
 
-    def __init__(self, fs: KernelFS, journal: Journal, buffer_kb: int = BUFFER_KB) -> None:
+    def __init__(self, fs: KernelFS, journal: Journal, buffer_kb: int = BUFFER_KB,
+                 only: tuple[str, ...] | None = None) -> None:
         self.fs = fs
         self.journal = journal
         self.buffer_kb = buffer_kb
+        self.only = only  # enable just these events/ksm events (None: every one)
         self.notes: list[str] = []
         self.available = False
         self.mount: str | None = None  # "pending" / "mounted": the lab's own mount
@@ -179,7 +181,13 @@ class KernelEvents:
                                   "the lab does not take it over")
                 self.restore()
                 return False
-            self.names = [d for d in fs.listdir(EVENTS) if fs.exists(f"{EVENTS}/{d}/enable")]
+            self.names = [d for d in fs.listdir(EVENTS) if fs.exists(f"{EVENTS}/{d}/enable")
+                          and (self.only is None or d in self.only)]
+            if not self.names:
+                self.notes.append("no kernel events: this kernel has none of events/ksm/"
+                                  + ", ".join(self.only or ()))
+                self.restore()
+                return False
             self._set(f"{TRACING}/tracing_on", "0")
             self._set(f"{TRACING}/buffer_size_kb", str(self.buffer_kb))
             if CLOCK in fs.read(f"{TRACING}/trace_clock").replace("[", " ").replace("]", " "

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..constants import KSM_RMAP_ITEM_SIZE
 from ..scenario import KsmKnobs
+from .advisor import Advisor, scan_clock
 from .costs import CpuMeter
 from .memory import KSM_ZERO_PTE, Mm, Page, System, Vma, ZeroPte, put_mapping
 from .policies import ksm_scans_thp
@@ -85,9 +86,14 @@ def _checksum(cid: int) -> int:
 class Ksm:
     """ksmd and the global KSM state."""
 
-    def __init__(self, sys: System, knobs: KsmKnobs, cpu: CpuMeter) -> None:
+    def __init__(self, sys: System, knobs: KsmKnobs, cpu: CpuMeter,
+                 advisor: Advisor | None = None) -> None:
         self.sys = sys
         self.knobs = knobs
+        # ksm_thread_pages_to_scan: the knob, or the advisor's after each full scan
+        self.pages_to_scan = knobs.pages_to_scan
+        self.advisor = advisor or Advisor(knobs)
+        self.batch_cpu0 = 0.0  # the CPU meter when the batch in progress began
         self.cpu = cpu
         self.p = cpu.p
         self.run = 0
@@ -178,7 +184,7 @@ class Ksm:
     # ---- ksm_do_scan ---------------------------------------------------
     def do_scan(self) -> bool:
         """ksm_do_scan(pages_to_scan); True if a full scan ended (batch cut short)."""
-        self.budget_left = self.knobs.pages_to_scan
+        self.budget_left = self.pages_to_scan
         while self.budget_left > 0:
             self.budget_left -= 1
             nxt = self._scan_get_next_rmap_item()
@@ -190,6 +196,10 @@ class Ksm:
             self.pages_scanned += 1
         return False
 
+    def clock(self) -> float:
+        """The model's time now, inside the batch that began at ``now``."""
+        return scan_clock(self.now, self.cpu.ns, self.batch_cpu0)
+
     def at_scan_start(self) -> bool:
         return self.cur_slot is None
 
@@ -198,7 +208,9 @@ class Ksm:
         if not self.slots:
             return None
         if self.cur_slot is None:
-            # start of a full scan: lru_add_drain_all(), unstable roots = RB_ROOT
+            # start of a full scan: advisor_start_scan(), lru_add_drain_all(), unstable
+            # roots = RB_ROOT
+            self.advisor.start(self.clock())
             self.cpu.charge("scan_start_ns")
             if self.trace is not None:
                 self.scan_open = self.seqnr
@@ -224,6 +236,9 @@ class Ksm:
             self.cur_prev = None
             if self.cur_slot >= len(self.slots):
                 self.cur_slot = None
+                # advisor_stop_scan(): the next batch's pages_to_scan (this one ends here)
+                self.pages_to_scan = self.advisor.stop(self.clock(), self.cpu.ns,
+                                                       self.pages_to_scan, self.seqnr + 1)
                 if self.trace is not None:
                     self._event("ksm_stop_scan", seq=self.seqnr, rmap_entries=self.rmap_items)
                     self.scan_open = None

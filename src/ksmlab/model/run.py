@@ -34,6 +34,7 @@ from ..scenario import (
     Write,
 )
 from ..trace import VMSTAT_COUNTERS, Trace
+from .advisor import Advisor
 from .costs import DEFAULT_PROFILE, CostProfile, CpuMeter, ksmd_wake
 from .khugepaged import Khugepaged, khugepaged_enter_passes
 from .ksm import Ksm
@@ -75,7 +76,8 @@ class Simulation(Engine):
                  pins: Sequence[tuple[str, int]] = (),
                  khugepaged_enter_passes: int | None = None,
                  kernel_events: bool = False,
-                 shrinker: Sequence[Mapping[str, Any]] = ()) -> None:
+                 shrinker: Sequence[Mapping[str, Any]] = (),
+                 advisor: Sequence[int] = (), ksmd_runtime0_ns: int = 0) -> None:
         check_supported(sc)
         self.sc = sc
         self.policy = get_policy(policy)
@@ -83,7 +85,8 @@ class Simulation(Engine):
         self.sys = System(self.policy, sc.thp)
         self.sys.ksm_use_zero_pages = sc.ksm.use_zero_pages
         self.cpu = CpuMeter(profile)
-        self.ksm = Ksm(self.sys, sc.ksm, self.cpu)
+        self.advisor = Advisor(sc.ksm, ksmd_runtime0_ns, advisor)
+        self.ksm = Ksm(self.sys, sc.ksm, self.cpu, self.advisor)
         if kernel_events:
             self.ksm.trace = []  # KSM's tracepoints, as the kernel fires them (ksm.py)
         self.khugepaged = Khugepaged(self.sys, sc.thp.khugepaged)
@@ -273,6 +276,9 @@ class Simulation(Engine):
                                          bool(ksm.pages_shared or ksm.pages_sharing))
         sys.ksm_use_zero_pages = ksm.knobs.use_zero_pages
         self.khugepaged.knobs = sys.thp.khugepaged
+        if e.knob == "ksm.pages_to_scan":  # (refused by the scenario with the advisor on)
+            ksm.pages_to_scan = ksm.knobs.pages_to_scan
+        self.advisor.set_knobs(ksm.knobs)
 
     def volatile_scan(self, step: int) -> None:
         """volatile_pages_per_scan: the writes at the ``step``-th full-scan end."""
@@ -352,6 +358,7 @@ class Simulation(Engine):
             before = self.cpu.ns
             scans = self.ksm.seqnr
             self.ksm.now = t
+            self.ksm.batch_cpu0 = before
             self.ksm.do_scan()
             self.cpu.charge("batch_overhead_ns")
             self.cpu.charge("cold_start", min(self.cpu.ns - before,
@@ -413,6 +420,8 @@ def simulate(
     khugepaged_enter_passes: int | None = None,
     kernel_events: bool = False,
     shrinker: Sequence[Mapping[str, Any]] = (),
+    advisor: Sequence[int] = (),
+    ksmd_runtime0_ns: int = 0,
 ) -> Trace:
     """Run ``scenario`` under kernel ``policy``; deterministic.
 
@@ -429,10 +438,14 @@ def simulate(
     (``Trace.kernel_events``, :mod:`ksmlab.events`); done by the exact engine.
     ``shrinker``: per pressure event of a kernel trace, the THPs its shrinker left
     whole (``thps_kept``) and the failures it counted; a replay (either engine).
+    ``advisor``: the kernel's scan-time advisor decisions (pages_to_scan), set at the
+    model's full-scan ends in order; ``ksmd_runtime0_ns``: ksmd's CPU time before the
+    run (the first decision sees it: model/advisor.py); a replay (either engine).
     """
     return run_model(scenario.with_duration(duration), policy, profile, engine, progress,
                      kernel_events, pins=pins, khugepaged_enter_passes=khugepaged_enter_passes,
-                     shrinker=shrinker)[1]
+                     shrinker=shrinker, advisor=advisor,
+                     ksmd_runtime0_ns=ksmd_runtime0_ns)[1]
 
 
 def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,

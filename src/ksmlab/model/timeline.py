@@ -30,6 +30,7 @@ import numpy.typing as npt
 from ..constants import KSM_RMAP_ITEM_SIZE
 from ..scenario import KhugepagedWake, KsmKnobs, KsmStart, Scenario, SetKnob, ThpKnobs
 from ..trace import COLUMNS, FULL_SCAN_END, VMSTAT_COUNTERS, Trace, is_monotonic
+from .advisor import Advisor
 from .costs import CostProfile
 from .khugepaged import KhugepagedWalk, timer_period_s
 from .policies import Policy
@@ -312,10 +313,21 @@ class Engine:
         """full_scans -> (cost counts, batches) at that full-scan end: for calibration."""
         return self.timeline.at_scan_end
 
+    advisor: Advisor
+
     def run(self, progress: Callable[[float], None] | None = None) -> Trace:
         rows = self.timeline.run(progress)
-        return model_trace(self.sc, self.policy.name, self.profile, rows, self.events,
-                           self.notes)
+        rec = self.advisor.record()
+        if rec is not None and self.advisor.replay:
+            n, k = len(rec["decisions"]), len(self.advisor.replay)
+            if n != k:
+                self.notes.append(f"advisor: the kernel made {k} decisions, the model {n} "
+                                  f"(replayed {min(n, k)}; the rest are the model's own)")
+        tr = model_trace(self.sc, self.policy.name, self.profile, rows, self.events,
+                         self.notes)
+        if rec is not None:
+            tr.meta["advisor"] = rec  # the scan-time advisor's decisions (model/advisor.py)
+        return tr
 
 
 def model_trace(sc: Scenario, policy: str, profile: CostProfile,

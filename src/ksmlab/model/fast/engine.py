@@ -29,12 +29,14 @@ from ...scenario import (
     Write,
 )
 from ...trace import VMSTAT_COUNTERS
+from ..advisor import Advisor
 from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
 from ..policies import Remap, get_policy, ksm_scans_thp, remap_on_split
 from ..scope import ModelUnsupported, check_supported, image_span
 from ..timeline import (
     KSMD_GROW,
+    KSMD_SCAN_END,
     VOLATILE_TICK,
     Engine,
     Timeline,
@@ -52,6 +54,9 @@ from .pages import (
     write_many,
 )
 from .state import (
+    ADV_CPU_END,
+    ADV_T_END,
+    ADV_T_START,
     ANON_RSS,
     BATCHES,
     CHAINS,
@@ -184,7 +189,8 @@ class FastSimulation(Engine):
                  progress_setup: Callable[[int, int], None] | None = None,
                  khugepaged_enter_passes: int | None = None,
                  pins: Sequence[tuple[str, int]] = (),
-                 shrinker: Sequence[Mapping[str, Any]] = ()) -> None:
+                 shrinker: Sequence[Mapping[str, Any]] = (),
+                 advisor: Sequence[int] = (), ksmd_runtime0_ns: int = 0) -> None:
         check_supported(sc)
         why = unsupported(sc)
         if why is not None:
@@ -194,6 +200,9 @@ class FastSimulation(Engine):
         self.profile = profile
         self.ksm_knobs = sc.ksm
         self.thp = sc.thp
+        # ksm_thread_pages_to_scan: the knob, or the advisor's after each full scan
+        self.pages_to_scan = sc.ksm.pages_to_scan
+        self.advisor = Advisor(sc.ksm, ksmd_runtime0_ns, advisor)
         self.ksm_running = False
         self.fresh = 0
         self.shrinker = list(shrinker)  # a replay: what each pressure event's shrinker did
@@ -341,7 +350,7 @@ class FastSimulation(Engine):
     def _params(self) -> None:
         """Knob- and policy-derived switches the compiled code reads."""
         glob, kn, thp, pol = self.glob, self.ksm_knobs, self.thp, self.policy
-        glob[K_PTS] = int(kn.pages_to_scan)
+        glob[K_PTS] = int(self.pages_to_scan)
         glob[K_UZP] = int(kn.use_zero_pages)
         glob[K_SMART] = int(kn.smart_scan)
         glob[K_MPS] = int(kn.max_page_sharing)
@@ -507,6 +516,9 @@ class FastSimulation(Engine):
         self.ksm_knobs, self.thp = knobs_after(e, self.ksm_knobs, self.thp,
                                                bool(glob[PAGES_SHARED] or glob[PAGES_SHARING]))
         self.khugepaged.knobs = self.thp.khugepaged
+        if e.knob == "ksm.pages_to_scan":  # (refused by the scenario with the advisor on)
+            self.pages_to_scan = self.ksm_knobs.pages_to_scan
+        self.advisor.set_knobs(self.ksm_knobs)
 
     def volatile(self, t: float) -> None:
         for v, ref, rng in self.regions:
@@ -603,7 +615,18 @@ class FastSimulation(Engine):
                                       len(self.pool.nkpage))
             if res == KSMD_GROW:
                 continue
+            if res == KSMD_SCAN_END and self.advisor.on:
+                self._advise()
             return int(res)
+
+    def _advise(self) -> None:
+        """advisor_start_scan()/advisor_stop_scan() of the full scan that just ended, from
+        the clocks the compiled ksmd kept; the next batch's pages_to_scan."""
+        meter, adv = self.meter, self.advisor
+        adv.start(float(meter[ADV_T_START]))
+        self.pages_to_scan = adv.stop(float(meter[ADV_T_END]), float(meter[ADV_CPU_END]),
+                                      self.pages_to_scan, int(self.glob[SEQNR]))
+        self.glob[K_PTS] = self.pages_to_scan
 
 
 def _direct(disp: Any) -> Any:

@@ -10,12 +10,16 @@ treated as unlinked (``ndead``), which is what the exact model makes eager.
 
 from __future__ import annotations
 
+from ..advisor import scan_clock
 from ..costs import ksmd_wake
 from ..rules import skip_age
 from . import rbtree as rb
 from .jit import jit
 from .pages import break_ksm, split_folio
 from .state import (
+    ADV_CPU_END,
+    ADV_T_END,
+    ADV_T_START,
     ANON_RSS,
     BATCHES,
     BUDGET,
@@ -46,6 +50,7 @@ from .state import (
     C_ZT_ZERO,
     CHAINS,
     CPU,
+    CPU_BATCH0,
     CUR_ADDR,
     CUR_PREV,
     CUR_SLOT,
@@ -97,6 +102,7 @@ from .state import (
 
 _wake = jit(inline=True)(ksmd_wake)  # the exact model's rules, compiled
 _skip_age = jit(inline=True)(skip_age)
+_clock = jit(inline=True)(scan_clock)
 
 NOPAGE = 1 << 62
 NULLK = NOPAGE + 1
@@ -737,6 +743,8 @@ def _scan_get_next(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I6
     if glob[NSLOTS] == 0:
         return -1
     if glob[CUR_SLOT] < 0:
+        # advisor_start_scan(): its clock, for FastSimulation's advisor at the scan end
+        meter[ADV_T_START] = _clock(meter[NOW], meter[CPU], meter[CPU_BATCH0])
         charge(meter, price, C_SCAN_START, 1.0)
         glob[ROOT_U] = -1
         glob[CUR_SLOT] = 0
@@ -759,6 +767,10 @@ def _scan_get_next(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I6
         glob[CUR_PREV] = -1
         if glob[CUR_SLOT] >= glob[NSLOTS]:
             glob[CUR_SLOT] = -1
+            # advisor_stop_scan()'s inputs; ksmd_until() returns after this batch and
+            # FastSimulation sets the next batch's pages_to_scan
+            meter[ADV_T_END] = _clock(meter[NOW], meter[CPU], meter[CPU_BATCH0])
+            meter[ADV_CPU_END] = meter[CPU]
             glob[SEQNR] += 1
             if glob[PRESSURE] > 0:
                 glob[PRESSURE] -= 1
@@ -798,6 +810,7 @@ def ksmd_until(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, m
         before = meter[CPU]
         scans = glob[SEQNR]
         meter[NOW] = t
+        meter[CPU_BATCH0] = before
         do_scan(page, ranges, vmas, pool, glob, meter, price)
         charge(meter, price, C_BATCH, 1.0)
         charge(meter, price, C_COLD, min(meter[CPU] - before, price[C_COLD_WINDOW]))

@@ -83,8 +83,11 @@ G_NAMES = (
  THP_ALLOWED_MADV, DEFER_ON,
  BATCHES) = range(len(G_NAMES))  # compile-time ints for numba; tests check the names
 N_G = len(G_NAMES)
-# meter: float64 clocks, then how often each cost was charged (CpuMeter.counts), by C_*
-CPU, NOW, T_KSMD, T_SCAN_END, F_COUNTS = range(5)
+# meter: float64 clocks, then how often each cost was charged (CpuMeter.counts), by C_*;
+# CPU_BATCH0: the CPU meter when the batch began; ADV_*: the model's clock at the last
+# full scan's start and end, and the CPU meter at its end (the advisor's inputs)
+(CPU, NOW, T_KSMD, T_SCAN_END, CPU_BATCH0, ADV_T_START, ADV_T_END, ADV_CPU_END,
+ F_COUNTS) = range(9)
 N_F = F_COUNTS + len(COST_FIELDS)
 
 
