@@ -674,7 +674,7 @@ def _thp_passes(page: Slots, ranges: Ranges, i: int, vend: int) -> bool:
     PTEs are all its own subpages, none with an rmap item."""
     if i + HPAGE > vend or ranges.pmd[i // HPAGE] != PMD_THP:
         return False
-    for j in range(i, i + HPAGE):
+    for j in range(i, i + HPAGE):  # noqa: SIM110 (numba: no generator in all())
         if page.pte[j] >= 0 or page.iflags[j] & EXISTS:
             return False
     return True
