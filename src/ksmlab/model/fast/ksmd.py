@@ -6,6 +6,8 @@ CPU-cost additions, so the float sums are bit-identical).  Pages are handles:
 ``-h-1``.  An rmap item lives in the slot of its address.  A stable node's
 hlist is a count: when a node goes, its items keep pointing at it and are
 treated as unlinked (``ndead``), which is what the exact model makes eager.
+With KSM's event stream on (``pool.ev``, :mod:`.events`), the tracepoints are
+recorded where the exact model records them, in the same order.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def _page_name(pool: Pool, h: int) -> int:
 # ---- stable nodes ---------------------------------------------------------
 @jit()
 def _remove_node(page: Slots, pool: Pool, glob: I64, n: int) -> None:
-    if pool.ev.ctl[EV_ON]:  # remove_node_from_stable_tree()
+    if pool.ev.ctl[EV_ON]:  # remove_node_from_stable_tree(): ksm_remove_rmap_item/ksm_page
         kp = pool.nkpage[n]
         removed_node(pool.ev, pool.nhead, n, pool.kname[kp] if kp >= 0 else -1)
     c = pool.nhl[n]
@@ -606,7 +608,7 @@ def _merge_with_ksm_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, gl
         err = _merge_one_page(page, ranges, pool, glob, meter, price, s, h, kpage, extra)
         if not err:
             remove_rmap_item_from_tree(page, pool, glob, s)
-    if ev_on:  # try_to_merge_with_ksm_page()
+    if ev_on:  # try_to_merge_with_ksm_page(): ksm_merge_with_ksm_page
         emit(pool.ev, E_MERGE_WITH_KSM_PAGE, s, 0 if err == 0 else -14, name,
              1 if kpage != NULLK else 0)
     return err
@@ -633,7 +635,7 @@ def _cmp_and_merge_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glo
             if not _vma_ok(ranges, vmas, i):
                 return
             err = _merge_one_page(page, ranges, pool, glob, meter, price, i, h, ZEROPAGE, 0)
-            if pool.ev.ctl[EV_ON]:
+            if pool.ev.ctl[EV_ON]:  # try_to_merge_with_zero_page(): ksm_merge_one_page
                 emit(pool.ev, E_MERGE_ONE_PAGE, i, 0 if err == 0 else -14, -1, 0)
             if err == 0:
                 return
