@@ -2,7 +2,8 @@
 column and sample by sample, on random small scenarios under every policy, with
 random cost profiles, and replaying random pins (a kernel run's replay: events at
 given full scans, khugepaged's set-up passes, THPs the shrinker kept), with the same
-cost counts at every full-scan end (what calibration fits).
+cost counts at every full-scan end (what calibration fits), and the same KSM event
+stream (``kernel_events``: the same list of dicts), drawn on or off.
 
 Beside the fixed (derandomized) examples, one test draws new ones each run from the
 seed printed in pytest's header; ``KSMLAB_FAST_SEED=N`` replays a run's examples."""
@@ -41,9 +42,23 @@ def assert_same(a: Trace, b: Trace) -> None:
         bad = np.flatnonzero(x != y)
         assert bad.size == 0, f"{c} differs first at sample {bad[0]}: {x[bad[0]]} vs {y[bad[0]]}"
     assert a.events == b.events
+    assert_same_stream(a, b)
     which = ("engine", "engine_why")  # the one thing that may differ: who ran it
     assert {k: v for k, v in a.meta.items() if k not in which} == {
         k: v for k, v in b.meta.items() if k not in which}
+
+
+def assert_same_stream(a: Trace, b: Trace) -> None:
+    """KSM's event streams (or both None): the same dicts, in the same order."""
+    ea, eb = a.kernel_events, b.kernel_events
+    assert (ea is None) == (eb is None)
+    if ea is None or eb is None:
+        return
+    x, y = ea["events"], eb["events"]
+    k = next((k for k, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), None)
+    assert k is None, f"KSM event {k} differs: {x[k]} vs {y[k]} (after {x[max(0, k - 2):k]})"
+    assert len(x) == len(y), f"{len(x)} KSM events vs {len(y)}"
+    assert ea == eb
 
 
 mixes = st.lists(
@@ -164,12 +179,12 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(data=scenarios(), policy=st.sampled_from(sorted(POLICIES)))
-def test_fast_equals_exact_random(data: dict[str, Any], policy: str) -> None:
+@given(data=scenarios(), policy=st.sampled_from(sorted(POLICIES)), events=st.booleans())
+def test_fast_equals_exact_random(data: dict[str, Any], policy: str, events: bool) -> None:
     sc = Scenario.model_validate(data)
     assert unsupported(sc) is None
-    exact = simulate(sc, policy, engine="exact")
-    fast = simulate(sc, policy, engine="fast")
+    exact = simulate(sc, policy, engine="exact", kernel_events=events)
+    fast = simulate(sc, policy, engine="fast", kernel_events=events)
     assert_same(exact, fast)
 
 
@@ -186,8 +201,17 @@ def test_only_multi_size_builtins_are_outside_the_fast_engine() -> None:
 @pytest.mark.parametrize("name", FAST_BUILTINS)
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_fast_equals_exact_builtins(name: str, policy: str) -> None:
+    """The trace and KSM's event stream; the fast engine's trace without the stream
+    is the same (its recording changes nothing)."""
     sc = load(name).with_duration(8.0)
-    assert_same(simulate(sc, policy, engine="exact"), simulate(sc, policy, engine="fast"))
+    exact = simulate(sc, policy, engine="exact", kernel_events=True)
+    fast = simulate(sc, policy, engine="fast", kernel_events=True)
+    assert exact.kernel_events is not None and exact.kernel_events["events"]
+    assert_same(exact, fast)
+    plain = simulate(sc, policy, engine="fast")
+    assert plain.kernel_events is None
+    fast.kernel_events = None
+    assert_same(fast, plain)
 
 
 def test_auto_is_fast_and_engine_checked() -> None:
@@ -195,6 +219,10 @@ def test_auto_is_fast_and_engine_checked() -> None:
     auto, exact = simulate(sc, "mainline"), simulate(sc, "mainline", engine="exact")
     assert_same(auto, exact)
     assert (auto.meta["engine"], exact.meta["engine"]) == ("fast", "exact")
+    # KSM's event stream too: no reason left to run the exact engine for it
+    streamed = simulate(sc, "mainline", kernel_events=True)
+    assert streamed.meta["engine"] == "fast" and "engine_why" not in streamed.meta
+    assert_same(streamed, simulate(sc, "mainline", engine="exact", kernel_events=True))
     with pytest.raises(ValueError, match="unknown engine"):
         simulate(sc, "mainline", engine="turbo")
 
@@ -256,12 +284,14 @@ def assert_replay_same(data: dict[str, Any], policy: str, profile: CostProfile,
     sc = Scenario.model_validate(data)
     assert unsupported(sc) is None
     rep = draw.draw(replays(sc))
+    events = draw.draw(st.booleans())
     exact = Simulation(sc, policy, profile, rep["pins"], rep["khugepaged_enter_passes"],
                        shrinker=rep["shrinker"], advisor=rep["advisor"],
-                       ksmd_runtime0_ns=rep["ksmd_runtime0_ns"])
+                       ksmd_runtime0_ns=rep["ksmd_runtime0_ns"], kernel_events=events)
     fast = FastSimulation(sc, policy, profile, pins=rep["pins"], shrinker=rep["shrinker"],
                           khugepaged_enter_passes=rep["khugepaged_enter_passes"],
-                          advisor=rep["advisor"], ksmd_runtime0_ns=rep["ksmd_runtime0_ns"])
+                          advisor=rep["advisor"], ksmd_runtime0_ns=rep["ksmd_runtime0_ns"],
+                          kernel_events=events)
     assert_same(exact.run(), fast.run())
     assert exact.at_scan_end == fast.at_scan_end  # cost counts and batches, exactly
 
@@ -295,9 +325,10 @@ def test_fast_equals_exact_replay_builtins(name: str) -> None:
     pins = [(a, 2 + i) for i, a in enumerate(acts)]
     shrinker = [{"thps_kept": {"0": [0, 1024]}, "vmstat": {"thp_split_page_failed": 1}}
                 for a in acts if a == "pressure"]
-    exact = Simulation(sc, "mainline", CostProfile(), pins, 1, shrinker=shrinker)
+    exact = Simulation(sc, "mainline", CostProfile(), pins, 1, shrinker=shrinker,
+                       kernel_events=True)
     fast = FastSimulation(sc, "mainline", CostProfile(), pins=pins, shrinker=shrinker,
-                          khugepaged_enter_passes=1)
+                          khugepaged_enter_passes=1, kernel_events=True)
     assert_same(exact.run(), fast.run())
     assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
 
@@ -315,12 +346,15 @@ REPLAYS = sorted((Path(__file__).parent / "data" / "replay").glob("*.kernel.trac
 @pytest.mark.parametrize("path", REPLAYS, ids=[p.name.split(".")[0] for p in REPLAYS])
 def test_fast_equals_exact_on_recorded_replays(path: Path) -> None:
     """Kernel traces recorded by `ksmlab validate` (6.18, 2 CPUs): what validate and
-    calibrate replay, the same on both engines (trace, events, cost counts)."""
+    calibrate replay, the same on both engines (trace, events, KSM's event stream,
+    cost counts); validate's choice (auto, with the stream) is the fast engine."""
     ref = Trace.load(path)
     sc = Scenario.model_validate(ref.meta["scenario"])
     pol = "mainline"  # recorded on 6.18, which remaps (b1f202060afe) as mainline does
-    exact, te = run_model(sc, pol, engine="exact", **fidelity.replay(ref))
-    fast, tf = run_model(sc, pol, engine="fast", **fidelity.replay(ref))
+    exact, te = run_model(sc, pol, engine="exact", kernel_events=True, **fidelity.replay(ref))
+    fast, tf = run_model(sc, pol, kernel_events=True, **fidelity.replay(ref))
+    assert tf.meta["engine"] == "fast"
+    assert te.kernel_events is not None and te.kernel_events["events"]
     assert_same(te, tf)
     assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
 

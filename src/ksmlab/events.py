@@ -3,7 +3,7 @@
 The kernel's tracepoints (include/trace/events/ksm.h; read by
 :mod:`ksmlab.live.tracefs`) name pages by pfn and everything else by hashed
 pointers.  :func:`label` turns them into the lab's names, which the model
-(``Simulation(..., kernel_events=True)``) emits directly:
+(``simulate(..., kernel_events=True)``, either engine) emits directly:
 
 - ``proc``: the workload process instance (index in ``Scenario.instances()``)
   of the event's ``mm``.  The lab starts the workloads one at a time, so each

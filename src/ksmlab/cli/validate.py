@@ -86,7 +86,7 @@ def validate(
         # every file checked before anything runs
         runs = [(load(n, duration), None) for n in names]
     for sc, _ in runs:
-        # replays run on the fast engine; KSM's event stream on the exact one
+        # replays run on the fast engine, KSM's event stream too
         orchestrate.model_fits(sc, events=kernel_events)
     pol = policy or features.policy_for_host(KernelFS())
     choice = profile(profile_path)

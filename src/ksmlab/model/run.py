@@ -48,6 +48,7 @@ from .timeline import (
     KSMD_SCAN_END,
     Engine,
     Timeline,
+    kernel_stream,
     knobs_after,
     sample_row,
     volatile_burst,
@@ -378,11 +379,7 @@ class Simulation(Engine):
     def run(self, progress: Callable[[float], None] | None = None) -> Trace:
         tr = super().run(progress)
         if self.ksm.trace is not None:
-            counts: dict[str, int] = {}
-            for ke in self.ksm.trace:
-                counts[ke["event"]] = counts.get(ke["event"], 0) + 1
-            tr.kernel_events = {"source": "model", "recorded": True, "events": self.ksm.trace,
-                                "counts": counts, "lost": 0}
+            tr.kernel_events = kernel_stream(self.ksm.trace)
         return tr
 
 
@@ -394,6 +391,9 @@ ENGINES = ("auto", "fast", "exact")
 # engine's objects, 29.8 B with the fast engine's arrays at host-1t), with a margin;
 # plus the interpreter, numpy and numba
 BYTES_PER_PAGE = {"exact": 512, "fast": 32}
+# the fast engine's arrays for KSM's event stream (fast/events.py): 9 B per page, with a
+# margin (the stream itself, per event, is the same on both engines)
+EVENTS_BYTES_PER_PAGE = {"exact": 0, "fast": 16}
 BASE_BYTES = 512 << 20
 
 
@@ -404,9 +404,10 @@ def memory_estimate(sc: Scenario, engine: str = "auto", events: bool = False
     if engine == "auto":
         from .fast import unsupported
 
-        engine = "exact" if events or unsupported(sc) is not None else "fast"
+        engine = "exact" if unsupported(sc) is not None else "fast"
     pages = sc.total_mib * 256
-    return BASE_BYTES + pages * BYTES_PER_PAGE[engine], engine
+    per_page = BYTES_PER_PAGE[engine] + (EVENTS_BYTES_PER_PAGE[engine] if events else 0)
+    return BASE_BYTES + pages * per_page, engine
 
 
 def simulate(
@@ -435,7 +436,7 @@ def simulate(
     kernel trace's ``khugepaged_enter_passes``); None: what the kernel does when
     no other mm is registered with khugepaged (:func:`khugepaged_enter_passes`).
     ``kernel_events``: also record KSM's tracepoints as the kernel fires them
-    (``Trace.kernel_events``, :mod:`ksmlab.events`); done by the exact engine.
+    (``Trace.kernel_events``, :mod:`ksmlab.events`); either engine, the same stream.
     ``shrinker``: per pressure event of a kernel trace, the THPs its shrinker left
     whole (``thps_kept``) and the failures it counted; a replay (either engine).
     ``advisor``: the kernel's scan-time advisor decisions (pages_to_scan), set at the
@@ -462,10 +463,10 @@ def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,
     if engine != "exact":
         from .fast import FastSimulation, unsupported
 
-        why = "KSM's event stream" if kernel_events else unsupported(sc)
+        why = unsupported(sc)
         if why is None:
             try:
-                fast = FastSimulation(sc, policy, prof, **replay)
+                fast = FastSimulation(sc, policy, prof, kernel_events=kernel_events, **replay)
                 tr = fast.run(progress)
                 tr.meta["engine"] = "fast"
                 return fast, tr
@@ -477,8 +478,8 @@ def run_model(sc: Scenario, policy: str, profile: CostProfile | None = None,
             raise ModelUnsupported(f"fast engine: {why}")
     exact = Simulation(sc, policy, prof, kernel_events=kernel_events, **replay)
     tr = exact.run(progress)
-    # which engine ran: both give the same trace, but not at the same speed (and only
-    # the exact one emits KSM's event stream)
+    # which engine ran: both give the same trace (and KSM's event stream), but not at
+    # the same speed
     tr.meta["engine"] = "exact"
     tr.meta["engine_why"] = why
     return exact, tr

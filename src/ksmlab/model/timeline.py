@@ -330,6 +330,14 @@ class Engine:
         return tr
 
 
+def kernel_stream(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A model run's KSM event stream as ``Trace.kernel_events`` (either engine)."""
+    counts: dict[str, int] = {}
+    for ke in events:
+        counts[ke["event"]] = counts.get(ke["event"], 0) + 1
+    return {"source": "model", "recorded": True, "events": events, "counts": counts, "lost": 0}
+
+
 def model_trace(sc: Scenario, policy: str, profile: CostProfile,
                 rows: list[Mapping[str, float]], events: list[dict[str, Any]],
                 notes: Sequence[str] = ()) -> Trace:

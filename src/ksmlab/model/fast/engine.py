@@ -28,7 +28,7 @@ from ...scenario import (
     SetKnob,
     Write,
 )
-from ...trace import VMSTAT_COUNTERS
+from ...trace import VMSTAT_COUNTERS, Trace
 from ..advisor import Advisor
 from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
@@ -40,10 +40,12 @@ from ..timeline import (
     VOLATILE_TICK,
     Engine,
     Timeline,
+    kernel_stream,
     knobs_after,
     sample_row,
     volatile_burst,
 )
+from . import events as kev
 from .khugepaged import FastKhugepaged
 from .ksmd import ksmd_until
 from .pages import (
@@ -190,7 +192,8 @@ class FastSimulation(Engine):
                  khugepaged_enter_passes: int | None = None,
                  pins: Sequence[tuple[str, int]] = (),
                  shrinker: Sequence[Mapping[str, Any]] = (),
-                 advisor: Sequence[int] = (), ksmd_runtime0_ns: int = 0) -> None:
+                 advisor: Sequence[int] = (), ksmd_runtime0_ns: int = 0,
+                 kernel_events: bool = False) -> None:
         check_supported(sc)
         why = unsupported(sc)
         if why is not None:
@@ -208,6 +211,7 @@ class FastSimulation(Engine):
         self.shrinker = list(shrinker)  # a replay: what each pressure event's shrinker did
         self.notes: list[str] = []
         self.timeline = Timeline(self, pins)
+        self.kernel_events = kernel_events  # KSM's tracepoints (fast/events.py)
         # 32-bit codes of written ids (content.written_ids(): FRESH_BASE + tag << 40 +
         # page), in id order: after the volatile writer's fresh ids, one block per
         # write event in tag order, then one block per volatile_pages_per_scan step
@@ -237,6 +241,9 @@ class FastSimulation(Engine):
             self.khugepaged.do_scan()
         if sc.fill_at is None:
             self.fill(progress_setup)
+        if kernel_events:
+            # the pages at time 0, as the live lab's pagemap snapshot names them
+            self.pool.ev.orig[:] = self.page.pte == OWN
 
     def _register_khugepaged(self) -> None:
         # khugepaged_enter_vma(): at mmap or MADV_HUGEPAGE, and at a THP fault (an
@@ -336,6 +343,7 @@ class FastSimulation(Engine):
         ks = np.zeros(max(1, len(ksm_slots)), np.int64)
         ks[: len(ksm_slots)] = ksm_slots
         self.glob[NSLOTS] = len(ksm_slots)
+        self.entered = list(ksm_slots)  # __ksm_enter() before time 0, in order
         self.vmas = Vmas(base=base, n=npg, merge=merge, anon=np.zeros(n_vma, np.uint8), huge=huge,
                       nohuge=nohuge, mm_first=mm_first, mm_count=mm_count, ksm_slots=ks)
         nr = s // HPAGE_PMD_NR
@@ -344,7 +352,7 @@ class FastSimulation(Engine):
             rvma[base[vi] // HPAGE_PMD_NR : (base[vi] + npg[vi]) // HPAGE_PMD_NR] = vi
         self.ranges = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma)
         self.page = new_slots(s)
-        self.pool = new_pool(1024, 2048)
+        self.pool = new_pool(1024, 2048, kev.new_events(s, self.kernel_events))
         self.n_mms = len(insts)
 
     def _params(self) -> None:
@@ -443,8 +451,11 @@ class FastSimulation(Engine):
 
     def _write(self, slots: np.ndarray[Any, Any], cids: np.ndarray[Any, Any]) -> None:
         codes = code_of(np.asarray(cids, dtype=np.uint64)).astype(np.int64)
-        write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, slots.astype(np.int64),
-                   codes)
+        self._write_many(slots.astype(np.int64), codes)
+
+    def _write_many(self, slots: np.ndarray[Any, Any], codes: np.ndarray[Any, Any]) -> None:
+        kev.renew(self.pool.ev, self.page.pte, slots)  # which pages the writes replace
+        write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, slots, codes)
 
     def apply(self, e: object, t: float) -> None:
         glob = self.glob
@@ -457,6 +468,8 @@ class FastSimulation(Engine):
         elif isinstance(e, KsmUnmerge):
             glob[RUN] = 2
             self.ksm_running = False
+            kev.renew_unmerged(self.pool.ev, self.page.pte)
+            self._event_room(0)
             unmerge_all(self.page, self.vmas, self.pool, glob, self.meter, self.price)
         elif isinstance(e, Write):
             _v, b = self._region(e.process, 0, e.region)
@@ -468,9 +481,7 @@ class FastSimulation(Engine):
             else:  # content.written_ids(ref, tag, targets): increasing with the target
                 codes = FRESH_CODE + self.write_code[id(e)] + np.arange(
                     len(targets), dtype=np.int64)
-            write_many(self.page, self.ranges, self.vmas, self.pool, glob,
-                       (targets + b).astype(np.int64),
-                       codes)
+            self._write_many((targets + b).astype(np.int64), codes)
         elif isinstance(e, Pressure):
             self._params()
             self._pressure(t)
@@ -553,7 +564,7 @@ class FastSimulation(Engine):
         rank = np.empty(k, np.int64)
         rank[np.argsort(np.concatenate(keys), kind="stable")] = np.arange(k, dtype=np.int64)
         codes = FRESH_CODE + first + rank
-        write_many(self.page, self.ranges, self.vmas, self.pool, self.glob, at, codes)
+        self._write_many(at, codes)
 
     # ---- samples -------------------------------------------------------------
     def sample(self, t: float, full_scan_end: bool) -> dict[str, float]:
@@ -597,13 +608,31 @@ class FastSimulation(Engine):
     def batches(self) -> int:
         return int(self.glob[BATCHES])
 
+    def khugepaged_scan(self) -> None:
+        before = self.ranges.pmd.copy() if self.kernel_events else None
+        super().khugepaged_scan()
+        if before is not None:
+            kev.renew_collapsed(self.pool.ev, before, self.ranges.pmd, HPAGE_PMD_NR)
+
+    def _event_room(self, pts: int) -> None:
+        """Room in KSM's event buffer for one batch of ``pts`` pages (or run=2)."""
+        if not self.kernel_events:
+            return
+        g = self.glob
+        ev = kev.with_room(self.pool.ev, kev.need(pts, int(g[PAGES_SHARED]),
+                                                  int(g[PAGES_SHARING]), int(g[NN])))
+        if ev is not self.pool.ev:
+            self.pool = self.pool._replace(ev=ev)
+            self.khugepaged.pool = self.pool
+
     def ksmd_until(self, t_next: float, inclusive: bool, t_end: float) -> int:
         """ksmd's batches up to the next action (KSMD_OK), or to the end of a full
         scan (KSMD_SCAN_END); KSMD_IDLE once it waits for run=1.  One compiled call
-        between two growths of the pools."""
+        between two growths of the pools (and of KSM's event buffer)."""
         while True:
             glob = self.glob
             pts = int(glob[K_PTS])
+            self._event_room(pts)
             room_k, room_n = len(self.pool.kcid), len(self.pool.nkpage)
             if glob[NK] + pts > room_k or glob[NN] + 2 * pts > room_n:
                 self.pool = grow_pool(self.pool, max(2 * room_k, int(glob[NK]) + 2 * pts),
@@ -627,6 +656,19 @@ class FastSimulation(Engine):
         self.pages_to_scan = adv.stop(float(meter[ADV_T_END]), float(meter[ADV_CPU_END]),
                                       self.pages_to_scan, int(self.glob[SEQNR]))
         self.glob[K_PTS] = self.pages_to_scan
+
+    # ---- the run -------------------------------------------------------------
+    def run(self, progress: Callable[[float], None] | None = None) -> Trace:
+        tr = super().run(progress)
+        if self.kernel_events:
+            tr.kernel_events = kernel_stream(kev.stream(self.pool.ev, self.entered, self._names))
+        return tr
+
+    def _names(self, slots: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any],
+                                                          np.ndarray[Any, Any]]:
+        """Slots -> (instance, index among the instance's pages): the live lab's names."""
+        v = self.ranges.vma[slots // HPAGE_PMD_NR]
+        return self.vma_mm[v], self.name_first[v] + slots - self.vmas.base[v]
 
 
 def _direct(disp: Any) -> Any:

@@ -6,6 +6,8 @@ CPU-cost additions, so the float sums are bit-identical).  Pages are handles:
 ``-h-1``.  An rmap item lives in the slot of its address.  A stable node's
 hlist is a count: when a node goes, its items keep pointing at it and are
 treated as unlinked (``ndead``), which is what the exact model makes eager.
+With KSM's event stream on (``pool.ev``, :mod:`.events`), the tracepoints are
+recorded where the exact model records them, in the same order.
 """
 
 from __future__ import annotations
@@ -14,6 +16,21 @@ from ..advisor import scan_clock
 from ..costs import ksmd_wake
 from ..rules import skip_age
 from . import rbtree as rb
+from .events import (
+    E_MERGE_ONE_PAGE,
+    E_MERGE_WITH_KSM_PAGE,
+    E_START_SCAN,
+    E_STOP_SCAN,
+    EV_N,
+    EV_ON,
+    EV_SCAN,
+    emit,
+    hlist_add,
+    hlist_del,
+    need_jit,
+    own_name,
+    removed_node,
+)
 from .jit import jit
 from .pages import break_ksm, split_folio
 from .state import (
@@ -173,9 +190,21 @@ def _is_candidate(pool: Pool, glob: I64, n: int, offset: int) -> bool:
     return bool(c > 0 and c + offset < glob[K_MPS])
 
 
+@jit(inline=True)
+def _page_name(pool: Pool, h: int) -> int:
+    """The name (a slot) of page ``h`` in KSM's events: a KSM page's time-0 page, or
+    the slot's own page if it is its time-0 one; -1: none."""
+    if h >= 0:
+        return int(pool.kname[h])
+    return own_name(pool.ev, -h - 1)
+
+
 # ---- stable nodes ---------------------------------------------------------
 @jit()
 def _remove_node(page: Slots, pool: Pool, glob: I64, n: int) -> None:
+    if pool.ev.ctl[EV_ON]:  # remove_node_from_stable_tree(): ksm_remove_rmap_item/ksm_page
+        kp = pool.nkpage[n]
+        removed_node(pool.ev, pool.nhead, n, pool.kname[kp] if kp >= 0 else -1)
     c = pool.nhl[n]
     if c > 0:
         glob[PAGES_SHARING] -= c - 1
@@ -238,6 +267,8 @@ def remove_rmap_item_from_tree(page: Slots, pool: Pool, glob: I64, i: int) -> No
             page.iflags[i] = EXISTS
             page.ileft[i] = -1
             return
+        if pool.ev.ctl[EV_ON]:
+            hlist_del(pool.ev, pool.nhead, n, i)
         pool.nhl[n] -= 1
         if pool.nhl[n] > 0:
             glob[PAGES_SHARING] -= 1
@@ -425,6 +456,8 @@ def _stable_tree_insert(page: Slots, pool: Pool, glob: I64, meter: F64, price: F
 
 @jit(inline=True)
 def _stable_tree_append(page: Slots, pool: Pool, glob: I64, i: int, n: int) -> None:
+    if pool.ev.ctl[EV_ON]:
+        hlist_add(pool.ev, pool.nhead, n, i)
     pool.nhl[n] += 1
     page.ileft[i] = n
     page.iflags[i] = EXISTS | STABLE
@@ -542,6 +575,9 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
             pool.kmap[k] = 1
             pool.knode[k] = -1
             page.pte[s] = k
+            if pool.ev.ctl[EV_ON]:  # the private page becomes the KSM page
+                pool.kname[k] = own_name(pool.ev, s)
+                pool.ev.orig[s] = 0
         return 0
     charge(meter, price, C_MEMCMP, 1.0)
     if kpage == ZEROPAGE:
@@ -549,6 +585,8 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
             return -1
         charge(meter, price, C_ZERO_MERGE, 1.0)
         page.pte[s] = KZERO
+        if pool.ev.ctl[EV_ON]:
+            pool.ev.orig[s] = 0
         glob[KSM_ZERO] += 1
         glob[ANON_RSS] -= 1
         _put_mapping(pool, h)
@@ -557,6 +595,8 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
         return -1
     charge(meter, price, C_MERGE, 1.0)
     page.pte[s] = kpage
+    if pool.ev.ctl[EV_ON]:
+        pool.ev.orig[s] = 0
     pool.kmap[kpage] += 1
     _put_mapping(pool, h)
     return 0
@@ -566,13 +606,18 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
 def _merge_with_ksm_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64,
                          meter: F64, price: F64,
                          s: int, h: int, kpage: int, extra: int) -> int:
-    if not _vma_ok(ranges, vmas, s):
-        return -1
-    err = _merge_one_page(page, ranges, pool, glob, meter, price, s, h, kpage, extra)
-    if err:
-        return err
-    remove_rmap_item_from_tree(page, pool, glob, s)
-    return 0
+    ev_on = pool.ev.ctl[EV_ON] != 0
+    # the page the event names: the KSM page's, else the item's own (as it was)
+    name = _page_name(pool, h if kpage == NULLK else kpage) if ev_on else -1
+    err = -1
+    if _vma_ok(ranges, vmas, s):
+        err = _merge_one_page(page, ranges, pool, glob, meter, price, s, h, kpage, extra)
+        if not err:
+            remove_rmap_item_from_tree(page, pool, glob, s)
+    if ev_on:  # try_to_merge_with_ksm_page(): ksm_merge_with_ksm_page
+        emit(pool.ev, E_MERGE_WITH_KSM_PAGE, s, 0 if err == 0 else -14, name,
+             1 if kpage != NULLK else 0)
+    return err
 
 
 @jit(inline=True)
@@ -595,7 +640,10 @@ def _cmp_and_merge_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glo
         if glob[K_UZP] and page.ichk[i] == 1:
             if not _vma_ok(ranges, vmas, i):
                 return
-            if _merge_one_page(page, ranges, pool, glob, meter, price, i, h, ZEROPAGE, 0) == 0:
+            err = _merge_one_page(page, ranges, pool, glob, meter, price, i, h, ZEROPAGE, 0)
+            if pool.ev.ctl[EV_ON]:  # try_to_merge_with_zero_page(): ksm_merge_one_page
+                emit(pool.ev, E_MERGE_ONE_PAGE, i, 0 if err == 0 else -14, -1, 0)
+            if err == 0:
                 return
         if glob[SKIP_ZP] and (page.pte[i] == ZERO or page.pte[i] == KZERO):
             return
@@ -746,6 +794,9 @@ def _scan_get_next(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I6
         # advisor_start_scan(): its clock, for FastSimulation's advisor at the scan end
         meter[ADV_T_START] = _clock(meter[NOW], meter[CPU], meter[CPU_BATCH0])
         charge(meter, price, C_SCAN_START, 1.0)
+        if pool.ev.ctl[EV_ON]:  # scan_get_next_rmap_item(): trace_ksm_start_scan()
+            pool.ev.ctl[EV_SCAN] = glob[SEQNR]
+            emit(pool.ev, E_START_SCAN, glob[SEQNR], glob[RMAP_ITEMS], -1, 0)
         glob[ROOT_U] = -1
         glob[CUR_SLOT] = 0
         glob[CUR_ADDR] = -1
@@ -771,6 +822,9 @@ def _scan_get_next(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I6
             # FastSimulation sets the next batch's pages_to_scan
             meter[ADV_T_END] = _clock(meter[NOW], meter[CPU], meter[CPU_BATCH0])
             meter[ADV_CPU_END] = meter[CPU]
+            if pool.ev.ctl[EV_ON]:  # trace_ksm_stop_scan()
+                emit(pool.ev, E_STOP_SCAN, glob[SEQNR], glob[RMAP_ITEMS], -1, 0)
+                pool.ev.ctl[EV_SCAN] = -1
             glob[SEQNR] += 1
             if glob[PRESSURE] > 0:
                 glob[PRESSURE] -= 1
@@ -807,10 +861,14 @@ def ksmd_until(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, m
             return KSMD_IDLE
         if glob[NK] + need > room_k or glob[NN] + 2 * need > room_n:
             return KSMD_GROW
+        if pool.ev.ctl[EV_ON] and pool.ev.ctl[EV_N] + need_jit(
+                need, glob[PAGES_SHARED], glob[PAGES_SHARING], glob[NN]) > len(pool.ev.t):
+            return KSMD_GROW  # room for KSM's events
         before = meter[CPU]
         scans = glob[SEQNR]
         meter[NOW] = t
         meter[CPU_BATCH0] = before
+        pool.ev.clock[0] = t
         do_scan(page, ranges, vmas, pool, glob, meter, price)
         charge(meter, price, C_BATCH, 1.0)
         charge(meter, price, C_COLD, min(meter[CPU] - before, price[C_COLD_WINDOW]))

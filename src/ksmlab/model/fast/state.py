@@ -11,7 +11,7 @@ compiled calls.  Content ids are coded in 32 bits keeping their order:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +20,9 @@ from ...content import FRESH_BASE, UNIQUE_BASE
 from ..costs import COST_FIELDS
 from ..memory import VMSTAT_EVENTS
 from .jit import jit
+
+if TYPE_CHECKING:
+    from .events import Events
 
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
@@ -155,7 +158,8 @@ class Vmas(NamedTuple):
 
 
 class Pool(NamedTuple):
-    """KSM pages (k*) and stable nodes (n*)."""
+    """KSM pages (k*) and stable nodes (n*); ``kname``, ``nhead`` and ``ev``: KSM's
+    event stream (:mod:`.events`; placeholders when it is off)."""
 
     kcid: U32
     kmap: I32
@@ -174,6 +178,9 @@ class Pool(NamedTuple):
     nright: I32
     npar: I32
     nred: U8
+    kname: I32
+    nhead: I32
+    ev: Events
 
 
 def code_of(ids: npt.NDArray[np.uint64]) -> U32:
@@ -196,7 +203,7 @@ def new_slots(n: int) -> Slots:
     )
 
 
-def new_pool(nk: int, nn: int) -> Pool:
+def new_pool(nk: int, nn: int, ev: Events) -> Pool:
     return Pool(
         kcid=np.zeros(nk, np.uint32), kmap=np.zeros(nk, np.int32),
         knode=np.full(nk, -1, np.int32),
@@ -207,16 +214,17 @@ def new_pool(nk: int, nn: int) -> Pool:
         ndups=np.zeros(nn, np.int32), nprune=np.zeros(nn, np.float64),
         nleft=np.full(nn, -1, np.int32), nright=np.full(nn, -1, np.int32),
         npar=np.full(nn, -1, np.int32), nred=np.zeros(nn, np.uint8),
+        kname=np.full(nk, -1, np.int32), nhead=np.full(nn, -1, np.int32), ev=ev,
     )
 
 
 def grow_pool(p: Pool, nk: int, nn: int) -> Pool:
     """A pool with room for ``nk`` KSM pages and ``nn`` nodes, contents kept."""
-    fresh = new_pool(nk, nn)
-    out: list[npt.NDArray[Any]] = []
-    for name in Pool._fields:
+    fresh = new_pool(nk, nn, p.ev)
+    out: list[Any] = []
+    for name in Pool._fields[:-1]:  # the arrays; ev is kept
         old: npt.NDArray[Any] = getattr(p, name)
         new: npt.NDArray[Any] = getattr(fresh, name)
         new[: len(old)] = old
         out.append(new)
-    return Pool._make(out)
+    return Pool._make([*out, p.ev])
