@@ -350,7 +350,8 @@ class FastSimulation(Engine):
         rvma = np.empty(nr, np.int32)
         for vi in range(n_vma):
             rvma[base[vi] // HPAGE_PMD_NR : (base[vi] + npg[vi]) // HPAGE_PMD_NR] = vi
-        self.ranges = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma)
+        self.ranges = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma,
+                             nitems=np.zeros(nr, np.int32))
         self.page = new_slots(s)
         self.pool = new_pool(1024, 2048, kev.new_events(s, self.kernel_events))
         self.n_mms = len(insts)
@@ -471,6 +472,7 @@ class FastSimulation(Engine):
             kev.renew_unmerged(self.pool.ev, self.page.pte)
             self._event_room(0)
             unmerge_all(self.page, self.vmas, self.pool, glob, self.meter, self.price)
+            self.ranges.nitems[:] = 0  # every rmap item is gone
         elif isinstance(e, Write):
             _v, b = self._region(e.process, 0, e.region)
             pages = self.sc.process[e.process].region[e.region].pages

@@ -689,10 +689,11 @@ def _flush_frees(glob: I64, meter: F64, price: F64) -> None:
 
 
 @jit(inline=True)
-def _drop_item(page: Slots, pool: Pool, glob: I64, i: int) -> None:
+def _drop_item(page: Slots, ranges: Ranges, pool: Pool, glob: I64, i: int) -> None:
     """An item passed over: unlinked now, its free charged at the next flush."""
     remove_rmap_item_from_tree(page, pool, glob, i)
     page.iflags[i] = 0
+    ranges.nitems[i // HPAGE] -= 1
     glob[RMAP_ITEMS] -= 1
     glob[PENDING_FREE] += 1
 
@@ -716,16 +717,12 @@ def _should_skip(page: Slots, pool: Pool, glob: I64, i: int, h: int) -> bool:
 
 
 @jit(inline=True)
-def _thp_passes(page: Slots, ranges: Ranges, i: int, vend: int) -> bool:
+def _thp_passes(ranges: Ranges, i: int, vend: int) -> bool:
     """Whether _scan_mm() with THPs skipped would pass over the whole range from
-    ``i`` (aligned) without stopping or dropping an item: a PMD-mapped THP whose
-    PTEs are all its own subpages, none with an rmap item."""
-    if i + HPAGE > vend or ranges.pmd[i // HPAGE] != PMD_THP:
-        return False
-    for j in range(i, i + HPAGE):  # noqa: SIM110 (numba: no generator in all())
-        if page.pte[j] >= 0 or page.iflags[j] & EXISTS:
-            return False
-    return True
+    ``i`` (aligned) without stopping or dropping an item: a PMD-mapped THP (its
+    PTEs are all its own subpages) without an rmap item."""
+    r = i // HPAGE
+    return i + HPAGE <= vend and ranges.pmd[r] == PMD_THP and ranges.nitems[r] == 0
 
 
 @jit(inline=True)
@@ -760,6 +757,7 @@ def _scan_mm(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, met
                     page.iright[i] = -1
                     page.ipar[i] = -1
                     glob[RMAP_ITEMS] += 1
+                    ranges.nitems[i // HPAGE] += 1
                     charge(meter, price, C_RMAP_ALLOC, 1.0)
                 glob[CUR_PREV] = i
                 h = int(p) if p >= 0 else -i - 1
@@ -771,8 +769,8 @@ def _scan_mm(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, met
                 glob[CUR_ADDR] = i + 1
                 return int(i)
             if page.iflags[i] & EXISTS:
-                _drop_item(page, pool, glob, i)
-            elif not scan_thp and i % HPAGE == 0 and _thp_passes(page, ranges, i, vend):
+                _drop_item(page, ranges, pool, glob, i)
+            elif not scan_thp and i % HPAGE == 0 and _thp_passes(ranges, i, vend):
                 # a PMD-mapped THP a policy skips, with no small page and no rmap item
                 # in it: the walk over its 512 PTEs at once (same result, same charge)
                 skipped += HPAGE

@@ -136,11 +136,14 @@ class Slots(NamedTuple):
 
 
 class Ranges(NamedTuple):
-    """Per 2 MiB range: PMD state, deferred-queue position, owning VMA."""
+    """Per 2 MiB range: PMD state, deferred-queue position, owning VMA, rmap items."""
 
     pmd: U8
     qseq: I64
     vma: I32
+    # rmap items on the range's slots: a walk that skips PMD-mapped THPs passes a
+    # range without any in one step (ksmd._thp_passes())
+    nitems: I32
 
 
 class Vmas(NamedTuple):
