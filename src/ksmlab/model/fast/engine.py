@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numba
 import numpy as np
 
 from ... import content, image
@@ -118,6 +119,7 @@ from .state import (
     V_FAULT_ALLOC,
     VMSTAT_G,
     ZERO,
+    Pool,
     Ranges,
     Vmas,
     code_of,
@@ -640,7 +642,7 @@ class FastSimulation(Engine):
                 self.pool = grow_pool(self.pool, max(2 * room_k, int(glob[NK]) + 2 * pts),
                                    max(2 * room_n, int(glob[NN]) + 4 * pts))
                 self.khugepaged.pool = self.pool
-            res = _direct(ksmd_until)(self.page, self.ranges, self.vmas, self.pool, glob,
+            res = _direct(ksmd_until, self.pool)(self.page, self.ranges, self.vmas, self.pool, glob,
                           self.meter, self.price,
                                       t_next, inclusive, t_end, len(self.pool.kcid),
                                       len(self.pool.nkpage))
@@ -673,17 +675,22 @@ class FastSimulation(Engine):
         return self.vma_mm[v], self.name_first[v] + slots - self.vmas.base[v]
 
 
-def _direct(disp: Any) -> Any:
-    """The compiled entry point of a numba dispatcher with one signature: calls
-    skip numba's per-call type dispatch (slow on tuples of arrays)."""
-    hit = _ENTRY.get(id(disp))
+def _direct(disp: Any, pool: Pool) -> Any:
+    """The compiled entry point of a numba dispatcher for ``pool``'s type: calls skip
+    numba's per-call type dispatch (slow on tuples of arrays).  There is one per type
+    of ``pool.ev`` (KSM's event stream on or off: :mod:`.events`)."""
+    key = (id(disp), type(pool.ev))
+    hit = _ENTRY.get(key)
     if hit is not None:
         return hit
     ov = getattr(disp, "overloads", None)
-    if ov is not None and len(ov) == 1:
-        _ENTRY[id(disp)] = next(iter(ov.values())).entry_point
-        return _ENTRY[id(disp)]
+    if ov:
+        want = numba.typeof(pool)  # type: ignore[no-untyped-call]
+        for sig, cres in ov.items():
+            if want in sig:
+                _ENTRY[key] = cres.entry_point
+                return cres.entry_point
     return disp
 
 
-_ENTRY: dict[int, Any] = {}
+_ENTRY: dict[tuple[int, type], Any] = {}

@@ -15,9 +15,13 @@ names).  What the names need and the arrays do not otherwise keep:
   per node, ``hnext``/``hprev`` per rmap item (slot).  The engine otherwise keeps
   only their lengths.
 
-With events off (``ctl[EV_ON]`` 0) every array but ``ctl`` has one element and the
-compiled code only tests ``ctl[EV_ON]``.  The buffer cannot grow inside a compiled
-call: ksmd asks for room before each batch (:func:`need`, ``KSMD_GROW``) and the
+With events off the arrays are one-element placeholders of a type of their own,
+:class:`NoEvents`.  Numba compiles the code that takes the pool once per type, and
+there :func:`ev_on` is a constant of the type: without events the compiled ksmd holds
+none of the event code, not even its tests (a runtime flag, tested in the inlined hot
+path, made ksmd's loop 2-6 % slower; the pool's size did not matter).  An events-on
+run compiles its own copy once (numba's cache keeps both).  The buffer cannot grow
+inside a compiled call: ksmd asks for room before each batch (:func:`need`, ``KSMD_GROW``) and the
 engine grows it between calls, as it grows the pool.
 """
 
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
+from numba.extending import overload
 
 from .jit import jit
 from .state import F64, I32, I64, KZERO, OWN, PMD_THP, U8
@@ -58,15 +63,33 @@ class Events(NamedTuple):
     hprev: I32  # per slot: the next newer one
 
 
+class NoEvents(Events):
+    """KSM's event stream off: the one-element placeholders (a type of their own)."""
+
+    __slots__ = ()
+
+
+def ev_on(ev: Events) -> bool:
+    """Whether KSM's event stream is on; in compiled code, a constant of ``ev``'s type."""
+    return not isinstance(ev, NoEvents)
+
+
+@overload(ev_on, inline="always")
+def _ev_on_typed(ev):  # type: ignore[no-untyped-def]  # (numba: no annotations)
+    on = getattr(ev, "instance_class", None) is not NoEvents  # ev: a numba type
+    return lambda ev: on
+
+
 def new_events(n_slots: int, on: bool, capacity: int = 4096) -> Events:
     """Events for ``n_slots`` slots (on), or the one-element placeholders (off)."""
     n, cap = (n_slots, capacity) if on else (1, 1)
     ctl = np.zeros(4, np.int64)
     ctl[EV_ON] = int(on)
     ctl[EV_SCAN] = -1
-    return Events(ctl=ctl, rec=np.zeros((cap, W), np.int64), t=np.zeros(cap, np.float64),
-                  clock=np.zeros(1, np.float64), orig=np.zeros(n, np.uint8),
-                  hnext=np.full(n, -1, np.int32), hprev=np.full(n, -1, np.int32))
+    return (Events if on else NoEvents)(
+        ctl=ctl, rec=np.zeros((cap, W), np.int64), t=np.zeros(cap, np.float64),
+        clock=np.zeros(1, np.float64), orig=np.zeros(n, np.uint8),
+        hnext=np.full(n, -1, np.int32), hprev=np.full(n, -1, np.int32))
 
 
 def need(pts: int, shared: int, sharing: int, nodes: int) -> int:

@@ -22,9 +22,9 @@ from .events import (
     E_START_SCAN,
     E_STOP_SCAN,
     EV_N,
-    EV_ON,
     EV_SCAN,
     emit,
+    ev_on,
     hlist_add,
     hlist_del,
     need_jit,
@@ -202,7 +202,7 @@ def _page_name(pool: Pool, h: int) -> int:
 # ---- stable nodes ---------------------------------------------------------
 @jit()
 def _remove_node(page: Slots, pool: Pool, glob: I64, n: int) -> None:
-    if pool.ev.ctl[EV_ON]:  # remove_node_from_stable_tree(): ksm_remove_rmap_item/ksm_page
+    if ev_on(pool.ev):  # remove_node_from_stable_tree(): ksm_remove_rmap_item/ksm_page
         kp = pool.nkpage[n]
         removed_node(pool.ev, pool.nhead, n, pool.kname[kp] if kp >= 0 else -1)
     c = pool.nhl[n]
@@ -267,7 +267,7 @@ def remove_rmap_item_from_tree(page: Slots, pool: Pool, glob: I64, i: int) -> No
             page.iflags[i] = EXISTS
             page.ileft[i] = -1
             return
-        if pool.ev.ctl[EV_ON]:
+        if ev_on(pool.ev):
             hlist_del(pool.ev, pool.nhead, n, i)
         pool.nhl[n] -= 1
         if pool.nhl[n] > 0:
@@ -456,7 +456,7 @@ def _stable_tree_insert(page: Slots, pool: Pool, glob: I64, meter: F64, price: F
 
 @jit(inline=True)
 def _stable_tree_append(page: Slots, pool: Pool, glob: I64, i: int, n: int) -> None:
-    if pool.ev.ctl[EV_ON]:
+    if ev_on(pool.ev):
         hlist_add(pool.ev, pool.nhead, n, i)
     pool.nhl[n] += 1
     page.ileft[i] = n
@@ -575,7 +575,7 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
             pool.kmap[k] = 1
             pool.knode[k] = -1
             page.pte[s] = k
-            if pool.ev.ctl[EV_ON]:  # the private page becomes the KSM page
+            if ev_on(pool.ev):  # the private page becomes the KSM page
                 pool.kname[k] = own_name(pool.ev, s)
                 pool.ev.orig[s] = 0
         return 0
@@ -585,7 +585,7 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
             return -1
         charge(meter, price, C_ZERO_MERGE, 1.0)
         page.pte[s] = KZERO
-        if pool.ev.ctl[EV_ON]:
+        if ev_on(pool.ev):
             pool.ev.orig[s] = 0
         glob[KSM_ZERO] += 1
         glob[ANON_RSS] -= 1
@@ -595,7 +595,7 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
         return -1
     charge(meter, price, C_MERGE, 1.0)
     page.pte[s] = kpage
-    if pool.ev.ctl[EV_ON]:
+    if ev_on(pool.ev):
         pool.ev.orig[s] = 0
     pool.kmap[kpage] += 1
     _put_mapping(pool, h)
@@ -606,15 +606,15 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
 def _merge_with_ksm_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64,
                          meter: F64, price: F64,
                          s: int, h: int, kpage: int, extra: int) -> int:
-    ev_on = pool.ev.ctl[EV_ON] != 0
+    on = ev_on(pool.ev)
     # the page the event names: the KSM page's, else the item's own (as it was)
-    name = _page_name(pool, h if kpage == NULLK else kpage) if ev_on else -1
+    name = _page_name(pool, h if kpage == NULLK else kpage) if on else -1
     err = -1
     if _vma_ok(ranges, vmas, s):
         err = _merge_one_page(page, ranges, pool, glob, meter, price, s, h, kpage, extra)
         if not err:
             remove_rmap_item_from_tree(page, pool, glob, s)
-    if ev_on:  # try_to_merge_with_ksm_page(): ksm_merge_with_ksm_page
+    if on:  # try_to_merge_with_ksm_page(): ksm_merge_with_ksm_page
         emit(pool.ev, E_MERGE_WITH_KSM_PAGE, s, 0 if err == 0 else -14, name,
              1 if kpage != NULLK else 0)
     return err
@@ -641,7 +641,7 @@ def _cmp_and_merge_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glo
             if not _vma_ok(ranges, vmas, i):
                 return
             err = _merge_one_page(page, ranges, pool, glob, meter, price, i, h, ZEROPAGE, 0)
-            if pool.ev.ctl[EV_ON]:  # try_to_merge_with_zero_page(): ksm_merge_one_page
+            if ev_on(pool.ev):  # try_to_merge_with_zero_page(): ksm_merge_one_page
                 emit(pool.ev, E_MERGE_ONE_PAGE, i, 0 if err == 0 else -14, -1, 0)
             if err == 0:
                 return
@@ -792,7 +792,7 @@ def _scan_get_next(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I6
         # advisor_start_scan(): its clock, for FastSimulation's advisor at the scan end
         meter[ADV_T_START] = _clock(meter[NOW], meter[CPU], meter[CPU_BATCH0])
         charge(meter, price, C_SCAN_START, 1.0)
-        if pool.ev.ctl[EV_ON]:  # scan_get_next_rmap_item(): trace_ksm_start_scan()
+        if ev_on(pool.ev):  # scan_get_next_rmap_item(): trace_ksm_start_scan()
             pool.ev.ctl[EV_SCAN] = glob[SEQNR]
             emit(pool.ev, E_START_SCAN, glob[SEQNR], glob[RMAP_ITEMS], -1, 0)
         glob[ROOT_U] = -1
@@ -820,7 +820,7 @@ def _scan_get_next(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I6
             # FastSimulation sets the next batch's pages_to_scan
             meter[ADV_T_END] = _clock(meter[NOW], meter[CPU], meter[CPU_BATCH0])
             meter[ADV_CPU_END] = meter[CPU]
-            if pool.ev.ctl[EV_ON]:  # trace_ksm_stop_scan()
+            if ev_on(pool.ev):  # trace_ksm_stop_scan()
                 emit(pool.ev, E_STOP_SCAN, glob[SEQNR], glob[RMAP_ITEMS], -1, 0)
                 pool.ev.ctl[EV_SCAN] = -1
             glob[SEQNR] += 1
@@ -859,14 +859,15 @@ def ksmd_until(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, m
             return KSMD_IDLE
         if glob[NK] + need > room_k or glob[NN] + 2 * need > room_n:
             return KSMD_GROW
-        if pool.ev.ctl[EV_ON] and pool.ev.ctl[EV_N] + need_jit(
+        if ev_on(pool.ev) and pool.ev.ctl[EV_N] + need_jit(
                 need, glob[PAGES_SHARED], glob[PAGES_SHARING], glob[NN]) > len(pool.ev.t):
             return KSMD_GROW  # room for KSM's events
         before = meter[CPU]
         scans = glob[SEQNR]
         meter[NOW] = t
         meter[CPU_BATCH0] = before
-        pool.ev.clock[0] = t
+        if ev_on(pool.ev):
+            pool.ev.clock[0] = t
         do_scan(page, ranges, vmas, pool, glob, meter, price)
         charge(meter, price, C_BATCH, 1.0)
         charge(meter, price, C_COLD, min(meter[CPU] - before, price[C_COLD_WINDOW]))
