@@ -83,6 +83,10 @@ class FastKhugepaged(KhugepagedWalk[int, int]):
         glob[KSM_ZERO] -= int(np.count_nonzero(pte == KZERO))
         page.scid[sl] = codes
         page.pte[sl] = OWN
+        if len(page.forder):
+            # the multi-size THPs of the range are copied and gone; as the exact model
+            # (khugepaged._collapse()), their hugepages-<N>kB/nr_anon is left as it was
+            page.forder[sl] = 0
         self.ranges.pmd[r] = PMD_THP
         glob[ANON_RSS] += HPAGE_PMD_NR - present
         glob[NR_THP] += 1

@@ -14,7 +14,7 @@ from ..costs import ksmd_wake
 from ..rules import skip_age
 from . import rbtree as rb
 from .jit import jit
-from .pages import break_ksm, split_folio
+from .pages import break_ksm, folio_of, split_folio
 from .state import (
     ANON_RSS,
     BATCHES,
@@ -116,13 +116,23 @@ def _cid(page: Slots, pool: Pool, h: int) -> int:
 
 @jit(inline=True)
 def _in_thp(page: Slots, ranges: Ranges, h: int) -> bool:
-    return h < 0 and ranges.pmd[(-h - 1) // HPAGE] == PMD_THP
+    """page.folio is not None: a subpage of a large folio (PMD-mapped THP, or a
+    multi-size THP)."""
+    if h >= 0:
+        return False
+    s = -h - 1
+    return ranges.pmd[s // HPAGE] == PMD_THP or (len(page.forder) != 0
+                                                  and page.forder[s] != 0)
 
 
 @jit(inline=True)
 def _same_folio(page: Slots, ranges: Ranges, a: int, b: int) -> bool:
-    return (_in_thp(page, ranges, a) and _in_thp(page, ranges, b)
-            and (-a - 1) // HPAGE == (-b - 1) // HPAGE)
+    """page.folio is tpage.folio (not None)."""
+    if a >= 0 or b >= 0:
+        return False
+    oa, fa = folio_of(page, ranges, -a - 1)
+    ob, fb = folio_of(page, ranges, -b - 1)
+    return oa != 0 and oa == ob and fa == fb
 
 
 @jit(inline=True)
@@ -487,10 +497,11 @@ def _unstable_search_insert(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool,
 
 # ---- merging ----------------------------------------------------------------
 @jit()
-def _ksm_split(page: Slots, ranges: Ranges, glob: I64, price: F64, meter: F64, r: int, keep: int,
+def _ksm_split(page: Slots, ranges: Ranges, glob: I64, price: F64, meter: F64, s: int,
                extra: int) -> bool:
+    """Ksm._split(): split the large folio of slot ``s`` (its page is kept for the merge)."""
     budget = max(0, glob[BUDGET])
-    ok, zt, dt, rem, krem = split_folio(page, ranges, glob, r, glob[REMAP_KSM], extra, keep, budget)
+    ok, zt, dt, rem, krem = split_folio(page, ranges, glob, s, glob[REMAP_KSM], extra, s, budget)
     if not ok:
         charge(meter, price, C_SPLIT_FAILED, 1.0)
         return False
@@ -522,7 +533,7 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
     if _in_thp(page, ranges, h):
         if not _scan_thp(glob):
             return -1
-        if not _ksm_split(page, ranges, glob, price, meter, (-h - 1) // HPAGE, -h - 1, extra):
+        if not _ksm_split(page, ranges, glob, price, meter, -h - 1, extra):
             return -1
     if not _maps(page, s, h):
         return -1
@@ -623,7 +634,8 @@ def _cmp_and_merge_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glo
         _stable_tree_append(page, pool, glob, ti, n2)
         _stable_tree_append(page, pool, glob, i, n2)
     elif split and _in_thp(page, ranges, h):
-        _ksm_split(page, ranges, glob, price, meter, (-h - 1) // HPAGE, -h - 1, 0)
+        # same large folio: the split failed on our two refs; retry without merging
+        _ksm_split(page, ranges, glob, price, meter, -h - 1, 0)
 
 
 # ---- the cursor ---------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Array state of the fast engine: one slot per simulated 4 KiB page.
 
-Per slot (29 bytes): the PTE (``pte``: NONE, ZERO, KZERO, OWN or the index
-of a KSM page), the content code of the slot's own private page (``scid``)
-and the slot's rmap item (flags, seqnr, age, remaining_skips, oldchecksum,
-and the unstable-tree links; a stable item keeps its stable node in
-``ileft``).  KSM pages and stable nodes live in small pools that grow between
-compiled calls.  Content ids are coded in 32 bits keeping their order:
-0..2**20 as themselves, unique ids after them, fresh ids from 2**31.
+Per slot (29 bytes; 30 where multi-size THP is on): the PTE (``pte``: NONE,
+ZERO, KZERO, OWN or the index of a KSM page), the content code of the slot's own
+private page (``scid``), the order of the PTE-mapped large folio it is part of
+(``forder``: multi-size THP only, an empty array elsewhere; PMD-mapped THPs are
+per 2 MiB range, ``Ranges.pmd``) and the slot's rmap item (flags, seqnr, age,
+remaining_skips, oldchecksum, and the unstable-tree links; a stable item keeps its
+stable node in ``ileft``).  KSM pages and stable nodes live in small pools that
+grow between compiled calls.  Content ids are coded in 32 bits keeping their
+order: 0..2**20 as themselves, unique ids after them, fresh ids from 2**31.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ...content import FRESH_BASE, UNIQUE_BASE
+from ...scenario import PMD_ORDER
+from ...trace import MTHP_STATS
 from ..costs import COST_FIELDS
 from ..memory import VMSTAT_EVENTS
 from .jit import jit
@@ -70,6 +74,12 @@ G_NAMES = (
     "THP_ALLOWED_MADV", "DEFER_ON",
     # ksmd's batches so far
     "BATCHES",
+    # multi-size THP: the orders below PMD a fault may allocate (bit o: order o), in a
+    # VMA without / with VM_HUGEPAGE (thp_vma_allowable_orders(); none if VM_NOHUGEPAGE)
+    "MTHP_ORDERS_PLAIN", "MTHP_ORDERS_MADV",
+    # then count_mthp_stat()/mod_mthp_stat() per order 0..PMD_ORDER, in MTHP_STATS
+    # order (mthp_g(): MTHP_<order>_<stat>)
+    *(f"MTHP_{o}_{st}" for o in range(PMD_ORDER + 1) for st in MTHP_STATS),
 )
 (PAGES_SCANNED, PAGES_SHARED, PAGES_SHARING, PAGES_UNSHARED, PAGES_SKIPPED,
  RMAP_ITEMS, CHAINS, DUPS, SEQNR, KSM_ZERO, ANON_RSS, NR_THP, THP_RANGES,
@@ -81,8 +91,14 @@ G_NAMES = (
  NSLOTS, DEFER_SEQ, PENDING_FREE,
  REMAP_KSM, SCAN_THP_P, SCAN_THP_NP, SKIP_ZP, THP_ALLOWED_ALWAYS,
  THP_ALLOWED_MADV, DEFER_ON,
- BATCHES) = range(len(G_NAMES))  # compile-time ints for numba; tests check the names
+ BATCHES,
+ MTHP_ORDERS_PLAIN, MTHP_ORDERS_MADV,
+ MTHP_G) = range(G_NAMES.index(f"MTHP_0_{MTHP_STATS[0]}") + 1)  # MTHP_G: the block's first
+# compile-time ints for numba; tests check the names
 N_G = len(G_NAMES)
+# the per-size stats, by position in MTHP_STATS
+M_FAULT_ALLOC, M_SPLIT, M_SPLIT_FAILED, M_SPLIT_DEFERRED, M_NR_ANON = range(len(MTHP_STATS))
+N_MSTAT = len(MTHP_STATS)
 # meter: float64 clocks, then how often each cost was charged (CpuMeter.counts), by C_*
 CPU, NOW, T_KSMD, T_SCAN_END, F_COUNTS = range(5)
 N_F = F_COUNTS + len(COST_FIELDS)
@@ -91,6 +107,12 @@ N_F = F_COUNTS + len(COST_FIELDS)
 def named(glob: I64) -> dict[str, int]:
     """The int64 globals by name (for a reader, a debugger or a test)."""
     return {n: int(glob[i]) for i, n in enumerate(G_NAMES)}
+
+
+@jit(inline=True)
+def mthp_g(order: int, stat: int) -> int:
+    """The global of one per-size stat (M_*) of one folio order."""
+    return MTHP_G + order * N_MSTAT + stat
 
 
 VMSTAT = VMSTAT_EVENTS  # in glob from V_FAULT_ALLOC on, in this order
@@ -118,6 +140,7 @@ R_NONE, R_CLEAN, R_KSM = 0, 1, 2
 class Slots(NamedTuple):
     pte: I32
     scid: U32
+    forder: U8
     iflags: U8
     iseq: U8
     iage: U8
@@ -142,6 +165,8 @@ class Vmas(NamedTuple):
 
     base: I64
     n: I64
+    lo: I64  # [lo, hi): the real VMA's slots (an image's VMA need not fill its ranges)
+    hi: I64
     merge: U8
     anon: U8
     huge: U8
@@ -183,9 +208,12 @@ def code_of(ids: npt.NDArray[np.uint64]) -> U32:
     return out.astype(np.uint32)
 
 
-def new_slots(n: int) -> Slots:
+def new_slots(n: int, mthp: bool = False) -> Slots:
+    """``mthp``: multi-size THP may fault (else ``forder`` is empty: no folio below
+    PMD order can exist)."""
     return Slots(
         pte=np.full(n, NONE, np.int32), scid=np.zeros(n, np.uint32),
+        forder=np.zeros(n if mthp else 0, np.uint8),
         iflags=np.zeros(n, np.uint8), iseq=np.zeros(n, np.uint8), iage=np.zeros(n, np.uint8),
         iskip=np.zeros(n, np.uint8), ired=np.zeros(n, np.uint8), ichk=np.zeros(n, np.uint32),
         ileft=np.full(n, -1, np.int32), iright=np.full(n, -1, np.int32),
