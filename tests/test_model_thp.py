@@ -149,6 +149,24 @@ def test_a_multi_size_split_remaps_and_counts_per_size() -> None:
     assert m["hugepages-64kB/split_failed"] == 1 and w.sys.vmstat["thp_split_page_failed"] == 0
 
 
+def test_a_collapse_frees_the_multi_size_thps_of_its_range() -> None:
+    """khugepaged copies a range of 64 KiB folios into a PMD THP; the old folios are
+    freed and free_pages_prepare() counts hugepages-64kB/nr_anon down (the per-size
+    split counters do not move: nothing was split)."""
+    w = world(unique(THP), hugepages=ONLY_64K)
+    m = w.sys.mthp
+    assert m["hugepages-64kB/nr_anon"] == THP // 16
+    old = w.vma.pte[0]
+    assert isinstance(old, Page) and old.folio is not None
+    # PMD THPs allowed again (hugepages-2048kB back to "inherit", enabled=madvise)
+    w.sys.thp = w.sys.thp.model_copy(update={"hugepages": {"64kB": "madvise"}})
+    w.khugepaged.do_scan()
+    assert w.khugepaged.pages_collapsed == 1 and w.vma.pmd[0] == PMD_THP
+    assert m["hugepages-64kB/nr_anon"] == 0 and not old.folio.alive
+    assert m["hugepages-64kB/split"] == 0 and m["hugepages-64kB/anon_fault_alloc"] == THP // 16
+    assert w.rss_pages == THP and w.sys.nr_anon_thp == 1
+
+
 def test_fault_order_follows_the_size_modes() -> None:
     from ksmlab.scenario import ThpKnobs
 

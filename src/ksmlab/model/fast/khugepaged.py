@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ...scenario import HPAGE_PMD_NR, KhugepagedKnobs
+from ...scenario import HPAGE_PMD_NR, PMD_ORDER, KhugepagedKnobs
 from ..khugepaged import MAX_PTES_SHARED, KhugepagedWalk
 from .pages import deferred_split_folio, thp_allowed
 from .state import (
@@ -15,6 +15,7 @@ from .state import (
     I64,
     KSM_ZERO,
     KZERO,
+    M_NR_ANON,
     NONE,
     NR_THP,
     OWN,
@@ -27,6 +28,7 @@ from .state import (
     Ranges,
     Slots,
     Vmas,
+    mthp_g,
 )
 
 
@@ -84,8 +86,12 @@ class FastKhugepaged(KhugepagedWalk[int, int]):
         page.scid[sl] = codes
         page.pte[sl] = OWN
         if len(page.forder):
-            # the multi-size THPs of the range are copied and gone; as the exact model
-            # (khugepaged._collapse()), their hugepages-<N>kB/nr_anon is left as it was
+            # the multi-size THPs of the range (one per first slot) are copied, then
+            # freed (free_pages_prepare(): mod_mthp_stat(order, MTHP_STAT_NR_ANON, -1))
+            fo = page.forder[sl].astype(np.int64)
+            first = (fo != 0) & (np.arange(base, base + HPAGE_PMD_NR) % (1 << fo) == 0)
+            for o, n in enumerate(np.bincount(fo[first], minlength=PMD_ORDER).tolist()):
+                glob[mthp_g(o, M_NR_ANON)] -= n
             page.forder[sl] = 0
         self.ranges.pmd[r] = PMD_THP
         glob[ANON_RSS] += HPAGE_PMD_NR - present
