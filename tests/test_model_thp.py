@@ -167,6 +167,18 @@ def test_a_collapse_frees_the_multi_size_thps_of_its_range() -> None:
     assert w.rss_pages == THP and w.sys.nr_anon_thp == 1
 
 
+def test_a_split_charges_a_pte_remap_per_page_of_the_folio() -> None:
+    """remap_page() restores each PTE of the folio: 16 for a 64 KiB folio, 512 for a
+    PMD THP (remap_pte_ns is per PTE)."""
+    for hugepages, per_split in ((ONLY_64K, 16), (None, THP)):
+        w = world([0] * THP, use_zero_pages=1, hugepages=hugepages)
+        w.full_scan()
+        w.full_scan()  # each merge attempt on a zero page splits its folio first
+        splits = w.sys.mthp.get("hugepages-64kB/split", w.sys.vmstat["thp_split_page"])
+        assert splits > 0
+        assert w.ksm.cpu.counts["remap_pte_ns"] == splits * per_split
+
+
 def test_fault_order_follows_the_size_modes() -> None:
     from ksmlab.scenario import ThpKnobs
 

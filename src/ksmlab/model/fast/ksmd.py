@@ -501,7 +501,8 @@ def _ksm_split(page: Slots, ranges: Ranges, glob: I64, price: F64, meter: F64, s
                extra: int) -> bool:
     """Ksm._split(): split the large folio of slot ``s`` (its page is kept for the merge)."""
     budget = max(0, glob[BUDGET])
-    ok, zt, dt, rem, krem = split_folio(page, ranges, glob, s, glob[REMAP_KSM], extra, s, budget)
+    ok, zt, dt, rem, krem, nr = split_folio(page, ranges, glob, s, glob[REMAP_KSM], extra, s,
+                                            budget)
     if not ok:
         charge(meter, price, C_SPLIT_FAILED, 1.0)
         return False
@@ -509,7 +510,7 @@ def _ksm_split(page: Slots, ranges: Ranges, glob: I64, price: F64, meter: F64, s
     charge(meter, price, C_SPLIT, 1.0)
     charge(meter, price, C_ZT_ZERO, zt)
     charge(meter, price, C_ZT_DATA, dt)
-    charge(meter, price, C_REMAP_PTE, 512)
+    charge(meter, price, C_REMAP_PTE, nr)
     charge(meter, price, C_FREE_PAGE, rem)
     if krem:
         glob[BUDGET] -= krem

@@ -96,22 +96,22 @@ def deferred_split_folio(ranges: Ranges, glob: I64, r: int) -> None:
 
 @jit()
 def split_folio(page: Slots, ranges: Ranges, glob: I64, s: int, mode: int, extra: int, keep: int,
-                budget: int) -> tuple[bool, int, int, int, int]:
+                budget: int) -> tuple[bool, int, int, int, int, int]:
     """split_huge_page() of the large folio of slot ``s`` (thp.split_folio(): any order,
-    to order 0): (ok, zero_tested, data_tested, remapped, ksm_remapped).  ``keep`` is
-    the slot of the caller's page (or -1)."""
+    to order 0): (ok, zero_tested, data_tested, remapped, ksm_remapped, pages of the
+    folio).  ``keep`` is the slot of the caller's page (or -1)."""
     order, base = folio_of(page, ranges, s)
     if order == 0:
         glob[V_SPLIT_FAILED] += 1
-        return False, 0, 0, 0, 0
+        return False, 0, 0, 0, 0, 0
+    nr = 1 << order
     if extra > 0:
         # can_split_folio() fails; thp_split_page* count the PMD order only, the
         # per-size split* every order (__folio_split())
         if order == PMD_ORDER:
             glob[V_SPLIT_FAILED] += 1
         glob[mthp_g(order, M_SPLIT_FAILED)] += 1
-        return False, 0, 0, 0, 0
-    nr = 1 << order
+        return False, 0, 0, 0, 0, nr
     if order == PMD_ORDER:
         r = s // HPAGE
         glob[V_SPLIT_PMD] += 1  # __split_huge_pmd_locked()
@@ -132,7 +132,7 @@ def split_folio(page: Slots, ranges: Ranges, glob: I64, s: int, mode: int, extra
     rem = 0
     krem = 0
     if mode == R_NONE:
-        return True, 0, 0, 0, 0
+        return True, 0, 0, 0, 0, nr
     # try_to_map_unused_to_zeropage() on each subpage
     for k in range(base, base + nr):
         if page.scid[k] != 0:
@@ -151,7 +151,7 @@ def split_folio(page: Slots, ranges: Ranges, glob: I64, s: int, mode: int, extra
             page.pte[k] = ZERO
         glob[ANON_RSS] -= 1
         rem += 1
-    return True, zt, dt, rem, krem
+    return True, zt, dt, rem, krem, nr
 
 
 @jit(inline=True)
@@ -279,7 +279,7 @@ def deferred_split_scan(page: Slots, ranges: Ranges, vmas: Vmas, glob: I64, orde
             ranges.qseq[r] = 0
             continue
         mode = mode_m if vmas.merge[ranges.vma[r]] else mode_nm
-        ok, _zt, _dt, _rem, _krem = split_folio(page, ranges, glob, r * HPAGE, mode, 0, -1,
+        ok, _zt, _dt, _rem, _krem, _nr = split_folio(page, ranges, glob, r * HPAGE, mode, 0, -1,
                                                  0)
         if ok:
             split += 1
