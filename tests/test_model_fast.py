@@ -322,7 +322,7 @@ def test_mthp_write_faults_as_the_exact_model() -> None:
     is all none (alloc_anon_folio()), else a smaller one, else a 4 KiB page: the same
     folios, counters and RSS on both engines (after the fill no PTE is none, so this
     is the fault path the scenarios never reach)."""
-    from ksmlab.model.fast.state import ANON_RSS, NONE, mthp_g
+    from ksmlab.model.fast.state import ANON_RSS, NONE, OWN, mthp_g
     from ksmlab.model.memory import Thp
     from ksmlab.model.thp import write_fault
 
@@ -352,7 +352,8 @@ def test_mthp_write_faults_as_the_exact_model() -> None:
         _v, b = fast._region(0, 0, ri)
         orders = [p.folio.order if p is not None and isinstance(p.folio, Thp) else 0
                   for p in reg.vma.pte]
-        assert orders == fast.page.forder[b : b + reg.vma.npages].tolist()
+        pte = fast.page.pte[b : b + reg.vma.npages].astype(np.int64)
+        assert orders == np.where(pte <= OWN, OWN - pte, 0).tolist()  # OWN - order
         none = [p is None for p in reg.vma.pte]
         assert none == (fast.page.pte[b : b + reg.vma.npages] == NONE).tolist()
         cids = [0 if p is None else getattr(p, "cid", 0) for p in reg.vma.pte]

@@ -332,15 +332,14 @@ class FastSimulation(Engine):
         ks = np.zeros(max(1, len(ksm_slots)), np.int64)
         ks[: len(ksm_slots)] = ksm_slots
         self.glob[NSLOTS] = len(ksm_slots)
-        self.vmas = Vmas(base=base, n=npg, lo=lim[:, 0].copy(), hi=lim[:, 1].copy(), merge=merge,
-                         anon=np.zeros(n_vma, np.uint8), huge=huge, nohuge=nohuge,
-                         mm_first=mm_first, mm_count=mm_count, ksm_slots=ks)
+        self.vmas = Vmas(base=base, n=npg, merge=merge, anon=np.zeros(n_vma, np.uint8), huge=huge,
+                         nohuge=nohuge, mm_first=mm_first, mm_count=mm_count, ksm_slots=ks)
         nr = s // HPAGE_PMD_NR
         rvma = np.empty(nr, np.int32)
         for vi in range(n_vma):
             rvma[base[vi] // HPAGE_PMD_NR : (base[vi] + npg[vi]) // HPAGE_PMD_NR] = vi
         self.ranges = Ranges(pmd=np.zeros(nr, np.uint8), qseq=np.zeros(nr, np.int64), vma=rvma)
-        self.page = new_slots(s, mthp=bool(sc.thp.mthp_orders))
+        self.page = new_slots(s)
         self.pool = new_pool(1024, 2048)
         self.n_mms = len(insts)
 
@@ -396,7 +395,7 @@ class FastSimulation(Engine):
                 mask = mthp_orders(vmas, glob, v)
                 if mask:  # a fresh range: every aligned folio of the highest order fits
                     o = mask.bit_length() - 1
-                    page.forder[b : b + n] = o
+                    page.pte[b : b + n] = OWN - o
                     glob[mthp_g(o, M_FAULT_ALLOC)] += n >> o
                     glob[mthp_g(o, M_NR_ANON)] += n >> o
             glob[ANON_RSS] += n
@@ -435,7 +434,7 @@ class FastSimulation(Engine):
             k = int(thp.sum())
             glob[NR_THP] += k
             glob[THP_RANGES] += k
-            glob[ANON_RSS] += int(np.count_nonzero(pte == OWN))
+            glob[ANON_RSS] += int(np.count_nonzero(pte <= OWN))
             if k:  # a THP from before time 0: no thp_fault_alloc, queued as its fault did
                 self.mm_thp[m] = True
                 if glob[DEFER_ON]:

@@ -65,7 +65,7 @@ class FastKhugepaged(KhugepagedWalk[int, int]):
         ksm = pte[pte >= 0]
         if int(np.count_nonzero(self.pool.kmap[ksm] > 1)) > MAX_PTES_SHARED:
             return False
-        if self.needs_writable and not np.any(pte == OWN):
+        if self.needs_writable and not np.any(pte <= OWN):
             return False  # SCAN_PAGE_RO (6.12; gone in later trees)
         self._collapse(r)
         return True
@@ -77,22 +77,22 @@ class FastKhugepaged(KhugepagedWalk[int, int]):
         sl = slice(base, base + HPAGE_PMD_NR)
         pte = page.pte[sl].copy()
         ksm = pte >= 0
-        present = int(np.count_nonzero(ksm | (pte == OWN)))
+        own = pte <= OWN
+        present = int(np.count_nonzero(ksm | own))
         codes = page.scid[sl].copy()
         codes[ksm] = self.pool.kcid[pte[ksm]]
-        codes[~(ksm | (pte == OWN))] = 0
+        codes[~(ksm | own)] = 0
         np.subtract.at(self.pool.kmap, pte[ksm], 1)
         glob[KSM_ZERO] -= int(np.count_nonzero(pte == KZERO))
         page.scid[sl] = codes
-        page.pte[sl] = OWN
-        if len(page.forder):
-            # the multi-size THPs of the range (one per first slot) are copied, then
-            # freed (free_pages_prepare(): mod_mthp_stat(order, MTHP_STAT_NR_ANON, -1))
-            fo = page.forder[sl].astype(np.int64)
-            first = (fo != 0) & (np.arange(base, base + HPAGE_PMD_NR) % (1 << fo) == 0)
+        # the multi-size THPs of the range (one per first slot) are copied, then freed
+        # (free_pages_prepare(): mod_mthp_stat(order, MTHP_STAT_NR_ANON, -1))
+        fo = np.where(own, OWN - pte.astype(np.int64), 0)
+        first = (fo != 0) & (np.arange(base, base + HPAGE_PMD_NR) % (1 << fo) == 0)
+        if first.any():
             for o, n in enumerate(np.bincount(fo[first], minlength=PMD_ORDER).tolist()):
                 glob[mthp_g(o, M_NR_ANON)] -= n
-            page.forder[sl] = 0
+        page.pte[sl] = OWN
         self.ranges.pmd[r] = PMD_THP
         glob[ANON_RSS] += HPAGE_PMD_NR - present
         glob[NR_THP] += 1

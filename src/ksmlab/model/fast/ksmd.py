@@ -121,8 +121,7 @@ def _in_thp(page: Slots, ranges: Ranges, h: int) -> bool:
     if h >= 0:
         return False
     s = -h - 1
-    return ranges.pmd[s // HPAGE] == PMD_THP or (len(page.forder) != 0
-                                                  and page.forder[s] != 0)
+    return bool(ranges.pmd[s // HPAGE] == PMD_THP or page.pte[s] < OWN)
 
 
 @jit(inline=True)
@@ -131,15 +130,17 @@ def _same_folio(page: Slots, ranges: Ranges, a: int, b: int) -> bool:
     if a >= 0 or b >= 0:
         return False
     oa, fa = folio_of(page, ranges, -a - 1)
+    if oa == 0:
+        return False
     ob, fb = folio_of(page, ranges, -b - 1)
-    return oa != 0 and oa == ob and fa == fb
+    return oa == ob and fa == fb
 
 
 @jit(inline=True)
 def _maps(page: Slots, s: int, h: int) -> bool:
     if h >= 0:
         return bool(page.pte[s] == h)
-    return page.pte[s] == OWN and s == -h - 1
+    return page.pte[s] <= OWN and s == -h - 1
 
 
 @jit(inline=True)
@@ -147,7 +148,7 @@ def _handle_at(page: Slots, s: int) -> int:
     p = page.pte[s]
     if p >= 0:
         return int(p)
-    if p == OWN:
+    if p <= OWN:
         return -s - 1
     return NOPAGE
 
@@ -693,7 +694,7 @@ def _scan_mm(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, met
         skipped = 0
         while i < vend:
             p = page.pte[i]
-            if (p >= 0 or p == OWN) and (scan_thp or p >= 0
+            if (p >= 0 or p <= OWN) and (scan_thp or p >= 0
                                          or ranges.pmd[i // HPAGE] != PMD_THP):
                 _flush_frees(glob, meter, price)
                 if not page.iflags[i] & EXISTS:

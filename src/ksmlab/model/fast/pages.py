@@ -79,8 +79,9 @@ def folio_of(page: Slots, ranges: Ranges, s: int) -> tuple[int, int]:
     (alloc_anon_folio()) in slots, which are 2 MiB aligned per VMA."""
     if ranges.pmd[s // HPAGE] == PMD_THP:
         return PMD_ORDER, s - s % HPAGE
-    if len(page.forder) != 0 and page.forder[s] != 0:
-        o = int(page.forder[s])
+    p = page.pte[s]
+    if p < OWN:
+        o = int(OWN - p)
         return o, s - s % (1 << o)
     return 0, s
 
@@ -124,7 +125,7 @@ def split_folio(page: Slots, ranges: Ranges, glob: I64, s: int, mode: int, extra
         # unmap_folio() of a PTE-mapped folio: partially mapped after its first PTE,
         # queued (deferred_split_folio(folio, true)) and taken off again by the split
         glob[mthp_g(order, M_SPLIT_DEFERRED)] += 1
-        page.forder[base : base + nr] = 0
+        page.pte[base : base + nr] = OWN  # order-0 pages now
     glob[mthp_g(order, M_SPLIT)] += 1
     glob[mthp_g(order, M_NR_ANON)] -= 1
     zt = 0
@@ -159,9 +160,8 @@ def _mthp_fault(page: Slots, glob: I64, base: int, order: int) -> None:
     """thp._mthp_fault(): a zeroed multi-size THP mapped by PTEs, counted per size."""
     nr = 1 << order
     for k in range(base, base + nr):
-        page.pte[k] = OWN
+        page.pte[k] = OWN - order
         page.scid[k] = 0
-        page.forder[k] = order
     glob[ANON_RSS] += nr
     glob[mthp_g(order, M_FAULT_ALLOC)] += 1
     glob[mthp_g(order, M_NR_ANON)] += 1
@@ -199,7 +199,9 @@ def write_fault(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, 
                     continue
                 nr = 1 << o
                 base = s - s % nr
-                if base < vmas.lo[v] or base + nr > vmas.hi[v]:
+                # within the VMA (only a region's VMA takes writes: it fills its
+                # 2 MiB ranges, so vma.lo/hi are its first and last slots)
+                if base < vmas.base[v] or base + nr > vmas.base[v] + vmas.n[v]:
                     continue
                 free = True
                 for k in range(base, base + nr):
@@ -279,8 +281,8 @@ def deferred_split_scan(page: Slots, ranges: Ranges, vmas: Vmas, glob: I64, orde
             ranges.qseq[r] = 0
             continue
         mode = mode_m if vmas.merge[ranges.vma[r]] else mode_nm
-        ok, _zt, _dt, _rem, _krem, _nr = split_folio(page, ranges, glob, r * HPAGE, mode, 0, -1,
-                                                 0)
+        ok, _zt, _dt, _rem, _krem, _nr = split_folio(page, ranges, glob, r * HPAGE, mode, 0,
+                                                     -1, 0)
         if ok:
             split += 1
             glob[V_UNDERUSED] += 1

@@ -1,14 +1,14 @@
 """Array state of the fast engine: one slot per simulated 4 KiB page.
 
-Per slot (29 bytes; 30 where multi-size THP is on): the PTE (``pte``: NONE,
-ZERO, KZERO, OWN or the index of a KSM page), the content code of the slot's own
-private page (``scid``), the order of the PTE-mapped large folio it is part of
-(``forder``: multi-size THP only, an empty array elsewhere; PMD-mapped THPs are
-per 2 MiB range, ``Ranges.pmd``) and the slot's rmap item (flags, seqnr, age,
-remaining_skips, oldchecksum, and the unstable-tree links; a stable item keeps its
-stable node in ``ileft``).  KSM pages and stable nodes live in small pools that
-grow between compiled calls.  Content ids are coded in 32 bits keeping their
-order: 0..2**20 as themselves, unique ids after them, fresh ids from 2**31.
+Per slot (29 bytes): the PTE (``pte``: NONE, ZERO, KZERO, the slot's own private
+page: OWN, or OWN - order for a subpage of a multi-size THP (a PTE-mapped large
+folio; PMD-mapped THPs are per 2 MiB range, ``Ranges.pmd``), or the index of a
+KSM page), the content code of the slot's own private page (``scid``) and the
+slot's rmap item (flags, seqnr, age, remaining_skips, oldchecksum, and the
+unstable-tree links; a stable item keeps its stable node in ``ileft``).  KSM
+pages and stable nodes live in small pools that grow between compiled calls.
+Content ids are coded in 32 bits keeping their order: 0..2**20 as themselves,
+unique ids after them, fresh ids from 2**31.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ U32 = npt.NDArray[np.uint32]
 U64 = npt.NDArray[np.uint64]
 F64 = npt.NDArray[np.float64]
 
-# PTE kinds (pte >= 0: a KSM page of the pool)
+# PTE kinds (pte >= 0: a KSM page of the pool; pte <= OWN: the slot's own page, and
+# pte = OWN - order < OWN a subpage of a multi-size THP of that order)
 NONE, ZERO, KZERO, OWN = -1, -2, -3, -4
 # rmap item flags
 EXISTS, UNSTABLE, STABLE = 1, 2, 4
@@ -140,7 +141,6 @@ R_NONE, R_CLEAN, R_KSM = 0, 1, 2
 class Slots(NamedTuple):
     pte: I32
     scid: U32
-    forder: U8
     iflags: U8
     iseq: U8
     iage: U8
@@ -165,8 +165,6 @@ class Vmas(NamedTuple):
 
     base: I64
     n: I64
-    lo: I64  # [lo, hi): the real VMA's slots (an image's VMA need not fill its ranges)
-    hi: I64
     merge: U8
     anon: U8
     huge: U8
@@ -208,12 +206,9 @@ def code_of(ids: npt.NDArray[np.uint64]) -> U32:
     return out.astype(np.uint32)
 
 
-def new_slots(n: int, mthp: bool = False) -> Slots:
-    """``mthp``: multi-size THP may fault (else ``forder`` is empty: no folio below
-    PMD order can exist)."""
+def new_slots(n: int) -> Slots:
     return Slots(
         pte=np.full(n, NONE, np.int32), scid=np.zeros(n, np.uint32),
-        forder=np.zeros(n if mthp else 0, np.uint8),
         iflags=np.zeros(n, np.uint8), iseq=np.zeros(n, np.uint8), iage=np.zeros(n, np.uint8),
         iskip=np.zeros(n, np.uint8), ired=np.zeros(n, np.uint8), ichk=np.zeros(n, np.uint32),
         ileft=np.full(n, -1, np.int32), iright=np.full(n, -1, np.int32),
