@@ -25,7 +25,7 @@ from ksmlab.model.costs import COST_FIELDS, CostProfile
 from ksmlab.model.fast import FastSimulation, unsupported
 from ksmlab.model.run import Simulation, run_model
 from ksmlab.scenario import Scenario, builtin_names, load
-from ksmlab.trace import COLUMNS, Trace
+from ksmlab.trace import COLUMNS, MTHP_STATS, Trace
 
 EXAMPLES = int(os.environ.get("KSMLAB_FAST_EXAMPLES", "1000"))
 # replays and random profiles: fewer (each runs both engines on a pinned timeline)
@@ -36,7 +36,9 @@ RUN_EXAMPLES = int(os.environ.get("KSMLAB_FAST_RUN_EXAMPLES", "100"))
 
 
 def assert_same(a: Trace, b: Trace) -> None:
-    for c in COLUMNS:
+    extra = [c for c in a.columns if c not in COLUMNS]  # per-size counters (mTHP)
+    assert extra == [c for c in b.columns if c not in COLUMNS]
+    for c in (*COLUMNS, *extra):
         x, y = np.asarray(a[c]), np.asarray(b[c])
         assert x.shape == y.shape, f"{c}: {x.shape} samples vs {y.shape}"
         bad = np.flatnonzero(x != y)
@@ -83,6 +85,13 @@ processes = st.lists(st.fixed_dictionaries({
     "merge": st.sampled_from(["madvise", "madvise", "madvise", "prctl", "prctl", "none"]),
     "region": st.lists(regions, min_size=1, max_size=2),
 }), min_size=1, max_size=2)
+
+# multi-size THP: hugepages-<size>/enabled for a few sizes (PMD's among them), or none
+hugepages = st.one_of(
+    st.just({}),
+    st.dictionaries(st.sampled_from(["16kB", "32kB", "64kB", "512kB", "1024kB", "2048kB"]),
+                    st.sampled_from(["always", "inherit", "madvise", "never"]), max_size=3),
+)
 
 SET_KNOBS: dict[str, Any] = {
     "ksm.pages_to_scan": st.sampled_from([1, 20, 100]),
@@ -165,6 +174,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "ksm": ksm,
         "thp": {
             "enabled": draw(st.sampled_from(["always", "madvise", "madvise", "never"])),
+            "hugepages": draw(hugepages),
             "shrink_underused": draw(st.sampled_from([0, 1])),
             "khugepaged": {
                 "max_ptes_none": draw(st.sampled_from([0, 64, 511, 511])),
@@ -188,14 +198,15 @@ def test_fast_equals_exact_random(data: dict[str, Any], policy: str, events: boo
     assert_same(exact, fast)
 
 
-# multi-size THP runs on the exact engine only (fast.unsupported() says so)
-FAST_BUILTINS = [n for n in builtin_names() if n != "host-1t" and not n.startswith("mthp-")]
+FAST_BUILTINS = [n for n in builtin_names() if n != "host-1t"]
+MTHP_BUILTINS = [n for n in builtin_names() if n.startswith("mthp-")]
 
 
-def test_only_multi_size_builtins_are_outside_the_fast_engine() -> None:
+def test_every_builtin_is_in_the_fast_engine() -> None:
+    """Multi-size THP included (the mthp-* built-ins)."""
+    assert MTHP_BUILTINS
     for n in builtin_names():
-        reason = unsupported(load(n))
-        assert (reason is not None) == n.startswith("mthp-"), (n, reason)
+        assert unsupported(load(n)) is None, n
 
 
 @pytest.mark.parametrize("name", FAST_BUILTINS)
@@ -317,7 +328,8 @@ test_fast_equals_exact_replay_this_run = seed(RUN_SEED)(settings(
           draw=st.data())(_replay_test)))
 
 
-@pytest.mark.parametrize("name", ["pressure-409", "volatile", "khugepaged-recollapse"])
+@pytest.mark.parametrize("name", ["pressure-409", "volatile", "khugepaged-recollapse",
+                                  *MTHP_BUILTINS])
 def test_fast_equals_exact_replay_builtins(name: str) -> None:
     """Pinned events past the first full scans, a pressure event kept by the shrinker."""
     sc = load(name).with_duration(6.0)
@@ -331,6 +343,85 @@ def test_fast_equals_exact_replay_builtins(name: str) -> None:
                           khugepaged_enter_passes=1, kernel_events=True)
     assert_same(exact.run(), fast.run())
     assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
+
+
+MTHP_EVENTS: list[dict[str, Any]] = [
+    {"action": "pressure", "at": 1.0},
+    {"action": "write", "at": 1.5, "process": 0, "region": 0, "fraction": 0.3,
+     "content": "unique", "seed": 1},
+    {"action": "set", "at": 2.0, "knob": "thp.enabled", "value": "always"},  # PMD where
+    {"action": "ksm_unmerge", "at": 4.0},  # "inherit": khugepaged collapses mTHP ranges
+    {"action": "set", "at": 4.2, "knob": "ksm.use_zero_pages", "value": 1},
+    {"action": "khugepaged", "at": 4.5},
+    {"action": "ksm_start", "at": 5.0},
+]
+
+
+@pytest.mark.parametrize("name", MTHP_BUILTINS)
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_fast_equals_exact_replay_mthp(name: str, policy: str) -> None:
+    """Multi-size THP under every policy with events (splits by the shrinker's pass, by
+    writes, collapses of ranges of mTHPs), pinned at full scans, cost counts included."""
+    sc = Scenario.model_validate({**load(name).model_dump(), "duration": 8.0,
+                                  "align_events": False, "event": MTHP_EVENTS})
+    # (the scenario's ksm_start_at is the first ksm_start a pin would name)
+    pins = [(e["action"], 1 + i // 4) for i, e in enumerate(MTHP_EVENTS[:5]) if i % 2 == 0]
+    exact = Simulation(sc, policy, CostProfile(), pins, 1)
+    fast = FastSimulation(sc, policy, CostProfile(), pins=pins, khugepaged_enter_passes=1)
+    assert_same(exact.run(), fast.run())
+    assert exact.at_scan_end == fast.at_scan_end and exact.at_scan_end
+
+
+def test_mthp_write_faults_as_the_exact_model() -> None:
+    """A write fault on a none PTE takes the highest allowed order whose aligned range
+    is all none (alloc_anon_folio()), else a smaller one, else a 4 KiB page: the same
+    folios, counters and RSS on both engines (after the fill no PTE is none, so this
+    is the fault path the scenarios never reach)."""
+    from ksmlab.model.fast.state import ANON_RSS, NONE, OWN, mthp_g
+    from ksmlab.model.memory import Thp
+    from ksmlab.model.thp import write_fault
+
+    sc = Scenario.model_validate({
+        "name": "mthp-faults", "duration": 1.0, "fill_at": 0.5,
+        "thp": {"enabled": "never", "hugepages": {"64kB": "always", "16kB": "always",
+                                                  "32kB": "madvise"}},
+        "process": [{"region": [{"size_mib": 2, "thp": "default", "seed": 1},
+                                {"size_mib": 2, "thp": "hugepage", "seed": 1}]}]})
+    exact = Simulation(sc, "mainline", CostProfile())
+    fast = FastSimulation(sc, "mainline", CostProfile())
+    # 4 KiB pages first (multi-size THP off), then faults beside them: the folios that
+    # fit between them, the highest order first, and 4 KiB pages where none does
+    first, then = [3, 50, 300], [5, 9, 16, 17, 40, 51, 0, 100, 101, 301, *range(256, 512)]
+    thp = exact.sys.thp
+    for phase, offsets in enumerate((first, then)):
+        exact.sys.thp = thp if phase else thp.model_copy(update={"hugepages": {}})
+        fast.thp = exact.sys.thp
+        fast._params()
+        for ri, reg in enumerate(exact.regions):
+            for k, i in enumerate(offsets):
+                write_fault(exact.sys, reg.vma, i, 1000 + k)
+            _v, b = fast._region(0, 0, ri)
+            fast._write(np.asarray(offsets, np.int64) + b,
+                        np.asarray([1000 + k for k in range(len(offsets))], np.uint64))
+    for ri, reg in enumerate(exact.regions):
+        _v, b = fast._region(0, 0, ri)
+        orders = [p.folio.order if p is not None and isinstance(p.folio, Thp) else 0
+                  for p in reg.vma.pte]
+        pte = fast.page.pte[b : b + reg.vma.npages].astype(np.int64)
+        assert orders == np.where(pte <= OWN, OWN - pte, 0).tolist()  # OWN - order
+        none = [p is None for p in reg.vma.pte]
+        assert none == (fast.page.pte[b : b + reg.vma.npages] == NONE).tolist()
+        cids = [0 if p is None else getattr(p, "cid", 0) for p in reg.vma.pte]
+        assert cids == fast.page.scid[b : b + reg.vma.npages].tolist()
+        assert 0 in orders[:512] and 2 in orders and max(orders) == 4
+    assert sum(mm.anon_rss for mm in exact.sys.mms) == fast.glob[ANON_RSS]
+    for key, n in exact.sys.mthp.items():
+        size, stat = key.removeprefix("hugepages-").split("/")
+        order = {"16kB": 2, "32kB": 3, "64kB": 4}[size]
+        assert n == fast.glob[mthp_g(order, MTHP_STATS.index(stat))], key
+    assert exact.sys.mthp["hugepages-64kB/anon_fault_alloc"] > 0
+    assert exact.sys.mthp["hugepages-32kB/anon_fault_alloc"] > 0
+    assert exact.sys.mthp["hugepages-16kB/anon_fault_alloc"] > 0
 
 
 def test_replays_run_on_the_fast_engine() -> None:
@@ -363,7 +454,15 @@ def test_the_globals_are_named_in_order() -> None:
     """Each int64 global's constant is its index in G_NAMES (the layout a reader reads)."""
     from ksmlab.model.fast import state
 
-    assert [getattr(state, n) for n in state.G_NAMES] == list(range(state.N_G))
+    fixed = [n for n in state.G_NAMES if not n.startswith("MTHP_") or "ORDERS" in n]
+    assert [getattr(state, n) for n in fixed] == list(range(len(fixed)))
+    # then the per-size stats by order: MTHP_<order>_<stat> at mthp_g(order, stat)
+    assert len(fixed) == state.MTHP_G
+    assert [state.G_NAMES[state.mthp_g(o, k)] for o in range(state.PMD_ORDER + 1)
+            for k in range(state.N_MSTAT)] == [f"MTHP_{o}_{st}" for o in range(10)
+                                               for st in MTHP_STATS]
+    assert state.mthp_g(state.PMD_ORDER, state.N_MSTAT - 1) == state.N_G - 1
+    assert MTHP_STATS[state.M_SPLIT_DEFERRED] == "split_deferred"
     assert [state.COST_FIELDS[getattr(state, c)] for c in ("C_VISIT", "C_COLD", "C_TICK")] == [
         "visit_ns", "cold_start", "tick_ns"]
     assert state.VMSTAT_G["thp_swpout_fallback"] == state.V_SWPOUT_FALLBACK

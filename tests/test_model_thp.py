@@ -149,6 +149,36 @@ def test_a_multi_size_split_remaps_and_counts_per_size() -> None:
     assert m["hugepages-64kB/split_failed"] == 1 and w.sys.vmstat["thp_split_page_failed"] == 0
 
 
+def test_a_collapse_frees_the_multi_size_thps_of_its_range() -> None:
+    """khugepaged copies a range of 64 KiB folios into a PMD THP; the old folios are
+    freed and free_pages_prepare() counts hugepages-64kB/nr_anon down (the per-size
+    split counters do not move: nothing was split)."""
+    w = world(unique(THP), hugepages=ONLY_64K)
+    m = w.sys.mthp
+    assert m["hugepages-64kB/nr_anon"] == THP // 16
+    old = w.vma.pte[0]
+    assert isinstance(old, Page) and old.folio is not None
+    # PMD THPs allowed again (hugepages-2048kB back to "inherit", enabled=madvise)
+    w.sys.thp = w.sys.thp.model_copy(update={"hugepages": {"64kB": "madvise"}})
+    w.khugepaged.do_scan()
+    assert w.khugepaged.pages_collapsed == 1 and w.vma.pmd[0] == PMD_THP
+    assert m["hugepages-64kB/nr_anon"] == 0 and not old.folio.alive
+    assert m["hugepages-64kB/split"] == 0 and m["hugepages-64kB/anon_fault_alloc"] == THP // 16
+    assert w.rss_pages == THP and w.sys.nr_anon_thp == 1
+
+
+def test_a_split_charges_a_pte_remap_per_page_of_the_folio() -> None:
+    """remap_page() restores each PTE of the folio: 16 for a 64 KiB folio, 512 for a
+    PMD THP (remap_pte_ns is per PTE)."""
+    for hugepages, per_split in ((ONLY_64K, 16), (None, THP)):
+        w = world([0] * THP, use_zero_pages=1, hugepages=hugepages)
+        w.full_scan()
+        w.full_scan()  # each merge attempt on a zero page splits its folio first
+        splits = w.sys.mthp.get("hugepages-64kB/split", w.sys.vmstat["thp_split_page"])
+        assert splits > 0
+        assert w.ksm.cpu.counts["remap_pte_ns"] == splits * per_split
+
+
 def test_fault_order_follows_the_size_modes() -> None:
     from ksmlab.scenario import ThpKnobs
 
@@ -161,15 +191,15 @@ def test_fault_order_follows_the_size_modes() -> None:
     assert inherit.fault_order("default") == 2  # "inherit" follows enabled=always
 
 
-def test_multi_size_scenarios_run_on_the_exact_engine() -> None:
+def test_multi_size_scenarios_run_on_the_fast_engine() -> None:
     from ksmlab.model import simulate
     from ksmlab.model.fast import unsupported
     from ksmlab.scenario import load
 
     sc = load("mthp-64k-uzp1").with_duration(6.0)
-    assert "multi-size" in (unsupported(sc) or "")
+    assert unsupported(sc) is None
     tr = simulate(sc, "mainline")
-    assert tr.meta["engine"] == "exact" and "multi-size" in tr.meta["engine_why"]
+    assert tr.meta["engine"] == "fast"  # the same trace as the exact one (test_model_fast)
     # the second full scan's 1024 merge attempts each split a 64 KiB folio, whose 16
     # zero subpages (the attempted page too) the split remaps: all 64 MiB, no KSM page
     assert tr.since_start("hugepages-64kB/split")[-1] == 1024

@@ -166,6 +166,12 @@ class Khugepaged(KhugepagedWalk[Mm, Vma]):
             if isinstance(pte, Page):
                 present += 1
                 pages.append(Page(pte.cid, folio))
+                old = pte.folio
+                if old is not None and old.alive:
+                    # a multi-size THP of the range: copied, then freed
+                    # (free_pages_prepare(): mod_mthp_stat(order, MTHP_STAT_NR_ANON, -1))
+                    old.alive = False
+                    sys.count_mthp(old.order, "nr_anon", -1)
                 put_mapping(pte)  # KSM mappings vanish; stable items die lazily
             else:
                 if pte is not None and pte.ksm:

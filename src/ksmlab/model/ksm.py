@@ -467,7 +467,7 @@ class Ksm:
         cpu.charge("split_ns")
         cpu.charge("zero_test_zero_ns", res.zero_tested)
         cpu.charge("zero_test_data_ns", res.data_tested)
-        cpu.charge("remap_pte_ns", 512)
+        cpu.charge("remap_pte_ns", len(folio.pages))  # remap_page(): each PTE of the folio
         cpu.charge("free_page_ns", res.remapped)
         if res.ksm_remapped:
             # ksm-accounted-remap: each remapped subpage is a page scanned

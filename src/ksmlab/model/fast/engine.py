@@ -28,8 +28,9 @@ from ...scenario import (
     Scenario,
     SetKnob,
     Write,
+    folio_size_name,
 )
-from ...trace import VMSTAT_COUNTERS, Trace
+from ...trace import MTHP_STATS, VMSTAT_COUNTERS, Trace, mthp_column
 from ..advisor import Advisor
 from ..costs import COST_FIELDS, CostProfile
 from ..khugepaged import khugepaged_enter_passes as enter_passes
@@ -51,6 +52,7 @@ from .khugepaged import FastKhugepaged
 from .ksmd import ksmd_until
 from .pages import (
     deferred_split_scan,
+    mthp_orders,
     queued_order,
     store_codes,
     thp_allowed,
@@ -80,8 +82,12 @@ from .state import (
     K_SMART,
     K_UZP,
     KSM_ZERO,
+    M_FAULT_ALLOC,
+    M_NR_ANON,
     MAX_FRESH,
     MAX_UNIQUE,
+    MTHP_ORDERS_MADV,
+    MTHP_ORDERS_PLAIN,
     N_F,
     N_G,
     NK,
@@ -124,6 +130,7 @@ from .state import (
     Vmas,
     code_of,
     grow_pool,
+    mthp_g,
     new_pool,
     new_slots,
 )
@@ -136,8 +143,6 @@ def unsupported(sc: Scenario) -> str | None:
     """Why the fast engine cannot run ``sc`` exactly (None: it can)."""
     if sc.duplicate_pool >= DUP_MAX:
         return "duplicate_pool too large for 32-bit content codes"
-    if sc.thp.hugepages and (sc.thp.mthp_orders or sc.thp.size_mode(PMD_ORDER) != "inherit"):
-        return "per-size THP knobs (thp.hugepages): multi-size THP is in the exact model only"
     if sum(p.count * _mapped_pages(p) for p in sc.process) >= min(
             MAX_UNIQUE, 1 << 31) - HPAGE_PMD_NR:
         return "too many pages for 32-bit slot numbers"
@@ -245,7 +250,7 @@ class FastSimulation(Engine):
             self.fill(progress_setup)
         if kernel_events:
             # the pages at time 0, as the live lab's pagemap snapshot names them
-            self.pool.ev.orig[:] = self.page.pte == OWN
+            self.pool.ev.orig[:] = self.page.pte <= OWN  # own pages (OWN - order: of an mTHP)
 
     def _register_khugepaged(self) -> None:
         # khugepaged_enter_vma(): at mmap or MADV_HUGEPAGE, and at a THP fault (an
@@ -347,7 +352,7 @@ class FastSimulation(Engine):
         self.glob[NSLOTS] = len(ksm_slots)
         self.entered = list(ksm_slots)  # __ksm_enter() before time 0, in order
         self.vmas = Vmas(base=base, n=npg, merge=merge, anon=np.zeros(n_vma, np.uint8), huge=huge,
-                      nohuge=nohuge, mm_first=mm_first, mm_count=mm_count, ksm_slots=ks)
+                         nohuge=nohuge, mm_first=mm_first, mm_count=mm_count, ksm_slots=ks)
         nr = s // HPAGE_PMD_NR
         rvma = np.empty(nr, np.int32)
         for vi in range(n_vma):
@@ -367,8 +372,14 @@ class FastSimulation(Engine):
         glob[K_MPS] = int(kn.max_page_sharing)
         glob[K_SLEEP] = int(kn.sleep_millisecs)
         glob[K_PRUNE] = int(kn.stable_node_chains_prune_millisecs)
-        glob[THP_ALLOWED_ALWAYS] = thp.enabled == "always"
-        glob[THP_ALLOWED_MADV] = thp.enabled == "madvise"
+        # thp_vma_allowable_orders() (ThpKnobs.order_allowed()): PMD order in a VMA
+        # without / with VM_HUGEPAGE (the first implies the second), and the smaller ones
+        glob[THP_ALLOWED_ALWAYS] = thp.order_allowed(PMD_ORDER, False, False)
+        glob[THP_ALLOWED_MADV] = thp.order_allowed(PMD_ORDER, True, False)
+        glob[MTHP_ORDERS_PLAIN] = sum(1 << o for o in thp.mthp_orders
+                                      if thp.order_allowed(o, False, False))
+        glob[MTHP_ORDERS_MADV] = sum(1 << o for o in thp.mthp_orders
+                                     if thp.order_allowed(o, True, False))
         glob[DEFER_ON] = bool(thp.shrink_underused and pol.underused_shrinker)
         glob[SKIP_ZP] = pol.ksm_skip_zeropage
         glob[SCAN_THP_P] = ksm_scans_thp(pol, True)
@@ -401,6 +412,12 @@ class FastSimulation(Engine):
                     glob[DEFER_SEQ] += nr
             else:
                 ranges.pmd[rs] = PMD_TABLE
+                mask = mthp_orders(vmas, glob, v)
+                if mask:  # a fresh range: every aligned folio of the highest order fits
+                    o = mask.bit_length() - 1
+                    page.pte[b : b + n] = OWN - o
+                    glob[mthp_g(o, M_FAULT_ALLOC)] += n >> o
+                    glob[mthp_g(o, M_NR_ANON)] += n >> o
             glob[ANON_RSS] += n
             done += n
             if progress is not None:
@@ -437,7 +454,7 @@ class FastSimulation(Engine):
             k = int(thp.sum())
             glob[NR_THP] += k
             glob[THP_RANGES] += k
-            glob[ANON_RSS] += int(np.count_nonzero(pte == OWN))
+            glob[ANON_RSS] += int(np.count_nonzero(pte <= OWN))
             if k:  # a THP from before time 0: no thp_fault_alloc, queued as its fault did
                 self.mm_thp[m] = True
                 if glob[DEFER_ON]:
@@ -591,7 +608,11 @@ class FastSimulation(Engine):
             "ksm_merging_pages": int(glob[PAGES_SHARED] + glob[PAGES_SHARING]),
             "proc_ksm_zero_pages": zero, "ksmd_cpu_ns": float(self.meter[CPU]),
         }
-        return sample_row(t, full_scan_end, raw)
+        # the per-size counters of multi-size THP, where the scenario enables a size
+        # (System.mthp: the sizes of the knobs at the start, highest first)
+        return {**sample_row(t, full_scan_end, raw), **{
+            mthp_column(folio_size_name(o), st): int(glob[mthp_g(o, k)])
+            for o in self.sc.thp.mthp_orders for k, st in enumerate(MTHP_STATS)}}
 
     # ---- ksmd, as the timeline drives it ------------------------------------
     def should_run(self) -> bool:

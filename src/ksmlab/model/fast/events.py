@@ -186,7 +186,7 @@ def renew(ev: Events, pte: I32, slots: I64) -> None:
     get a new page (do_anonymous_page(), wp_page_copy()); a private page is written
     in place and keeps its name."""
     if ev.ctl[EV_ON]:
-        ev.orig[slots[pte[slots] != OWN]] = 0
+        ev.orig[slots[pte[slots] > OWN]] = 0  # not own (<= OWN: own, of any order)
 
 
 def renew_unmerged(ev: Events, pte: I32) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ...scenario import HPAGE_PMD_NR, KhugepagedKnobs
+from ...scenario import HPAGE_PMD_NR, PMD_ORDER, KhugepagedKnobs
 from ..khugepaged import MAX_PTES_SHARED, KhugepagedWalk
 from .pages import deferred_split_folio, thp_allowed
 from .state import (
@@ -15,6 +15,7 @@ from .state import (
     I64,
     KSM_ZERO,
     KZERO,
+    M_NR_ANON,
     NONE,
     NR_THP,
     OWN,
@@ -27,6 +28,7 @@ from .state import (
     Ranges,
     Slots,
     Vmas,
+    mthp_g,
 )
 
 
@@ -63,7 +65,7 @@ class FastKhugepaged(KhugepagedWalk[int, int]):
         ksm = pte[pte >= 0]
         if int(np.count_nonzero(self.pool.kmap[ksm] > 1)) > MAX_PTES_SHARED:
             return False
-        if self.needs_writable and not np.any(pte == OWN):
+        if self.needs_writable and not np.any(pte <= OWN):
             return False  # SCAN_PAGE_RO (6.12; gone in later trees)
         self._collapse(r)
         return True
@@ -75,13 +77,21 @@ class FastKhugepaged(KhugepagedWalk[int, int]):
         sl = slice(base, base + HPAGE_PMD_NR)
         pte = page.pte[sl].copy()
         ksm = pte >= 0
-        present = int(np.count_nonzero(ksm | (pte == OWN)))
+        own = pte <= OWN
+        present = int(np.count_nonzero(ksm | own))
         codes = page.scid[sl].copy()
         codes[ksm] = self.pool.kcid[pte[ksm]]
-        codes[~(ksm | (pte == OWN))] = 0
+        codes[~(ksm | own)] = 0
         np.subtract.at(self.pool.kmap, pte[ksm], 1)
         glob[KSM_ZERO] -= int(np.count_nonzero(pte == KZERO))
         page.scid[sl] = codes
+        # the multi-size THPs of the range (one per first slot) are copied, then freed
+        # (free_pages_prepare(): mod_mthp_stat(order, MTHP_STAT_NR_ANON, -1))
+        fo = np.where(own, OWN - pte.astype(np.int64), 0)
+        first = (fo != 0) & (np.arange(base, base + HPAGE_PMD_NR) % (1 << fo) == 0)
+        if first.any():
+            for o, n in enumerate(np.bincount(fo[first], minlength=PMD_ORDER).tolist()):
+                glob[mthp_g(o, M_NR_ANON)] -= n
         page.pte[sl] = OWN
         self.ranges.pmd[r] = PMD_THP
         glob[ANON_RSS] += HPAGE_PMD_NR - present

@@ -32,7 +32,7 @@ from .events import (
     removed_node,
 )
 from .jit import jit
-from .pages import break_ksm, split_folio
+from .pages import break_ksm, folio_of, split_folio
 from .state import (
     ADV_CPU_END,
     ADV_T_END,
@@ -139,20 +139,31 @@ def _cid(page: Slots, pool: Pool, h: int) -> int:
 
 @jit(inline=True)
 def _in_thp(page: Slots, ranges: Ranges, h: int) -> bool:
-    return h < 0 and ranges.pmd[(-h - 1) // HPAGE] == PMD_THP
+    """page.folio is not None: a subpage of a large folio (PMD-mapped THP, or a
+    multi-size THP)."""
+    if h >= 0:
+        return False
+    s = -h - 1
+    return bool(ranges.pmd[s // HPAGE] == PMD_THP or page.pte[s] < OWN)
 
 
 @jit(inline=True)
 def _same_folio(page: Slots, ranges: Ranges, a: int, b: int) -> bool:
-    return (_in_thp(page, ranges, a) and _in_thp(page, ranges, b)
-            and (-a - 1) // HPAGE == (-b - 1) // HPAGE)
+    """page.folio is tpage.folio (not None)."""
+    if a >= 0 or b >= 0:
+        return False
+    oa, fa = folio_of(page, ranges, -a - 1)
+    if oa == 0:
+        return False
+    ob, fb = folio_of(page, ranges, -b - 1)
+    return oa == ob and fa == fb
 
 
 @jit(inline=True)
 def _maps(page: Slots, s: int, h: int) -> bool:
     if h >= 0:
         return bool(page.pte[s] == h)
-    return page.pte[s] == OWN and s == -h - 1
+    return page.pte[s] <= OWN and s == -h - 1
 
 
 @jit(inline=True)
@@ -160,7 +171,7 @@ def _handle_at(page: Slots, s: int) -> int:
     p = page.pte[s]
     if p >= 0:
         return int(p)
-    if p == OWN:
+    if p <= OWN:
         return -s - 1
     return NOPAGE
 
@@ -526,10 +537,12 @@ def _unstable_search_insert(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool,
 
 # ---- merging ----------------------------------------------------------------
 @jit()
-def _ksm_split(page: Slots, ranges: Ranges, glob: I64, price: F64, meter: F64, r: int, keep: int,
+def _ksm_split(page: Slots, ranges: Ranges, glob: I64, price: F64, meter: F64, s: int,
                extra: int) -> bool:
+    """Ksm._split(): split the large folio of slot ``s`` (its page is kept for the merge)."""
     budget = max(0, glob[BUDGET])
-    ok, zt, dt, rem, krem = split_folio(page, ranges, glob, r, glob[REMAP_KSM], extra, keep, budget)
+    ok, zt, dt, rem, krem, nr = split_folio(page, ranges, glob, s, glob[REMAP_KSM], extra, s,
+                                            budget)
     if not ok:
         charge(meter, price, C_SPLIT_FAILED, 1.0)
         return False
@@ -537,7 +550,7 @@ def _ksm_split(page: Slots, ranges: Ranges, glob: I64, price: F64, meter: F64, r
     charge(meter, price, C_SPLIT, 1.0)
     charge(meter, price, C_ZT_ZERO, zt)
     charge(meter, price, C_ZT_DATA, dt)
-    charge(meter, price, C_REMAP_PTE, 512)
+    charge(meter, price, C_REMAP_PTE, nr)
     charge(meter, price, C_FREE_PAGE, rem)
     if krem:
         glob[BUDGET] -= krem
@@ -561,7 +574,7 @@ def _merge_one_page(page: Slots, ranges: Ranges, pool: Pool, glob: I64, meter: F
     if _in_thp(page, ranges, h):
         if not _scan_thp(glob):
             return -1
-        if not _ksm_split(page, ranges, glob, price, meter, (-h - 1) // HPAGE, -h - 1, extra):
+        if not _ksm_split(page, ranges, glob, price, meter, -h - 1, extra):
             return -1
     if not _maps(page, s, h):
         return -1
@@ -677,7 +690,8 @@ def _cmp_and_merge_page(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glo
         _stable_tree_append(page, pool, glob, ti, n2)
         _stable_tree_append(page, pool, glob, i, n2)
     elif split and _in_thp(page, ranges, h):
-        _ksm_split(page, ranges, glob, price, meter, (-h - 1) // HPAGE, -h - 1, 0)
+        # same large folio: the split failed on our two refs; retry without merging
+        _ksm_split(page, ranges, glob, price, meter, -h - 1, 0)
 
 
 # ---- the cursor ---------------------------------------------------------------
@@ -744,7 +758,7 @@ def _scan_mm(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, met
         skipped = 0
         while i < vend:
             p = page.pte[i]
-            if (p >= 0 or p == OWN) and (scan_thp or p >= 0
+            if (p >= 0 or p <= OWN) and (scan_thp or p >= 0
                                          or ranges.pmd[i // HPAGE] != PMD_THP):
                 _flush_frees(glob, meter, price)
                 if not page.iflags[i] & EXISTS:

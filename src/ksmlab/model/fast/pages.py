@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...content import FRESH_BASE, UNIQUE_BASE
+from ...scenario import PMD_ORDER
 from .. import rules
 from .jit import jit
 from .state import (
@@ -17,6 +18,13 @@ from .state import (
     I64,
     KSM_ZERO,
     KZERO,
+    M_FAULT_ALLOC,
+    M_NR_ANON,
+    M_SPLIT,
+    M_SPLIT_DEFERRED,
+    M_SPLIT_FAILED,
+    MTHP_ORDERS_MADV,
+    MTHP_ORDERS_PLAIN,
     NONE,
     NR_THP,
     OWN,
@@ -42,6 +50,7 @@ from .state import (
     Ranges,
     Slots,
     Vmas,
+    mthp_g,
 )
 
 HPAGE = 512
@@ -55,6 +64,28 @@ def thp_allowed(vmas: Vmas, glob: I64, v: int) -> bool:
                 or (glob[THP_ALLOWED_MADV] != 0 and vmas.huge[v] != 0))
 
 
+@jit(inline=True)
+def mthp_orders(vmas: Vmas, glob: I64, v: int) -> int:
+    """The orders below PMD a fault may allocate in VMA ``v``, as bits (System.mthp_orders())."""
+    if vmas.nohuge[v]:
+        return 0
+    return int(glob[MTHP_ORDERS_MADV] if vmas.huge[v] else glob[MTHP_ORDERS_PLAIN])
+
+
+@jit(inline=True)
+def folio_of(page: Slots, ranges: Ranges, s: int) -> tuple[int, int]:
+    """(order, first slot) of the large folio slot ``s``'s page is part of; order 0:
+    none.  A PMD-mapped THP is its 2 MiB range; a multi-size THP is naturally aligned
+    (alloc_anon_folio()) in slots, which are 2 MiB aligned per VMA."""
+    if ranges.pmd[s // HPAGE] == PMD_THP:
+        return PMD_ORDER, s - s % HPAGE
+    p = page.pte[s]
+    if p < OWN:
+        o = int(OWN - p)
+        return o, s - s % (1 << o)
+    return 0, s
+
+
 @jit()
 def deferred_split_folio(ranges: Ranges, glob: I64, r: int) -> None:
     if not glob[DEFER_ON]:
@@ -65,44 +96,75 @@ def deferred_split_folio(ranges: Ranges, glob: I64, r: int) -> None:
 
 
 @jit()
-def split_folio(page: Slots, ranges: Ranges, glob: I64, r: int, mode: int, extra: int, keep: int,
-                budget: int) -> tuple[bool, int, int, int, int]:
-    """split_huge_page() of the THP of range ``r``: (ok, zero_tested, data_tested,
-    remapped, ksm_remapped).  ``keep`` is the slot of the caller's page (or -1)."""
-    if extra > 0 or ranges.pmd[r] != PMD_THP:
+def split_folio(page: Slots, ranges: Ranges, glob: I64, s: int, mode: int, extra: int, keep: int,
+                budget: int) -> tuple[bool, int, int, int, int, int]:
+    """split_huge_page() of the large folio of slot ``s`` (thp.split_folio(): any order,
+    to order 0): (ok, zero_tested, data_tested, remapped, ksm_remapped, pages of the
+    folio).  ``keep`` is the slot of the caller's page (or -1)."""
+    order, base = folio_of(page, ranges, s)
+    if order == 0:
         glob[V_SPLIT_FAILED] += 1
-        return False, 0, 0, 0, 0
-    glob[V_SPLIT_PMD] += 1
-    glob[V_SPLIT_PAGE] += 1
-    glob[NR_THP] -= 1
-    glob[THP_RANGES] -= 1
-    ranges.qseq[r] = 0
-    ranges.pmd[r] = PMD_TABLE
+        return False, 0, 0, 0, 0, 0
+    nr = 1 << order
+    if extra > 0:
+        # can_split_folio() fails; thp_split_page* count the PMD order only, the
+        # per-size split* every order (__folio_split())
+        if order == PMD_ORDER:
+            glob[V_SPLIT_FAILED] += 1
+        glob[mthp_g(order, M_SPLIT_FAILED)] += 1
+        return False, 0, 0, 0, 0, nr
+    if order == PMD_ORDER:
+        r = s // HPAGE
+        glob[V_SPLIT_PMD] += 1  # __split_huge_pmd_locked()
+        glob[V_SPLIT_PAGE] += 1
+        glob[NR_THP] -= 1
+        glob[THP_RANGES] -= 1
+        ranges.qseq[r] = 0
+        ranges.pmd[r] = PMD_TABLE
+    else:
+        # unmap_folio() of a PTE-mapped folio: partially mapped after its first PTE,
+        # queued (deferred_split_folio(folio, true)) and taken off again by the split
+        glob[mthp_g(order, M_SPLIT_DEFERRED)] += 1
+        page.pte[base : base + nr] = OWN  # order-0 pages now
+    glob[mthp_g(order, M_SPLIT)] += 1
+    glob[mthp_g(order, M_NR_ANON)] -= 1
     zt = 0
     dt = 0
     rem = 0
     krem = 0
     if mode == R_NONE:
-        return True, 0, 0, 0, 0
-    base = r * HPAGE
-    for s in range(base, base + HPAGE):
-        if page.scid[s] != 0:
+        return True, 0, 0, 0, 0, nr
+    # try_to_map_unused_to_zeropage() on each subpage
+    for k in range(base, base + nr):
+        if page.scid[k] != 0:
             dt += 1
             continue
         zt += 1
-        if page.pte[s] != OWN:
+        if page.pte[k] != OWN:
             continue
         if mode == R_KSM:
-            if s == keep or krem >= budget:
+            if k == keep or krem >= budget:
                 continue
-            page.pte[s] = KZERO
+            page.pte[k] = KZERO
             glob[KSM_ZERO] += 1
             krem += 1
         else:
-            page.pte[s] = ZERO
+            page.pte[k] = ZERO
         glob[ANON_RSS] -= 1
         rem += 1
-    return True, zt, dt, rem, krem
+    return True, zt, dt, rem, krem, nr
+
+
+@jit(inline=True)
+def _mthp_fault(page: Slots, glob: I64, base: int, order: int) -> None:
+    """thp._mthp_fault(): a zeroed multi-size THP mapped by PTEs, counted per size."""
+    nr = 1 << order
+    for k in range(base, base + nr):
+        page.pte[k] = OWN - order
+        page.scid[k] = 0
+    glob[ANON_RSS] += nr
+    glob[mthp_g(order, M_FAULT_ALLOC)] += 1
+    glob[mthp_g(order, M_NR_ANON)] += 1
 
 
 @jit()
@@ -128,6 +190,28 @@ def write_fault(page: Slots, ranges: Ranges, vmas: Vmas, pool: Pool, glob: I64, 
             return
         if ranges.pmd[r] == PMD_NONE:
             ranges.pmd[r] = PMD_TABLE
+        # do_anonymous_page(): alloc_anon_folio() takes the highest allowed order whose
+        # aligned range lies in the VMA with every PTE none
+        mask = mthp_orders(vmas, glob, v)
+        if mask:
+            for o in range(PMD_ORDER - 1, 1, -1):
+                if not (mask >> o) & 1:
+                    continue
+                nr = 1 << o
+                base = s - s % nr
+                # within the VMA (only a region's VMA takes writes: it fills its
+                # 2 MiB ranges, so vma.lo/hi are its first and last slots)
+                if base < vmas.base[v] or base + nr > vmas.base[v] + vmas.n[v]:
+                    continue
+                free = True
+                for k in range(base, base + nr):
+                    if page.pte[k] != NONE:
+                        free = False
+                        break
+                if free:
+                    _mthp_fault(page, glob, base, o)
+                    page.scid[s] = code
+                    return
         page.pte[s] = OWN
         page.scid[s] = code
         glob[ANON_RSS] += 1
@@ -197,7 +281,8 @@ def deferred_split_scan(page: Slots, ranges: Ranges, vmas: Vmas, glob: I64, orde
             ranges.qseq[r] = 0
             continue
         mode = mode_m if vmas.merge[ranges.vma[r]] else mode_nm
-        ok, _zt, _dt, _rem, _krem = split_folio(page, ranges, glob, r, mode, 0, -1, 0)
+        ok, _zt, _dt, _rem, _krem, _nr = split_folio(page, ranges, glob, r * HPAGE, mode, 0,
+                                                     -1, 0)
         if ok:
             split += 1
             glob[V_UNDERUSED] += 1

@@ -1,12 +1,14 @@
 """Array state of the fast engine: one slot per simulated 4 KiB page.
 
-Per slot (29 bytes): the PTE (``pte``: NONE, ZERO, KZERO, OWN or the index
-of a KSM page), the content code of the slot's own private page (``scid``)
-and the slot's rmap item (flags, seqnr, age, remaining_skips, oldchecksum,
-and the unstable-tree links; a stable item keeps its stable node in
-``ileft``).  KSM pages and stable nodes live in small pools that grow between
-compiled calls.  Content ids are coded in 32 bits keeping their order:
-0..2**20 as themselves, unique ids after them, fresh ids from 2**31.
+Per slot (29 bytes): the PTE (``pte``: NONE, ZERO, KZERO, the slot's own private
+page: OWN, or OWN - order for a subpage of a multi-size THP (a PTE-mapped large
+folio; PMD-mapped THPs are per 2 MiB range, ``Ranges.pmd``), or the index of a
+KSM page), the content code of the slot's own private page (``scid``) and the
+slot's rmap item (flags, seqnr, age, remaining_skips, oldchecksum, and the
+unstable-tree links; a stable item keeps its stable node in ``ileft``).  KSM
+pages and stable nodes live in small pools that grow between compiled calls.
+Content ids are coded in 32 bits keeping their order: 0..2**20 as themselves,
+unique ids after them, fresh ids from 2**31.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ...content import FRESH_BASE, UNIQUE_BASE
+from ...scenario import PMD_ORDER
+from ...trace import MTHP_STATS
 from ..costs import COST_FIELDS
 from ..memory import VMSTAT_EVENTS
 from .jit import jit
@@ -31,7 +35,8 @@ U32 = npt.NDArray[np.uint32]
 U64 = npt.NDArray[np.uint64]
 F64 = npt.NDArray[np.float64]
 
-# PTE kinds (pte >= 0: a KSM page of the pool)
+# PTE kinds (pte >= 0: a KSM page of the pool; pte <= OWN: the slot's own page, and
+# pte = OWN - order < OWN a subpage of a multi-size THP of that order)
 NONE, ZERO, KZERO, OWN = -1, -2, -3, -4
 # rmap item flags
 EXISTS, UNSTABLE, STABLE = 1, 2, 4
@@ -73,6 +78,12 @@ G_NAMES = (
     "THP_ALLOWED_MADV", "DEFER_ON",
     # ksmd's batches so far
     "BATCHES",
+    # multi-size THP: the orders below PMD a fault may allocate (bit o: order o), in a
+    # VMA without / with VM_HUGEPAGE (thp_vma_allowable_orders(); none if VM_NOHUGEPAGE)
+    "MTHP_ORDERS_PLAIN", "MTHP_ORDERS_MADV",
+    # then count_mthp_stat()/mod_mthp_stat() per order 0..PMD_ORDER, in MTHP_STATS
+    # order (mthp_g(): MTHP_<order>_<stat>)
+    *(f"MTHP_{o}_{st}" for o in range(PMD_ORDER + 1) for st in MTHP_STATS),
 )
 (PAGES_SCANNED, PAGES_SHARED, PAGES_SHARING, PAGES_UNSHARED, PAGES_SKIPPED,
  RMAP_ITEMS, CHAINS, DUPS, SEQNR, KSM_ZERO, ANON_RSS, NR_THP, THP_RANGES,
@@ -84,8 +95,14 @@ G_NAMES = (
  NSLOTS, DEFER_SEQ, PENDING_FREE,
  REMAP_KSM, SCAN_THP_P, SCAN_THP_NP, SKIP_ZP, THP_ALLOWED_ALWAYS,
  THP_ALLOWED_MADV, DEFER_ON,
- BATCHES) = range(len(G_NAMES))  # compile-time ints for numba; tests check the names
+ BATCHES,
+ MTHP_ORDERS_PLAIN, MTHP_ORDERS_MADV,
+ MTHP_G) = range(G_NAMES.index(f"MTHP_0_{MTHP_STATS[0]}") + 1)  # MTHP_G: the block's first
+# compile-time ints for numba; tests check the names
 N_G = len(G_NAMES)
+# the per-size stats, by position in MTHP_STATS
+M_FAULT_ALLOC, M_SPLIT, M_SPLIT_FAILED, M_SPLIT_DEFERRED, M_NR_ANON = range(len(MTHP_STATS))
+N_MSTAT = len(MTHP_STATS)
 # meter: float64 clocks, then how often each cost was charged (CpuMeter.counts), by C_*;
 # CPU_BATCH0: the CPU meter when the batch began; ADV_*: the model's clock at the last
 # full scan's start and end, and the CPU meter at its end (the advisor's inputs)
@@ -97,6 +114,12 @@ N_F = F_COUNTS + len(COST_FIELDS)
 def named(glob: I64) -> dict[str, int]:
     """The int64 globals by name (for a reader, a debugger or a test)."""
     return {n: int(glob[i]) for i, n in enumerate(G_NAMES)}
+
+
+@jit(inline=True)
+def mthp_g(order: int, stat: int) -> int:
+    """The global of one per-size stat (M_*) of one folio order."""
+    return MTHP_G + order * N_MSTAT + stat
 
 
 VMSTAT = VMSTAT_EVENTS  # in glob from V_FAULT_ALLOC on, in this order
