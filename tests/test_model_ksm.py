@@ -186,3 +186,14 @@ def test_stable_chains_with_small_max_page_sharing() -> None:
     # p9 plus every unique page
     assert w.c("pages_unshared") == 1 + (THP - 10)
     assert w.mm.ksm_merging_pages == 9
+
+
+def test_ksmd_state_keeps_a_shared_key_instance_dict() -> None:
+    # CPython (3.11+) shares an instance dict's keys between instances up to 30 keys;
+    # past that, every self.<attr> load in ksmd's per-page loop loses its specialised
+    # form: 31 attributes made the exact engine 8 % slower (benchmarks/model_speed.py,
+    # exact_16GiB, identical call counts).  Put new state elsewhere (CpuMeter, Advisor).
+    w = world(unique(1024))
+    w.ksm.run = 1
+    w.ksm.do_scan()  # (attributes a scan may add count too)
+    assert len(vars(w.ksm)) <= 30, sorted(vars(w.ksm))

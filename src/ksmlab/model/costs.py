@@ -156,12 +156,13 @@ class CpuMeter:
     The counts make calibration a linear fit: CPU = sum(count[p] * profile[p]).
     """
 
-    __slots__ = ("counts", "ns", "p", "price")
+    __slots__ = ("batch0", "counts", "ns", "p", "price")
 
     def __init__(self, profile: CostProfile) -> None:
         self.p = profile
         self.price = profile.to_json()
         self.ns = 0.0
+        self.batch0 = 0.0  # ns when ksmd's batch in progress began (the advisor's clock)
         self.counts: dict[str, float] = dict.fromkeys(self.price, 0.0)
 
     def charge(self, name: str, n: float = 1.0) -> None:

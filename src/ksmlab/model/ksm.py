@@ -93,9 +93,7 @@ class Ksm:
         # ksm_thread_pages_to_scan: the knob, or the advisor's after each full scan
         self.pages_to_scan = knobs.pages_to_scan
         self.advisor = advisor or Advisor(knobs)
-        self.batch_cpu0 = 0.0  # the CPU meter when the batch in progress began
         self.cpu = cpu
-        self.p = cpu.p
         self.run = 0
         self.slots: list[Mm] = []  # ksm_mm_head list order
         self.rmap_head: dict[Mm, RmapItem | None] = {}
@@ -198,7 +196,7 @@ class Ksm:
 
     def clock(self) -> float:
         """The model's time now, inside the batch that began at ``now``."""
-        return scan_clock(self.now, self.cpu.ns, self.batch_cpu0)
+        return scan_clock(self.now, self.cpu.ns, self.cpu.batch0)
 
     def at_scan_start(self) -> bool:
         return self.cur_slot is None

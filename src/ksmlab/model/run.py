@@ -359,7 +359,7 @@ class Simulation(Engine):
             before = self.cpu.ns
             scans = self.ksm.seqnr
             self.ksm.now = t
-            self.ksm.batch_cpu0 = before
+            self.cpu.batch0 = before
             self.ksm.do_scan()
             self.cpu.charge("batch_overhead_ns")
             self.cpu.charge("cold_start", min(self.cpu.ns - before,
