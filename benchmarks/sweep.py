@@ -9,7 +9,7 @@ the finished sweep (every point cached: no model work, no cluster).
 - ``cached_rerun_s``: ``ksmlab sweep``'s path again on the cluster's folder.
 Both tables are checked to be identical (``tables_identical``).
 
-The default spec is sweeps/seeds.toml (216 points, about a minute in one
+The default spec is the example `seeds` (ksmlab sweep --example; 216 points, about a minute in one
 process).  Run it on a quiet machine: another job on the cores moves both times.
 Usage:
   python benchmarks/sweep.py [--json] [--spec SPEC.toml] [--workers N] [--keep DIR]
@@ -27,8 +27,6 @@ from typing import Any
 
 from ksmlab import sweep
 from ksmlab.profiles import resolve
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def warm() -> None:
@@ -78,7 +76,7 @@ def bench(spec_path: Path, workers: int, folder: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    ap.add_argument("--spec", type=Path, default=ROOT / "sweeps" / "seeds.toml")
+    ap.add_argument("--spec", type=Path, default=sweep.example_spec("seeds"))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--keep", type=Path, help="keep both sweep folders here")
     args = ap.parse_args()

@@ -75,7 +75,7 @@ thp.khugepaged.max_ptes_none = [511, 409]
 
 def test_folio_sizes_are_grid_fields() -> None:
     # thp.hugepages lists only the sizes a scenario sets: a grid may add any size
-    spec, base = sweep.load_spec(Path(__file__).parents[1] / "sweeps" / "folio-sizes.toml")
+    spec, base = sweep.load_spec(sweep.example_spec("folio-sizes"))
     assert len(spec.settings()) == 16
     orders = {(p.sc.ksm.use_zero_pages, p.sc.thp.fault_order("hugepage"))
               for p in sweep.expand(spec, base, PROFILE)}

@@ -144,6 +144,37 @@ def load_spec(path: Path) -> tuple[Spec, Path]:
         raise SweepError(f"{path}: {loc}: {msg}") from None
 
 
+EXAMPLES = "sweeps"  # example specs shipped in the package (ksmlab sweep --example)
+
+
+def examples() -> dict[str, tuple[Path, str]]:
+    """The example specs shipped with ksmlab: name -> (file, what it sweeps: its
+    opening comment).  Scenario files beside them (host-16g.toml) are not specs."""
+    from importlib import resources
+
+    root = Path(str(resources.files("ksmlab") / EXAMPLES))
+    out: dict[str, tuple[Path, str]] = {}
+    for f in sorted(root.glob("*.toml")):
+        text = f.read_text()
+        if "scenarios" not in tomllib.loads(text):
+            continue
+        about = []
+        for line in text.splitlines():
+            if not line.startswith("#") or line.startswith("#   "):
+                break
+            about.append(line.lstrip("# "))
+        out[f.stem] = (f, " ".join(about))
+    return out
+
+
+def example_spec(name: str) -> Path:
+    """An example spec's file; a SweepError naming the examples for another name."""
+    found = examples()
+    if name not in found:
+        raise SweepError(f"no example sweep {name!r}; examples: {', '.join(found)}")
+    return found[name][0]
+
+
 @dataclass(frozen=True)
 class Point:
     scenario: str  # the name the spec gave (a built-in or a file)

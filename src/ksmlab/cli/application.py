@@ -44,7 +44,7 @@ Examples:
   ksmlab restore                     undo knobs left by a killed run
   ksmlab calibrate chains-mps8 --traces val/ --by-scan
                                      ksmd CPU per full scan, kernel/model
-  ksmlab sweep sweeps/thread.toml -o sw/ && ksmlab report sw/
+  ksmlab sweep --example thread -o sw/ && ksmlab report sw/
                                      policies x knobs on Dask; report.html
 """
 
@@ -107,7 +107,7 @@ app.command(name="exec", context_settings={"allow_extra_args": True,
                                            "ignore_unknown_options": True})(capture.exec_)
 app.command()(export.export)
 app.command()(demo.demo)
-app.command()(sweep.sweep)
+app.command(cls=sweep.SweepCommand)(sweep.sweep)
 app.command(name="report")(sweep.report)
 
 
@@ -148,7 +148,9 @@ def main() -> None:
         code = getattr(e, "exit_code", None)
         if code is not None:  # click's UsageError and friends
             show = getattr(e, "format_message", None)
-            err.print(f"ksmlab: error: {show() if show else e}", markup=False, soft_wrap=True)
+            # one line: click lists a choice's values one per line ("Choose from:\n\t...")
+            msg = " ".join(str(show() if show else e).split())
+            err.print(f"ksmlab: error: {msg}", markup=False, soft_wrap=True)
             sys.exit(int(code))
         if os.environ.get("KSMLAB_DEBUG"):
             raise

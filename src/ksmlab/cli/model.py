@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,6 +17,7 @@ from ..scenario import Scenario
 from .common import (
     POLICY_HELP,
     DurationOpt,
+    Engine,
     EngineOpt,
     Format,
     JsonOpt,
@@ -34,19 +35,27 @@ from .common import (
     err,
     fail,
     load,
+    log,
     model_progress,
     profile,
     say_profile,
     uzp_values,
 )
 
+if TYPE_CHECKING:
+    from ..profiles import ProfileChoice
+
 
 def sim(scenario: ScenarioArg,
-        policy: Annotated[PolicyName, typer.Option("--policy", "-p", metavar="POLICY",
-                                                   help=POLICY_HELP)],
+        policy: Annotated[PolicyName | None, typer.Option(
+            "--policy", "-p", metavar="POLICY",
+            help=f"{POLICY_HELP}; default: the one this kernel stands for")] = None,
         duration: DurationOpt = None, out: OutOpt = None, json_out: JsonOpt = False,
         profile_path: ProfileOpt = None, engine: EngineOpt = "auto") -> None:
-    """Run a scenario in the model under one kernel policy (no root needed)."""
+    """Run a scenario in the model under one kernel policy (no root needed).
+
+    Without --policy, the policy of the running kernel: mainline where it remaps
+    zero-filled subpages on a THP split (6.12+), pre-6.12 where it does not."""
     from .. import metrics
     from ..model import simulate
 
@@ -54,13 +63,34 @@ def sim(scenario: ScenarioArg,
     model_fits(sc, engine)
     check_out(out)
     choice = profile(profile_path)
+    extra: dict[str, Any] = {}
+    if policy is None:
+        policy, why = host_policy()
+        extra["policy_why"] = why
+        if not json_out:
+            log(f"policy {policy} ({why})")
     with model_progress(sc, f"{sc.name} under {policy}", engine) as progress:
         tr = simulate(sc, policy, profile=choice.profile, engine=engine, progress=progress)
     summary = metrics.summarize(tr)
     if not json_out:
         say_profile(choice)
     emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out,
-         {"policy": policy, "profile": choice.to_json(), "engine": engine})
+         {"policy": policy, **extra, "profile": choice.to_json(), "engine": engine})
+
+
+def host_policy() -> tuple[str, str]:
+    """The policy the running kernel stands for, and why, in words (its files only:
+    no probe, no root)."""
+    from ..live.features import policy_for_remap, remap_expected
+    from ..live.kernelfs import KernelFS
+
+    remaps = remap_expected(KernelFS())
+    pol = policy_for_remap(remaps)
+    if remaps is None:
+        return pol, "this kernel's THP files cannot tell; every 6.12+ kernel remaps"
+    if remaps:
+        return pol, "this kernel remaps: it has the 6.12 underused-THP shrinker"
+    return pol, "this kernel has no underused-THP shrinker: no remap"
 
 
 FmtOpt = Annotated[Format, typer.Option("--format", "-f", metavar="FORMAT",
@@ -77,40 +107,58 @@ def compare(ctx: typer.Context,
             pages_to_scan: PidScanOpt = 100, json_out: JsonOpt = False) -> None:
     """The same scenario under several policies, side by side.
 
-    With --pid: capture the process (ksmlab capture) and compare its memory as it is."""
-    from .. import metrics, report
-    from ..kernel.validate import kernel_confirmed
-    from ..model import POLICIES, simulate
+    With --pid: capture the process (ksmlab capture) and compare its memory as it is,
+    once for each --use-zero-pages value (0,1: two tables from one capture)."""
+    from ..model import POLICIES
 
     fmt = "json" if json_out else fmt  # --json as every other command has it
     if (scenario is None) == (pid is None):
         fail("name a scenario or --pid PID (one of them)")
+    names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
+    for n in names:
+        check_policy(n)
     if pid is not None:
         from ..live.capture import capture
 
         values = uzp_values(use_zero_pages)
-        if len(values) != 1:
-            fail("compare --pid takes one --use-zero-pages value")
-        uzp = values[0]
         check_out(out)
         if out is None:  # the image lives as long as the command
             tmp = tempfile.TemporaryDirectory(prefix="ksmlab-capture-")
             ctx.call_on_close(tmp.cleanup)
         folder = (out or Path(tmp.name)) / f"pid{pid}.image"
         capture([pid], folder)
-        sc = Scenario.model_validate({**pid_base(pid, uzp, duration or 60.0, pages_to_scan),
-                                      "process": [{"name": "captured", "image": str(folder)}]})
+        scs = [Scenario.model_validate({**pid_base(pid, u, duration or 60.0, pages_to_scan),
+                                        "process": [{"name": "captured",
+                                                     "image": str(folder)}]})
+               for u in values]
         if out is not None:
             err.print(f"captured process {pid} into {folder}", markup=False)
     else:
         assert scenario is not None
-        sc = load(scenario, duration)
-    names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
-    for n in names:
-        check_policy(n)
-    model_fits(sc, engine)
+        scs = [load(scenario, duration)]
+    for sc in scs:
+        model_fits(sc, engine)
     check_out(out)
     choice = profile(profile_path)
+    tables = [_compare(sc, names, fmt, out, choice, engine) for sc in scs]
+    if fmt == "json":
+        extra = {"profile": choice.to_json(), "engine": engine}
+        # one use_zero_pages value (or a scenario): the table's object as it is
+        dump({**tables[0], **extra} if len(tables) == 1 else
+             {"comparisons": tables, **extra}, indent=1)
+    else:
+        say_profile(choice)
+        print("\n\n".join(str(t["text"]) for t in tables))
+
+
+def _compare(sc: Scenario, names: list[str], fmt: Format, out: Path | None,
+             choice: ProfileChoice, engine: Engine) -> dict[str, Any]:
+    """One scenario under ``names``: its table (JSON's object, or ``{"text": ...}``)
+    and, with ``out``, its plot."""
+    from .. import metrics, report
+    from ..kernel.validate import kernel_confirmed
+    from ..model import simulate
+
     results = []
     for n in names:
         with model_progress(sc, f"{sc.name} under {n}", engine) as progress:
@@ -119,10 +167,6 @@ def compare(ctx: typer.Context,
     summaries = [(n, metrics.summarize(tr)) for n, tr in results]
     table = report.compare_table(summaries, fmt, f"{sc.name}: {sc.description}",
                                  kernel_confirmed(sc.name))
-    if fmt == "json":
-        dump({**json.loads(table), "profile": choice.to_json(), "engine": engine}, indent=1)
-    else:
-        say_profile(choice)
-        print(table)
     if out is not None:
         report.plot_freed(results, out / f"{sc.name}-compare.png", sc.name)
+    return dict(json.loads(table)) if fmt == "json" else {"text": table}
