@@ -231,3 +231,49 @@ def test_auto_runs_images_on_the_fast_engine(tmp_path: Path,
 
     monkeypatch.setattr(run, "Simulation", exact)
     assert simulate(sc, "mainline").since_start("pages_scanned")[-1] > 0
+
+
+SMAPS = """\
+7f0000000000-7f0000400000 rw-p 00000000 00:00 0
+Rss:                4096 kB
+VmFlags: rd wr mr mw me ac mg hg
+7f1000000000-7f1040000000 rw-s 00000000 00:01 7                  /memfd:guest-ram (deleted)
+Rss:             1048576 kB
+VmFlags: rd wr sh mr mw me ms sd
+7f2000000000-7f2000001000 r--s 00000000 08:01 99                 /usr/share/x.cache
+Rss:                   4 kB
+VmFlags: rd mr me ms sd
+"""
+
+
+def _proc(root: Path, pid: int, smaps: str) -> None:
+    d = root / "proc" / str(pid)
+    d.mkdir(parents=True)
+    (d / "smaps").write_text(smaps)
+    (d / "pagemap").write_bytes(bytes(8))
+    (root / "proc" / "kpageflags").write_bytes(bytes(8))
+
+
+def test_capture_says_which_shared_mappings_it_leaves_out(tmp_path: Path) -> None:
+    """MAP_SHARED memory (a guest's memfd RAM) is never VM_MERGEABLE
+    (vma_ksm_compatible()): the capture says so, and an error names it when that was
+    all the process had."""
+    from ksmlab.live.capture import Capture, CaptureError
+    from ksmlab.live.kernelfs import KernelFS
+
+    _proc(tmp_path, 41, SMAPS)
+    cap = Capture(KernelFS(tmp_path))
+    assert [v.start for v in cap._check(41)] == [0x7F0000000000]
+    [note] = cap.notes
+    assert note.startswith("process 41: 2 MAP_SHARED mappings skipped (1024.0 MiB mapped, "
+                           "1024.0 MiB resident; the largest 1024.0 MiB at 0x7f1000000000 "
+                           "/memfd:guest-ram (deleted))")
+    assert "KSM merges only private anonymous memory" in note
+    only_shared = "\n".join(SMAPS.splitlines()[3:]) + "\n"
+    _proc(tmp_path, 42, only_shared)
+    with pytest.raises(CaptureError, match=r"nothing mergeable .*; process 42: 2 MAP_SHARED"):
+        Capture(KernelFS(tmp_path))._check(42)
+    _proc(tmp_path, 43, "\n".join(SMAPS.splitlines()[:3]) + "\n")
+    cap = Capture(KernelFS(tmp_path))
+    cap._check(43)
+    assert cap.notes == []

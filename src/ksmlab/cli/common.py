@@ -163,20 +163,28 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:.1f} %"
 
 
-@contextmanager
-def model_progress(sc: Scenario, what: str, engine: str = "auto"
-                   ) -> Iterator[Callable[[float], None] | None]:
-    """A bar on stderr while the model runs (a terminal only), and a word first when
-    numba has yet to compile the fast engine (about a minute, once)."""
-    if not err.is_terminal:
-        yield None
-        return
+def say_compiling(sc: Scenario, engine: str = "auto") -> None:
+    """A word on stderr, a terminal or not (piped or logged, a minute of silence looks
+    like a hang), when the fast engine will run and numba has yet to compile it
+    (about a minute, cached after)."""
     from ..model.fast import unsupported
     from ..model.fast.jit import compiled_before
 
     if engine != "exact" and unsupported(sc) is None and not compiled_before():
         err.print("compiling the fast engine (numba) on its first run: about a minute; "
-                  "cached after", markup=False)
+                  "cached after", markup=False, soft_wrap=True)
+
+
+@contextmanager
+def model_progress(sc: Scenario, what: str, engine: str = "auto"
+                   ) -> Iterator[Callable[[float], None] | None]:
+    """A word first when numba has yet to compile the fast engine
+    (:func:`say_compiling`), then a bar on stderr while the model runs (a terminal
+    only)."""
+    say_compiling(sc, engine)
+    if not err.is_terminal:
+        yield None
+        return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed:.0f}/{task.total:.0f} s simulated"),
                   TimeElapsedColumn(), console=err, transient=True) as prog:

@@ -64,18 +64,19 @@ def sim(scenario: ScenarioArg,
     check_out(out)
     choice = profile(profile_path)
     extra: dict[str, Any] = {}
+    pol: str = policy or ""
     if policy is None:
-        policy, why = host_policy()
+        pol, why = host_policy()
         extra["policy_why"] = why
         if not json_out:
-            log(f"policy {policy} ({why})")
-    with model_progress(sc, f"{sc.name} under {policy}", engine) as progress:
-        tr = simulate(sc, policy, profile=choice.profile, engine=engine, progress=progress)
+            log(f"policy {pol} ({why})")
+    with model_progress(sc, f"{sc.name} under {pol}", engine) as progress:
+        tr = simulate(sc, pol, profile=choice.profile, engine=engine, progress=progress)
     summary = metrics.summarize(tr)
     if not json_out:
         say_profile(choice)
-    emit(tr, summary, f"{sc.name} under {policy} (model)", json_out, out,
-         {"policy": policy, **extra, "profile": choice.to_json(), "engine": engine})
+    emit(tr, summary, f"{sc.name} under {pol} (model)", json_out, out,
+         {"policy": pol, **extra, "profile": choice.to_json(), "engine": engine})
 
 
 def host_policy() -> tuple[str, str]:
@@ -126,7 +127,8 @@ def compare(ctx: typer.Context,
             tmp = tempfile.TemporaryDirectory(prefix="ksmlab-capture-")
             ctx.call_on_close(tmp.cleanup)
         folder = (out or Path(tmp.name)) / f"pid{pid}.image"
-        capture([pid], folder)
+        for note in capture([pid], folder).image.meta.notes:  # what it left out, and why
+            err.print(f"note: {note}", markup=False, soft_wrap=True)
         scs = [Scenario.model_validate({**pid_base(pid, u, duration or 60.0, pages_to_scan),
                                         "process": [{"name": "captured",
                                                      "image": str(folder)}]})

@@ -4,9 +4,8 @@ the page that shows them (ksmlab.sweep, ksmlab.report_html)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperCommand
 
@@ -17,7 +16,7 @@ from .common import ProfileOpt, err, fail, profile, say
 class SweepCommand(TyperCommand):
     """``--example`` without a name (last, or before another option) lists them."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click
         if "--example" in args:
             i = args.index("--example") + 1
             if i == len(args) or args[i].startswith("-"):
@@ -30,8 +29,9 @@ def sweep(spec: Annotated[Path | None, typer.Argument(
           out: Annotated[Path | None, typer.Option(
               "--out", "-o", help="folder for the results")] = None,
           example: Annotated[str | None, typer.Option(
-              "--example", metavar="NAME", help="run an example spec shipped with ksmlab; --example alone lists "
-              "them")] = None,
+              "--example", metavar="NAME",
+              help="run an example spec shipped with ksmlab; --example alone lists them")]
+          = None,
           scheduler: Annotated[str | None, typer.Option(
               "--scheduler", help="a Dask scheduler (tcp://HOST:8786); default: a local "
               "cluster")] = None,

@@ -30,6 +30,7 @@ from .common import (
     log,
     profile,
     say,
+    say_compiling,
     uzp_values,
 )
 
@@ -91,6 +92,7 @@ def validate(
     pol = policy or features.policy_for_host(KernelFS())
     choice = profile(profile_path)
     check_out(out)
+    say_compiling(runs[0][0])  # its replays run on the fast engine
     results = orchestrate.validate(
         runs, pol, choice, out, kernel_events,
         lambda sc, ke, attach: live_run(sc, kernel_events=ke, attach=attach),

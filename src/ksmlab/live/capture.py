@@ -6,7 +6,9 @@ page from /proc/PID/pagemap (present, swapped, page-cache) and /proc/kpageflags
 /proc/PID/mem.  Only present pages are read: a read of an absent page through
 /proc/PID/mem would fault it in (the zero page, or the huge zero page), so the
 target's mappings and contents stay as they were.  A running target changes while
-it is read; pause it (SIGSTOP, or QEMU's ``stop``) for an exact image.
+it is read; pause it (SIGSTOP, or QEMU's ``stop``) for an exact image.  MAP_SHARED
+mappings (shmem, memfd, a guest's shared RAM) are never VM_MERGEABLE: a note says
+which were left out (:func:`shared_note`).
 
 Contents become ids in ``memcmp`` order: each distinct page is known by a 128-bit
 BLAKE2b digest, ordered by its first 32 bytes, and pages that tie there are read
@@ -69,6 +71,23 @@ class _Contents:
         return k
 
 
+def shared_note(pid: int, vmas: list[Mapping]) -> str | None:
+    """What the image leaves out of ``pid``'s memory: its MAP_SHARED mappings (smaps
+    ``sh`` VM_SHARED, ``ms`` VM_MAYSHARE: shmem, memfd, shared files).  KSM merges
+    only private anonymous memory: vma_ksm_compatible() ignores MADV_MERGEABLE and
+    PR_SET_MEMORY_MERGE on them, so none is VM_MERGEABLE."""
+    shared = [v for v in vmas if {"sh", "ms"} & set(v.flags) and "mg" not in v.flags]
+    if not shared:
+        return None
+    rss = sum(v.kb.get("Rss", 0) for v in shared) / 1024
+    big = max(shared, key=lambda v: v.size)
+    return (f"process {pid}: {len(shared)} MAP_SHARED mapping{'s' * (len(shared) > 1)} "
+            f"skipped ({sum(v.size for v in shared) / 2**20:.1f} MiB mapped, {rss:.1f} MiB "
+            f"resident; the largest {big.size / 2**20:.1f} MiB at {big.start:#x} "
+            f"{big.path or '(anonymous shared)'}): KSM merges only private anonymous "
+            "memory (vma_ksm_compatible() refuses VM_SHARED)")
+
+
 def _kib(v: str | None) -> int:
     return int(v.split()[0]) if v else 0
 
@@ -94,11 +113,14 @@ class Capture:
         except FileNotFoundError:
             raise CaptureError(f"no process {pid}") from None
         mergeable = [v for v in vmas if "mg" in v.flags]
+        skipped = shared_note(pid, vmas)
         if not mergeable:
             raise CaptureError(
                 f"process {pid} has nothing mergeable (no VMA with VM_MERGEABLE: it needs "
                 "madvise(MADV_MERGEABLE), or prctl(PR_SET_MEMORY_MERGE) as "
-                "`ksmlab exec --merge-any` sets)")
+                "`ksmlab exec --merge-any` sets)" + (f"; {skipped}" if skipped else ""))
+        if skipped:
+            self.notes.append(skipped)
         return mergeable
 
     def process(self, proc: int, pid: int) -> tuple[img.ImageProcess, npt.NDArray[np.uint32],
