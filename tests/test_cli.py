@@ -392,3 +392,40 @@ def test_help_names_the_choices_and_fits_80_columns() -> None:
     flat = " ".join(ksmlab("sim", "--help").stdout.split())
     assert all(p.split("-")[-1] in flat for p in POLICIES)
     assert "text, markdown, json" in " ".join(ksmlab("compare", "--help").stdout.split())
+
+
+def test_doctor_is_short_and_never_answers_what_it_did_not_probe() -> None:
+    r = ksmlab("doctor", "--no-probe", "--no-advice")
+    assert r.returncode in (0, 1, 3), r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) <= 25, r.stdout  # the knob and feature tables only with --all
+    assert "behaviours" not in r.stdout and "ksmlab doctor --all" in lines[-1]
+    remap = next(line for line in lines if line.startswith("remap"))
+    assert remap.startswith("remap       not probed (--no-probe); ")
+    full = ksmlab("doctor", "--no-probe", "--no-advice", "--all").stdout
+    assert "behaviours" in full and "zero-page remap on THP split" in full
+    assert len(full.splitlines()) > len(lines) + 40
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/ksm/run").exists(), reason="no KSM")
+@pytest.mark.parametrize("uzp", [0, 1])
+def test_doctor_names_the_workload_its_exposure_ran(monkeypatch: pytest.MonkeyPatch,
+                                                    uzp: int) -> None:
+    """The exposure line names the seed scenario of the host's use_zero_pages, the
+    one whose regression it reports (seed-uzp0: the merge collapse)."""
+    from typer.testing import CliRunner
+
+    import ksmlab.advice
+    from ksmlab.advice import Advice, Outcome
+    from ksmlab.cli import app
+
+    verdict = {0: "merge-collapse", 1: "rate-limit-bypass"}
+    adv = Advice("mainline", 20.0, Outcome(uzp, 6.0, 0.0, 0.5, [verdict[uzp]]),
+                 Outcome(1 - uzp, 128.0, 0.0, 32.8, [verdict[1 - uzp]]))
+    monkeypatch.setattr(ksmlab.advice, "advise", lambda knobs, remaps: adv)
+    res = CliRunner().invoke(app, ["doctor", "--no-probe"])
+    flat = " ".join(res.stdout.split())
+    assert (f"{verdict[uzp]} (the model of this kernel, mainline, on seed-uzp{uzp}: "
+            "128 MiB of zero-filled THPs with this host's knobs, 20 s)") in flat
+    assert adv.to_json()["workload"] == f"seed-uzp{uzp}"
+    assert ksmlab.advice._seed({}, uzp).name == f"seed-uzp{uzp}"  # the one it runs

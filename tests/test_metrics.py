@@ -52,6 +52,28 @@ def test_burst_is_a_bypass() -> None:
     assert s.thps_kept == 0 and s.thps_start == 64
 
 
+def test_a_burst_after_the_scan_end_is_not_faster_than_the_peak() -> None:
+    """The merge rate after scan 1 spans the peak rate's window at least: a burst one
+    sample after the first full-scan end reads as the peak does, not 5x above it,
+    and the summary says over which spans both were measured."""
+    def burst(t: float) -> dict[str, float]:  # the first full scan ends at 6.6 s
+        gone = t >= 6.7
+        return {"RssAnon": 0.0 if gone else KB, "AnonHugePages": 0.0 if gone else KB,
+                "thp_split_page": 64.0 if gone else 0.0, "full_scans": scans(t)}
+
+    s = metrics.summarize(synthetic("seed-uzp1", 12, burst))
+    assert s.merge_rate_mib_s is not None
+    assert s.merge_rate_mib_s <= s.freed_rate_peak_mib_s
+    assert s.merge_rate_mib_s == pytest.approx(640.0)
+    assert s.merge_rate_span_s == pytest.approx((6.6, 6.8))
+    text = report.summary_text(s, "x")
+    assert "= 32.8x the budget (over 0.2 s or more)" in text
+    assert "640.00 MiB/s (from 6.6 s, the end of full scan 1, to 6.8 s)" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert metrics.summarize(synthetic("seed-uzp1", 12, burst)).to_json()[
+        "merge_rate_span_s"] == [6.6, 6.8]
+
+
 def test_merging_at_the_budget_is_honest() -> None:
     # MADV_NOHUGEPAGE + use_zero_pages=1: 5000 zero pages/s from the second scan
     def steady(t: float) -> dict[str, float]:

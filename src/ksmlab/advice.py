@@ -1,8 +1,9 @@
 """What a host's KSM/THP settings expose it to, and what would change it.
 
 ``ksmlab doctor`` reads the host (live/doctor.py); this module only runs the
-model: the thread's seed workload (``seed-uzp1``: 128 MiB of zero-filled THPs
-made mergeable) under the host's own KSM and khugepaged knobs, with the policy
+model: the thread's seed workload (128 MiB of zero-filled THPs made mergeable:
+``seed-uzp0`` or ``seed-uzp1``, named by the ``use_zero_pages`` it runs with)
+under the host's own KSM and khugepaged knobs, with the policy
 that stands for this kernel (``mainline`` when the remap probe saw the remap,
 ``pre-6.12`` when it saw none), once with the host's ``use_zero_pages`` and once
 with the other value, and under every policy for the fixes that would help.
@@ -19,7 +20,7 @@ from .metrics import summarize
 from .model import POLICIES, simulate
 from .scenario import KsmKnobs, Scenario, load
 
-SEED = "seed-uzp1"
+SEED = "seed-uzp{}"  # the seed workload, by its use_zero_pages
 SCANS = 3  # full scans the run lasts at the host's rate: merging starts in the second
 KSM_KNOBS = tuple(KsmKnobs.model_fields)  # the knobs a scenario sets, read from the host
 
@@ -48,14 +49,19 @@ class Advice:
     fixes: list[str] = field(default_factory=list)  # policies without a verdict here
     say: list[str] = field(default_factory=list)  # what to set, in sentences
 
+    @property
+    def workload(self) -> str:
+        """The seed scenario the host's own use_zero_pages makes it."""
+        return SEED.format(self.current.use_zero_pages)
+
     def to_json(self) -> dict[str, Any]:
-        return {"policy": self.policy, "workload": SEED, "seconds": self.seconds,
+        return {"policy": self.policy, "workload": self.workload, "seconds": self.seconds,
                 "current": self.current.to_json(), "other_use_zero_pages":
                 self.other.to_json(), "fixes_without_verdict": self.fixes, "advice": self.say}
 
 
 def _seed(knobs: dict[str, Any], uzp: int) -> Scenario:
-    sc = load(SEED)
+    sc = load(SEED.format(uzp))
     # the values as sysfs shows them ("100"), or as a scenario has them (100)
     ksm: dict[str, Any] = {k: knobs[f"ksm/{k}"] if k == "advisor_mode" else
                            int(knobs[f"ksm/{k}"]) for k in KSM_KNOBS if f"ksm/{k}" in knobs}

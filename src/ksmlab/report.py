@@ -28,8 +28,11 @@ def summary_text(s: Summary, title: str) -> str:
         ("  by KSM's account", f"{s.ksm_accounted_mib:.1f} MiB (pages_sharing + ksm_zero_pages)"),
         ("  as a side effect", f"{s.side_effect_mib:.1f} MiB"),
         ("peak freeing rate", f"{s.freed_rate_peak_mib_s:.1f} MiB/s = "
-                              f"{_f(s.budget_ratio_peak)}x the budget"),
-        ("rate after scan 1", f"{_f(s.merge_rate_mib_s, '.2f')} MiB/s"),
+                              f"{_f(s.budget_ratio_peak)}x the budget (over "
+                              f"{s.peak_window_s:g} s or more)"),
+        ("rate after scan 1", f"{_f(s.merge_rate_mib_s, '.2f')} MiB/s"
+                              + (" (from {:.1f} s, the end of full scan 1, to {:.1f} s)".format(
+                                  *s.merge_rate_span_s) if s.merge_rate_span_s else "")),
         ("90 % of that after", f"{_f(s.time_to_90pct_s)} s (of what it freed, not of what"
                                " it could)"),
         ("ksmd CPU", f"{_f(s.ksmd_cpu_pct)} % mean, {_f(s.ksmd_cpu_pct_peak)} % peak (1 s)"),

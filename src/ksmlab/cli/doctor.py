@@ -18,9 +18,13 @@ def doctor(json_out: JsonOpt = False,
            probe: Annotated[bool, typer.Option(
                "--probe/--no-probe", help="split one THP of a child process to see whether "
                "this kernel remaps (root; MADV_PAGEOUT of the child's own 2 MiB)")]
-           = True) -> None:
+           = True,
+           full: Annotated[bool, typer.Option(
+               "--all", "--verbose", "-v", help="also every knob, the kernel feature table "
+               "and what live runs would share the machine with")] = False) -> None:
     """This kernel for an operator: does it remap, what KSM does now, what the
-    settings expose the host to, what to set; and whether live runs work here.
+    settings expose the host to, what to set; and whether live runs work here
+    (--all: every knob and the table of kernel features the lab relies on).
 
     Exit code 0: nothing to act on; 1: KSM runs here with settings under which the
     model of this kernel shows a regression, or a killed run left knobs changed;
@@ -34,8 +38,14 @@ def doctor(json_out: JsonOpt = False,
     if probe:
         remap = probe_remap()
     else:  # what the kernel's files say instead (live/features.py)
-        remap = RemapProbe(features.remap_expected(fs), "not probed (--no-probe); by the "
-                           "underused-THP shrinker's files, the same series (6.12)")
+        expected = features.remap_expected(fs)
+        remap = RemapProbe(expected, {
+            True: "this kernel has the underused-THP shrinker, which came with the remap "
+                  "(6.12), so the model takes it to remap",
+            False: "this kernel has no underused-THP shrinker, which came with the remap "
+                   "(6.12), so the model takes it not to remap",
+            None: "no THP files to tell; the model takes it to remap, as every kernel "
+                  "since 6.12 does"}[expected])
     d["remap"] = {"remaps": remap.remaps, "how": remap.how, "probed": probe}
     feats = features.probe(fs, remap.remaps if probe else None, remap.how)
     d["features"] = [f.to_json() for f in feats]
@@ -59,28 +69,31 @@ def doctor(json_out: JsonOpt = False,
     if json_out:
         dump(d)
         raise typer.Exit(code)
-    row("kernel", d["kernel"])
-    row("root", "yes" if d["root"] else "no")
-    row("KSM", f"{'yes' if d['ksm'] else 'no'}   THP {'yes' if d['thp'] else 'no'}   "
-        f"ksmd pid {d['ksmd_pid']}")
+    row("kernel", f"{d['kernel']}   root {'yes' if d['root'] else 'no'}   KSM "
+        f"{'yes' if d['ksm'] else 'no'}   THP {'yes' if d['thp'] else 'no'}   ksmd pid "
+        f"{d['ksmd_pid']}")
     row("memory", f"{d['mem_available_mib']} MiB available")
-    row("remap", f"{ {True: 'yes', False: 'no', None: 'unknown'}[remap.remaps]}: {remap.how}")
+    say_remap(remap.remaps, remap.how, probe)
     say_ksm_now(now)
+    row("knobs", "ksm " + " ".join(f"{k}={knobs[f'ksm/{k}']}" for k in SHOWN_KNOBS
+                                   if f"ksm/{k}" in knobs)
+        + f"; THP enabled={knobs.get('transparent_hugepage/enabled', '-')}")
     if d.get("advice_missing"):
         row("exposure", f"not judged: {d['advice_missing']}")
     if adv is not None:
         verdict = ", ".join(adv.current.verdicts) or "neither regression"
         row("exposure", f"{'now' if exposed else 'if KSM ran'}: {verdict} (the model of "
-            f"this kernel, {adv.policy}, on seed-uzp1 with this host's knobs, "
-            f"{adv.seconds:.0f} s)")
+            f"this kernel, {adv.policy}, on {adv.workload}: 128 MiB of zero-filled THPs "
+            f"with this host's knobs, {adv.seconds:.0f} s)")
         for line in adv.say:
             row("advice", f"- {line}", "  ")
-    for name, value in d["knobs"].items():
-        print(f"  {name:<48} {value}"[:80])
-    row("features", "what the lab and the model rely on: here or not (probed, not "
-        "read from the version), the first release with it, its commit")
-    for line in features.table(feats):
-        print(line)
+    if full:
+        for name, value in d["knobs"].items():
+            print(f"  {name:<48} {value}"[:80])
+        row("features", "what the lab and the model rely on: here or not (probed, not "
+            "read from the version), the first release with it, its commit")
+        for line in features.table(feats):
+            print(line)
     prof = d["profile"]
     if prof["source"] == "machine":
         row("profile", f"this machine's, fitted {str(prof['fitted'])[:16]}: {prof['path']}")
@@ -91,13 +104,14 @@ def doctor(json_out: JsonOpt = False,
         row("profile", f"{prof['source']}: {prof.get('path')}")
     if prof.get("warning") and prof["source"] != "shipped":
         row("", prof["warning"])
-    row("events", d["kernel_events"])
+    if full:
+        row("events", d["kernel_events"])
     if d["journal"]:
         row("journal", f"a killed run left knobs changed: {d['journal']} (ksmlab restore)")
-    if d["ksm_mergeable_pids"]:
+    if full and d["ksm_mergeable_pids"]:
         row("note", f"ksmd would also scan pids {d['ksm_mergeable_pids'][:8]} "
             "(mergeable memory)")
-    if d["thp_eligible_pids"]:
+    if full and d["thp_eligible_pids"]:
         row("note", f"khugepaged shares its passes with pids {d['thp_eligible_pids'][:8]}")
     for scheme in d["damon"]:
         row("note", f"DAMON {scheme}: it can split THPs no KSM knob controls")
@@ -108,7 +122,22 @@ def doctor(json_out: JsonOpt = False,
     else:
         for p in d["problems"]:
             row("live runs", f"cannot work: {p}")
+    if not full:
+        print("(ksmlab doctor --all: every knob, the kernel features the lab relies on)")
     raise typer.Exit(code)
+
+
+# the KSM knobs the one-line summary shows: the ones the regressions depend on
+SHOWN_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "advisor_mode")
+
+
+def say_remap(remaps: bool | None, how: str, probed: bool) -> None:
+    """The probe's answer, or, not probed, what the kernel's files suggest, never
+    worded as an answer."""
+    if probed:
+        row("remap", f"{ {True: 'yes', False: 'no', None: 'unknown'}[remaps]}: {how}")
+    else:
+        row("remap", f"not probed (--no-probe); {how}")
 
 
 def row(label: str, text: str, hang: str = "") -> None:
