@@ -109,3 +109,57 @@ def test_report_renders_in_headless_chromium(swept: Path) -> None:
     assert sorted(ids) == sorted(f"{f}-{sc}" for sc in SCENARIOS for f in FIGURES)
     assert len(widths) == len(ids) and all(w > 200 for w in widths)
     assert "seed-uzp1: memory freed (MiB)" in pre
+
+
+def test_report_opens_with_a_summary(swept: Path) -> None:
+    page = write_report(swept).read_text()
+    assert page.count('<p class="summary">') == len(SCENARIOS)
+    text = (swept / "report.txt").read_text()
+    first = text.split("\n\n")[0]
+    assert first.startswith("seed-uzp0, 12 points: the rate-limit bypass in ")
+    assert "1 failed" in " ".join(text.split())  # the fixture's failing point
+    # the policies are named where they reached a verdict, or as reaching none
+    for sc in SCENARIOS:
+        para = next(p for p in text.split("\n\n") if p.startswith(f"{sc}, "))
+        flat = " ".join(para.split())
+        assert all(p in flat for p in ("mainline", "pre-6.12", "v1")), flat
+
+
+def test_where_says_settings_in_few_words() -> None:
+    from ksmlab.report_html import _where
+
+    fields = ["ksm.pages_to_scan", "ksm.use_zero_pages"]
+    grid = [{"ksm.pages_to_scan": p, "ksm.use_zero_pages": u}
+            for p in (100, 1000, 5000) for u in (0, 1)]
+    assert _where(grid, grid, fields) == "at every setting"
+    assert _where([s for s in grid if s["ksm.use_zero_pages"] == 1], grid,
+                  fields) == "with use_zero_pages=1"
+    assert _where([s for s in grid if s["ksm.pages_to_scan"] < 5000], grid,
+                  fields) == "with pages_to_scan 100 or 1000"
+    assert _where(grid[:1] + grid[-1:], grid, fields) == (
+        "at pages_to_scan=100, use_zero_pages=0; pages_to_scan=5000, use_zero_pages=1")
+
+
+def test_colour_scales_are_fixed() -> None:
+    """The colours do not stretch over the data's range: 116 and 128 MiB of 128
+    mergeable look alike, as do 0.6 and 0.7 % of a CPU."""
+    import numpy as np
+
+    from ksmlab.report_html import heat_scale
+
+    m = np.array([[116.0, 128.0]])
+    norm, vals = heat_scale(m, "linear", (0.0, 128.0))
+    a, b = norm(vals)[0]
+    assert b == 1.0 and a > 0.9
+    norm, vals = heat_scale(np.array([[0.6, 0.7]]), "cpu")
+    a, b = norm(vals)[0]
+    assert abs(b - a) < 0.05
+
+
+def test_report_names_no_folder_of_the_machine() -> None:
+    from ksmlab.report_html import _profile_text
+
+    label = "profile: shipped (fitted elsewhere), fitted 2026-11-27 00:23: /tmp/x/default.json"
+    assert _profile_text(label) == ("profile: shipped (fitted elsewhere), fitted "
+                                    "2026-11-27 00:23: default.json")
+    assert _profile_text("test profile") == "test profile"

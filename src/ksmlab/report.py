@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from .metrics import KIB_PER_PAGE, Summary, freed_pages, ksm_accounted_pages
-from .trace import Trace, write_atomic
+from .trace import MTHP_PREFIX, Trace, write_atomic
 
 WIDTH = 80
 
@@ -189,18 +190,31 @@ def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
     return format(v, fmt) if fmt else str(v)
 
 
+# One colour per policy, by name: the same in every figure and the sweep's report,
+# whichever policies a figure draws (matplotlib's tab10/tab20 and Tableau hues); the
+# live kernel is black.  A test keeps every policy here and every colour distinct.
+POLICY_COLOURS = {
+    "pre-6.12": "#1f77b4",
+    "6.12": "#ff7f0e",
+    "mainline": "#d62728",
+    "v1": "#2ca02c",
+    "v1-p2": "#98df8a",
+    "v1-p3": "#c49c94",
+    "rfc": "#9467bd",
+    "ksm-split-no-remap": "#8c564b",
+    "ksm-skip-zeropage": "#e377c2",
+    "ksm-skip-huge": "#17becf",
+    "ksm-huge-under-pressure": "#bcbd22",
+    "ksm-accounted-remap": "#393b79",
+}
+LIVE_COLOUR = "black"
+EVENT_COLOUR = "0.35"  # events and the first full-scan end: no policy's colour
+BURST_SPLITS = 16  # THPs split in one sample that plot_freed counts in words
+
+
 def policy_colour(name: str) -> str:
     """The same colour for a policy in every plot; the live kernel in black."""
-    from .model import POLICIES
-
-    names = list(POLICIES)
-    if name not in names:
-        return "black"
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    rgba = cmap((names.index(name) * 2 % 20 + names.index(name) * 2 // 20) / 19)
-    return str(matplotlib.colors.to_hex(rgba))
+    return POLICY_COLOURS.get(name, LIVE_COLOUR)
 
 
 def _first_scan_end(tr: Trace) -> float | None:
@@ -212,73 +226,216 @@ def _first_scan_end(tr: Trace) -> float | None:
     return float(tr.t[done[0]]) if len(done) else None
 
 
+def split_times(tr: Trace) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The samples at which THPs of any size were split (thp_split_page and the
+    multi-size THP ``split`` counters rose), and how many were split in each."""
+    cols = [c for c in tr.columns if c == "thp_split_page"
+            or (c.startswith(MTHP_PREFIX) and c.endswith("/split"))]
+    if not cols or len(tr.t) < 2:
+        return np.zeros(0), np.zeros(0)
+    rise = np.diff(sum(tr.since_start(c) for c in cols))
+    at = rise > 0
+    return np.asarray(tr.t[1:][at], dtype=np.float64), rise[at]
+
+
+def spread(ys: Sequence[float], gap: float, lo: float, hi: float) -> list[float]:
+    """Label heights near ``ys`` (same order) at least ``gap`` apart, within
+    [lo, hi] where there is room: end labels that do not stack."""
+    order = sorted(range(len(ys)), key=lambda k: ys[k])
+    pos = [min(max(ys[k], lo), hi) for k in order]
+    for k in range(1, len(pos)):  # upwards: each at least a gap above the one below
+        pos[k] = max(pos[k], pos[k - 1] + gap)
+    over = pos[-1] - hi if pos else 0.0
+    if over > 0:  # then down from the top, as far as the bottom allows
+        pos[-1] = hi
+        for k in range(len(pos) - 2, -1, -1):
+            pos[k] = min(pos[k], pos[k + 1] - gap)
+        under = lo - pos[0]
+        if under > 0:
+            pos = [y + under for y in pos]
+    out = [0.0] * len(ys)
+    for k, y in zip(order, pos, strict=True):
+        out[k] = y
+    return out
+
+
+def peak_at(t: npt.NDArray[np.float64], y: npt.NDArray[np.float64],
+            window: float) -> tuple[float, float, float] | None:
+    """Where ``y`` rose fastest over a span of ``window`` or more (as
+    metrics.peak_rate measures it): (rate, t, y) at the span's middle."""
+    if len(t) < 2:
+        return None
+    j = np.searchsorted(t, t + window)
+    i = np.flatnonzero(j < len(t))
+    if not len(i):
+        return None
+    rates = (y[j[i]] - y[i]) / (t[j[i]] - t[i])
+    k = int(np.argmax(rates))
+    a, b = int(i[k]), int(j[i[k]])
+    return float(rates[k]), float(t[a] + t[b]) / 2, float(y[a] + y[b]) / 2
+
+
+def curve_groups(curves: Sequence[tuple[str, Any]],
+                 same: Callable[[Any, Any], bool]) -> list[tuple[list[str], Any]]:
+    """Policies whose curves are the same share one line: (names, first curve)."""
+    groups: list[tuple[list[str], Any]] = []
+    for name, c in curves:
+        g = next((g for g in groups if same(g[1], c)), None)
+        if g is not None:
+            g[0].append(name)
+        else:
+            groups.append(([name], c))
+    return groups
+
+
+def draw_group(ax: Any, t: Any, y: Any, names: Sequence[str], lw: float,
+               label: str | None = None) -> Any:
+    """One line for policies with the same curve, dashed in each one's colour in
+    turn (one colour: solid); the legend handle shows every colour."""
+    from matplotlib.lines import Line2D
+
+    k = len(names)
+    seg = 3.0  # dash length, in line widths
+    for m, n in enumerate(names):
+        style: Any = "-" if k == 1 else (m * seg, (seg, (k - 1) * seg))
+        ax.plot(t, y, color=policy_colour(n), lw=lw, ls=style, solid_capstyle="butt",
+                dash_capstyle="butt", gid=n)
+    handle = tuple(Line2D([], [], color=policy_colour(n), lw=3.0) for n in names)
+    return handle, label
+
+
+def legend(ax: Any, entries: Sequence[tuple[Any, str]], **kw: Any) -> None:
+    """A legend whose policy entries show each colour of their line side by side."""
+    from matplotlib.legend_handler import HandlerTuple
+
+    if entries:
+        ax.legend([h for h, _ in entries], [lab for _, lab in entries],
+                  handler_map={tuple: HandlerTuple(ndivide=None, pad=0.0)},
+                  handlelength=2.6, **kw)
+
+
+def _wrap(text: str, width: int = 30) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False))
+
+
 def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> Path:
     """Two panels over time: memory freed (top) and freed by KSM's own account
     (pages_sharing + ksm_zero_pages, bottom; zero where the remap freed it all
-    unseen), a fixed colour per policy, KSM's budget from the first full-scan end,
-    the scenario's events marked, the legend beside the data."""
+    unseen).  A fixed colour per policy (policies on one curve share it, dashed in
+    their colours); KSM's budget from the first full-scan end, that end marked,
+    each curve's peak as a multiple of the budget, THP splits and the scenario's
+    events marked; the legend beside the data, end values in the lower panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True,
+    from .metrics import BYPASS_RATIO, PEAK_WINDOW_S
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.4), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
     mib = KIB_PER_PAGE / 1024
     tmax, budget, start = 0.0, None, None
-    # policies with the same curves share one line (and one legend entry)
-    groups: list[tuple[list[str], Trace]] = []
-    for label, tr in traces:
-        same = next((g for g in groups if len(g[1]) == len(tr)
-                     and np.array_equal(freed_pages(g[1]), freed_pages(tr))
-                     and np.array_equal(ksm_accounted_pages(g[1]), ksm_accounted_pages(tr))), None)
-        if same is not None:
-            same[0].append(label)
-        else:
-            groups.append(([label], tr))
-    top_mib = 1.0
-    for i, (labels, tr) in enumerate(groups):
-        colour = policy_colour(labels[0])
-        label = "\n".join(textwrap.wrap(", ".join(labels), 28, break_on_hyphens=False))
-        freed = freed_pages(tr) * mib
-        # earlier lines wider: a curve another one lies on (often at 0) stays seen
-        lw = 1.6 + 2.4 * (len(groups) - 1 - i) / max(len(groups) - 1, 1)
-        top.plot(tr.t, freed, label=label, lw=lw, color=colour)
-        acct = ksm_accounted_pages(tr) * mib
-        bottom.plot(tr.t, acct, lw=lw, color=colour)
-        if len(acct):
-            bottom.annotate(f"{acct[-1]:.0f}", (float(tr.t[-1]), float(acct[-1])),
-                            xytext=(4, 3 * i), textcoords="offset points", fontsize=7,
-                            color=colour)
-        top_mib = max(top_mib, float(np.nanmax(freed)) if len(freed) else 0.0)
-        tmax = max(tmax, float(tr.t[-1]))
+    for _, tr in traces:
         k = tr.meta["scenario"]["ksm"]
-        if k["sleep_millisecs"] > 0:
+        if budget is None and k["sleep_millisecs"] > 0:
             budget = k["pages_to_scan"] * 1000 / k["sleep_millisecs"] * mib
         start = start if start is not None else _first_scan_end(tr)
+        tmax = max(tmax, float(tr.t[-1]) if len(tr.t) else 0.0)
+    window = max(PEAK_WINDOW_S, 2 * float(traces[0][1].meta["scenario"].get(
+        "sample_interval", 0.1))) if traces else PEAK_WINDOW_S
+    groups = curve_groups(traces, lambda a, b: len(a) == len(b)
+                          and np.array_equal(freed_pages(a), freed_pages(b))
+                          and np.array_equal(ksm_accounted_pages(a), ksm_accounted_pages(b)))
+    top_mib = 1.0
+    entries: list[tuple[Any, str]] = []
+    ends: list[tuple[float, float, str]] = []  # lower panel: (t, MiB, colour) per line
+    steepest: tuple[float, float, float] | None = None
+    splits_drawn = False
+    for i, (names, tr) in enumerate(groups):
+        freed = freed_pages(tr) * mib
+        acct = ksm_accounted_pages(tr) * mib
+        # earlier lines wider: a curve another one lies on (often at 0) stays seen
+        lw = 1.6 + 2.4 * (len(groups) - 1 - i) / max(len(groups) - 1, 1)
+        peak = peak_at(tr.t, freed, window)
+        ratio = peak[0] / budget if peak and budget else None
+        label = _wrap(", ".join(names)) + (f"\npeak {ratio:.1f}x the budget"
+                                           if ratio is not None else "")
+        entries.append(draw_group(top, tr.t, freed, names, lw, label))
+        draw_group(bottom, tr.t, acct, names, lw)
+        if len(acct):
+            ends.append((float(tr.t[-1]), float(acct[-1]), policy_colour(names[0])))
+        st, n = split_times(tr)
+        if len(st):  # where THPs were split: a tick on the curve
+            top.plot(st, np.interp(st, tr.t, freed), ls="none", marker="|", ms=7, mew=0.9,
+                     color=EVENT_COLOUR, zorder=5)
+            splits_drawn = True
+            k = int(np.argmax(n))
+            if n[k] >= BURST_SPLITS:  # a burst: the count, where a tick says little
+                top.annotate(f"{n[k]:.0f} THPs split", (st[k], float(np.interp(
+                    st[k], tr.t, freed))), xytext=(6, -4), textcoords="offset points",
+                    fontsize=7, color=EVENT_COLOUR, va="top")
+        if peak and ratio is not None and ratio > BYPASS_RATIO and (
+                steepest is None or peak[0] > steepest[0]):
+            steepest = peak
+        top_mib = max(top_mib, float(np.nanmax(freed)) if len(freed) else 0.0)
     if budget and start is not None and tmax > start:
         tt = np.array([start, tmax])
         for ax in (top, bottom):
-            ax.plot(tt, budget * (tt - start), color="grey", ls=":", lw=1.4,
-                    label=f"KSM's budget: {budget:.1f} MiB/s\nfrom the first full-scan end"
-                    if ax is top else None)
+            ax.plot(tt, budget * (tt - start), color="grey", ls=":", lw=1.4)
+        entries.append((matplotlib.lines.Line2D([], [], color="grey", ls=":", lw=1.4),
+                        f"KSM's budget: {budget:.1f} MiB/s\nfrom the first full-scan end"))
+    if start is not None:
+        for ax in (top, bottom):
+            ax.axvline(start, color=EVENT_COLOUR, lw=0.9, ls=(0, (1, 2)))
+        top.annotate("full scan 1 ends: merging can start", (start, 1.0),
+                     xycoords=("data", "axes fraction"), xytext=(-3, -3),
+                     textcoords="offset points", fontsize=7, color=EVENT_COLOUR,
+                     rotation=90, va="top", ha="right")
+    if splits_drawn:
+        entries.append((matplotlib.lines.Line2D([], [], ls="none", marker="|", ms=7,
+                                                mew=0.9, color=EVENT_COLOUR),
+                        "THP split in that sample"))
+    if steepest is not None and budget:
+        rate, t_at, y_at = steepest
+        top.annotate(f"{rate:.0f} MiB/s\n= {rate / budget:.1f}x KSM's budget",
+                     (t_at, y_at), xytext=(-12, 0), textcoords="offset points",
+                     ha="right", va="center", fontsize=8,
+                     bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.7"},
+                     arrowprops={"arrowstyle": "->", "color": "0.3", "lw": 0.8})
     for ax in (top, bottom):
         ax.set_ylim(0, top_mib * 1.08)
+        ax.set_xlim(0, tmax * 1.0 if tmax else 1.0)
         ax.grid(alpha=0.3)
+    if ends:  # end values beside the lower panel, spread so that none stack
+        gap = top_mib * 1.08 * 0.075
+        ys = spread([y for _, y, _ in ends], gap, 0.0, top_mib * 1.08)
+        for (t_end, y, colour), y_text in zip(ends, ys, strict=True):
+            # a leader from the label's left edge to the curve's end: they fan out
+            # from the labels and never cross one
+            bottom.annotate(f"{y:.0f} MiB", (t_end, y), xytext=(tmax * 1.03, y_text),
+                            textcoords="data", fontsize=7, color=colour, va="center",
+                            annotation_clip=False,
+                            arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6,
+                                        "shrinkA": 1, "shrinkB": 1, "relpos": (0.0, 0.5)})
     events = [e for e in traces[0][1].events if e.get("action") not in ("ksm_start", None)]
     for e in events:
         for ax in (top, bottom):
-            # neutral: no policy's colour (tab20 holds red) may be read as an event
-            ax.axvline(float(e["t"]), color="0.3", lw=0.8, ls="--", alpha=0.7)
-        top.annotate(str(e["action"]), (float(e["t"]), top_mib * 1.02), fontsize=7,
-                     color="0.3", rotation=90, va="top", ha="right")
+            ax.axvline(float(e["t"]), color=EVENT_COLOUR, lw=0.8, ls="--", alpha=0.8)
+        top.annotate(str(e["action"]), (float(e["t"]), 1.0),
+                     xycoords=("data", "axes fraction"), xytext=(-3, -3),
+                     textcoords="offset points", fontsize=7, color=EVENT_COLOUR,
+                     rotation=90, va="top", ha="right",
+                     bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none",
+                           "alpha": 0.8})
     top.set_ylabel("memory freed (MiB)")
     bottom.set_ylabel("freed by KSM's account\n(MiB)")
     bottom.set_xlabel("time since the workload was ready (s)")
     # the scenario's own one-line description, so the plot reads without the text
     desc = str(traces[0][1].meta.get("scenario", {}).get("description", "")) if traces else ""
     top.set_title("\n".join(textwrap.wrap(f"{title}: {desc}" if desc else title, 90)))
-    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    legend(top, entries, fontsize=8, loc="upper left", bbox_to_anchor=(1.07, 1.0),
+           borderaxespad=0)
     fig.tight_layout()
     write_atomic(path, writer=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -304,13 +461,20 @@ def plot_validation(name: str, ref: Trace, cand: Trace, path: Path,
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True)
+    # the kernel in black, the model in its policy's colour (as every other plot)
+    colours = [LIVE_COLOUR, policy_colour(str(cand.meta.get("kernel", "")).removeprefix(
+        "model:"))]
+    if colours[1] == LIVE_COLOUR:
+        colours[1] = "#d62728"
     for ax, (col, label, scale) in zip(axes.flat, VALIDATION_PANELS, strict=True):
-        for tr, style, who in ((ref, "-", labels[0]), (cand, "--", labels[1])):
+        for tr, style, who, colour in ((ref, "-", labels[0], colours[0]),
+                                       (cand, "--", labels[1], colours[1])):
             if col in tr:
-                ax.plot(tr.t, tr.since_start(col) * scale, style, lw=1.4, label=who)
+                ax.plot(tr.t, tr.since_start(col) * scale, style, lw=1.4, label=who,
+                        color=colour)
                 ends = sorted(tr.checkpoints().values())
                 ax.plot(tr.t[ends], tr.since_start(col)[ends] * scale, "o" if style == "-"
-                        else "x", ms=3, color=ax.lines[-1].get_color())
+                        else "x", ms=3, color=colour)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)

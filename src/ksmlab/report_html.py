@@ -16,14 +16,14 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from . import __version__
 from .metrics import BYPASS_RATIO
-from .report import policy_colour
+from .report import curve_groups, draw_group, legend
 from .sweep import RESULTS, SweepError, Value, need_extra, points_of, read_meta
 from .trace import write_atomic
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 MAX_CURVE_PANELS = 6
 LOG_SPAN = 2  # the budget ratio's scale: 1/100 to 100 times the budget
+CPU_SPAN = (0.1, 100.0)  # ksmd's CPU scale (% of a CPU, log): a throttled ksmd to a busy one
+CPU_TICKS = [0.1, 1.0, 10.0, 100.0]
 TEXT_WIDTH = 80
 # verdict map: one colour per outcome (colour-blind safe, from Okabe-Ito)
 OUTCOMES = (("none", "#e8e8e8"), ("rate-limit bypass", "#e69f00"),
@@ -122,32 +124,51 @@ def _figure(ncols: int, nrows: int) -> tuple[Figure, Axes]:
     return fig, ax
 
 
+def heat_scale(m: npt.NDArray[np.float64], scale: Literal["linear", "ratio", "cpu"],
+               span: tuple[float, float] = (0.0, 1.0)) -> tuple[Any, npt.NDArray[np.float64]]:
+    """The colour scale of a heat map (see :func:`heat_map`) and the values it maps."""
+    from matplotlib import colors
+
+    norm: colors.Normalize
+    if scale == "cpu":  # ksmd's CPU spans orders of magnitude
+        norm = colors.LogNorm(*CPU_SPAN)
+        vals = np.clip(np.nan_to_num(m, nan=CPU_SPAN[0]), *CPU_SPAN)
+    elif scale == "ratio":  # 1 white: above red, below blue
+        norm = colors.TwoSlopeNorm(0.0, -LOG_SPAN, LOG_SPAN)
+        vals = np.clip(np.log10(np.clip(np.nan_to_num(m), 10.0 ** -LOG_SPAN, None)),
+                       -LOG_SPAN, LOG_SPAN)
+    else:
+        lo, hi = span
+        norm = colors.Normalize(lo, hi if hi > lo else lo + 1)
+        vals = np.nan_to_num(m)
+    return norm, vals
+
+
 def heat_map(m: npt.NDArray[np.float64], policies: Sequence[str], cols: Columns,
-             title: str, unit: str, fmt: str, cmap: str, log: bool = False) -> str:
+             title: str, unit: str, fmt: str, cmap: str,
+             scale: Literal["linear", "ratio", "cpu"] = "linear",
+             span: tuple[float, float] = (0.0, 1.0)) -> str:
     """A policy x setting heat map with each cell's value written in it; NaN (a failed
-    point, or a figure that does not apply) grey."""
+    point, or a figure that does not apply) grey.  Colours on a fixed scale, never
+    the data's own range (116 and 128 MiB of 128 look alike, as they are):
+    ``linear`` from ``span``, ``ratio`` the budget ratio's 1/100 to 100 (log, 1
+    white), ``cpu`` CPU_SPAN (log)."""
     import matplotlib
     from matplotlib import colors
 
     fig, ax = _figure(len(cols.ticks), len(policies))
-    finite = m[np.isfinite(m)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    norm: colors.Normalize
-    if log:  # a fixed scale (every scenario alike), 1 white: above red, below blue
-        norm = colors.TwoSlopeNorm(0.0, -LOG_SPAN, LOG_SPAN)
-        vals = np.clip(np.log10(np.clip(m, 10.0 ** -LOG_SPAN, None)), -LOG_SPAN, LOG_SPAN)
-    else:
-        norm = colors.Normalize(lo, hi if hi > lo else lo + 1)
-        vals = m
-    rgba = matplotlib.colormaps[cmap](norm(np.nan_to_num(vals)))
+    norm, vals = heat_scale(m, scale, span)
+    rgba = matplotlib.colormaps[cmap](norm(vals))
     rgba[~np.isfinite(m)] = colors.to_rgba("#bbbbbb")
     texts = [["–" if not np.isfinite(v) else format(v, fmt) for v in r] for r in m]
     _heat_axes(ax, m, policies, cols, texts, rgba, title)
     sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
     bar = fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02)
-    if log:
+    if scale == "ratio":
         ticks = np.arange(-LOG_SPAN, LOG_SPAN + 1)
         bar.set_ticks(ticks.tolist(), labels=[f"{10.0 ** t:g}" for t in ticks])
+    elif scale == "cpu":
+        bar.set_ticks(CPU_TICKS, labels=[f"{t:g}" for t in CPU_TICKS])
     bar.set_label(unit, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return _png(fig)
@@ -193,7 +214,8 @@ def verdict_map(df: pd.DataFrame, policies: Sequence[str],
 def curves(recs: Sequence[dict[str, Any]], policies: Sequence[str],
            settings: Sequence[dict[str, Value]], labels: Sequence[str], title: str) -> str:
     """Memory freed over time, one panel a setting, one line a policy (the colours
-    of every other ksmlab plot); policies on one curve share it."""
+    of every other ksmlab plot); policies on one curve share it, dashed in their
+    colours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,23 +227,16 @@ def curves(recs: Sequence[dict[str, Any]], policies: Sequence[str],
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow),
                              squeeze=False, sharey=False)
     for ax, st, lab in zip(axes.flat, settings, labels, strict=False):
-        groups: list[tuple[list[str], dict[str, Any]]] = []
-        for p in policies:
-            rec = next((r for r in recs if r["policy"] == p and r["setting"] == st
-                        and r.get("curve")), None)
-            if rec is None:
-                continue
-            same = next((g for g in groups if g[1]["freed_mib"] == rec["curve"]["freed_mib"]),
-                        None)
-            if same:
-                same[0].append(p)
-            else:
-                groups.append(([p], rec["curve"]))
+        drawn = [(p, rec["curve"]) for p in policies
+                 for rec in [next((r for r in recs if r["policy"] == p and r["setting"] == st
+                                   and r.get("curve")), None)] if rec is not None]
+        groups = curve_groups(drawn, lambda a, b: a["freed_mib"] == b["freed_mib"])
+        entries = []
         for k, (names, c) in enumerate(groups):
             lw = 1.4 + 2.0 * (len(groups) - 1 - k) / max(len(groups) - 1, 1)
-            ax.plot(c["t"], c["freed_mib"], lw=lw, color=policy_colour(names[0]),
-                    label="\n".join(textwrap.wrap(", ".join(names), 30,
-                                                  break_on_hyphens=False)))
+            entries.append(draw_group(ax, c["t"], c["freed_mib"], names, lw,
+                                      "\n".join(textwrap.wrap(", ".join(names), 30,
+                                                               break_on_hyphens=False))))
         ax.set_title(lab, fontsize=9)
         ax.set_xlabel("time (s)", fontsize=8)
         ax.set_ylabel("memory freed (MiB)", fontsize=8)
@@ -229,8 +244,8 @@ def curves(recs: Sequence[dict[str, Any]], policies: Sequence[str],
         ax.grid(alpha=0.3)
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # nothing freed: a line at 0, not mid-air
         # below the panel: inside, it hid the curves it names
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2,
-                  frameon=False)
+        legend(ax, entries, fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2,
+               frameon=False)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10, x=0.01, ha="left")
@@ -284,6 +299,87 @@ def text_table(df: pd.DataFrame, scenario: str, policies: Sequence[str],
     return "\n".join(lines)
 
 
+VERDICT_WORDS = (("rate_limit_bypass", "the rate-limit bypass"),
+                 ("merge_collapse", "the merge collapse"))
+NOTHING_SHARE = 0.01  # freed under 1 % of the mergeable memory: "frees nothing"
+
+
+def _outcomes(d: pd.DataFrame, policy: str, settings: Sequence[dict[str, Value]],
+              fields: Sequence[str]) -> list[tuple[str, ...] | None]:
+    """Per setting, the verdict columns a point reached (None: failed or not run)."""
+    out: list[tuple[str, ...] | None] = []
+    for st in settings:
+        sel = d[d["policy"] == policy]
+        for f in fields:
+            sel = sel[sel[f] == st[f]]
+        if not len(sel) or _failed(sel["error"].iloc[0]):
+            out.append(None)
+            continue
+        out.append(tuple(c for c, _ in VERDICT_WORDS if bool(sel[c].iloc[0])))
+    return out
+
+
+def _where(sub: Sequence[dict[str, Value]], settings: Sequence[dict[str, Value]],
+           varying: Sequence[str]) -> str:
+    """Settings in words, as short as they allow: every one; the values of each
+    field they take, when they are every combination of those; else each listed."""
+    if len(sub) == len(settings):
+        return "at every setting"
+    took = {f: list(dict.fromkeys(s[f] for s in sub)) for f in varying}
+    box = [s for s in settings if all(s[f] in took[f] for f in varying)]
+    if len(box) != len(sub):
+        return "at " + "; ".join(_setting_label({f: s[f] for f in varying}, ", ")
+                                 for s in sub)
+    words = []
+    for f, vals in took.items():
+        if len(vals) == len({s[f] for s in settings}):
+            continue  # every value of the field: it does not matter
+        name = f.rsplit(".", 1)[-1]
+        shown = [str(v) for v in vals]
+        words.append(f"{name}={shown[0]}" if len(shown) == 1 else
+                     f"{name} {', '.join(shown[:-1])} or {shown[-1]}")
+    return "with " + " and ".join(words)
+
+
+def summary(d: pd.DataFrame, scenario: str, policies: Sequence[str],
+            settings: Sequence[dict[str, Value]], fields: Sequence[str],
+            varying: Sequence[str]) -> str:
+    """One paragraph: how many points reached each verdict, then the policies
+    grouped by where they reached them; those with neither, those that free
+    nothing."""
+    n_b = int(d["rate_limit_bypass"].fillna(False).astype(bool).sum())
+    n_c = int(d["merge_collapse"].fillna(False).astype(bool).sum())
+    failed = int(d["error"].map(_failed).sum())
+    parts = [f"{scenario}, {len(d)} points: the rate-limit bypass in {n_b}, the merge "
+             f"collapse in {n_c}" + (f", {failed} failed" if failed else "") + "."]
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for p in policies:
+        groups.setdefault(tuple(_outcomes(d, p, settings, fields)), []).append(p)
+    clean: list[str] = []
+    for pattern, names in groups.items():
+        said = []
+        for col, words in VERDICT_WORDS:
+            sub = [st for st, o in zip(settings, pattern, strict=True) if o and col in o]
+            if sub:
+                said.append(f"{words} {_where(sub, settings, varying)}")
+        missing = sum(o is None for o in pattern)
+        if missing:  # failed or not run: not "at any setting"
+            said.append(f"{missing} of {len(settings)} settings without a result")
+        if said:
+            parts.append(f"{', '.join(names)}: {'; '.join(said)}.")
+        else:
+            clean.extend(names)
+    if clean:
+        parts.append(f"Neither at any setting: {', '.join(clean)}.")
+    mergeable = float(d["expected_mergeable_mib"].max() or 0)
+    nothing = [p for p in policies
+               if mergeable > 0 and (d.loc[d["policy"] == p, "freed_mib"].fillna(0)
+                                     < NOTHING_SHARE * mergeable).all()]
+    if nothing:
+        parts.append(f"Freeing nothing at any setting: {', '.join(nothing)}.")
+    return " ".join(parts)
+
+
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
  color:#222;background:#fafafa}
@@ -292,6 +388,7 @@ header h1{margin:0 0 4px;font-size:20px} header p{margin:0;font-size:13px;color:
 main{padding:8px 28px 40px;max-width:1500px}
 section{background:#fff;border:1px solid #ddd;border-radius:6px;margin:18px 0;padding:4px 18px 14px}
 h2{font-size:17px;margin:12px 0 2px} .desc{color:#555;font-size:13px;margin:0 0 8px}
+.summary{font-size:14px;max-width:1100px;margin:6px 0 12px;line-height:1.45}
 .grid{display:flex;flex-wrap:wrap;gap:14px 28px;align-items:flex-start}
 figure{margin:0;flex:0 1 calc(50% - 14px)} figure.wide{flex-basis:100%}
 figure img{max-width:100%;height:auto;display:block}
@@ -308,6 +405,13 @@ def _fig(fid: str, png: str, alt: str, caption: str, wide: bool = False) -> str:
     return (f'<figure id="{html.escape(fid)}"{cls}><img alt="{html.escape(alt)}" '
             f'src="data:image/png;base64,{png}"><figcaption>{html.escape(caption)}'
             "</figcaption></figure>")
+
+
+def _profile_text(label: str) -> str:
+    """The profile's label (ProfileChoice.label(): "... : PATH") with the file's name
+    only: a folder of the machine that ran the sweep means nothing to a reader."""
+    head, sep, path = label.rpartition(": ")
+    return f"{head}{sep}{Path(path).name}" if sep and path.startswith("/") else label
 
 
 def write_report(out: Path) -> Path:
@@ -341,14 +445,19 @@ def write_report(out: Path) -> Path:
         nav.append(f'<a href="#{sid}">{html.escape(sc)}</a>')
         mat = {c: _matrix(d, policies, settings, fields, c)
                for c in ("freed_mib", "budget_ratio_peak", "ksmd_cpu_pct")}
+        mergeable = float(d["expected_mergeable_mib"].max() or 0) or float(
+            np.nanmax(mat["freed_mib"], initial=1.0))
+        para = summary(d, sc, policies, settings, fields, varying)
         figs = [
             _fig(f"freed-{sc}", heat_map(mat["freed_mib"], policies, cols,
-                                         f"{sc}: memory freed", "MiB", ".0f", "viridis"),
+                                         f"{sc}: memory freed", "MiB", ".0f", "viridis",
+                                         span=(0.0, mergeable)),
                  f"{sc} memory freed", "Memory freed at the end of the run (MiB): drop of "
-                 "RssAnon from its peak plus pages_sharing."),
+                 f"RssAnon from its peak plus pages_sharing; colours from 0 to the "
+                 f"{mergeable:.0f} MiB the scenario makes mergeable."),
             _fig(f"budget-{sc}", heat_map(mat["budget_ratio_peak"], policies, cols,
                                           f"{sc}: peak budget ratio", "x KSM's budget",
-                                          ".2g", "RdBu_r", log=True),
+                                          ".2g", "RdBu_r", scale="ratio"),
                  f"{sc} budget ratio", "Peak rate of freeing over KSM's budget "
                  f"(pages_to_scan per sleep_millisecs); above {BYPASS_RATIO:g}x with most "
                  "of it outside KSM's counters is the rate-limit bypass."),
@@ -356,9 +465,11 @@ def write_report(out: Path) -> Path:
                                                f"{sc}: verdicts"),
                  f"{sc} verdicts", "The verdicts each point reached (ksmlab.metrics)."),
             _fig(f"cpu-{sc}", heat_map(mat["ksmd_cpu_pct"], policies, cols,
-                                       f"{sc}: ksmd CPU", "% of a CPU", ".1f", "magma_r"),
+                                       f"{sc}: ksmd CPU", "% of a CPU", ".1f", "magma_r",
+                                       scale="cpu"),
                  f"{sc} ksmd CPU", "ksmd's mean CPU over the run (the cost profile's "
-                 "figure: another machine's unless calibrated here)."),
+                 "figure: another machine's unless calibrated here); colours on a fixed "
+                 f"log scale, {CPU_SPAN[0]:g} to {CPU_SPAN[1]:g} %."),
         ]
         if chosen:
             figs.append(_fig(f"curves-{sc}", curves([r for r in recs if r["scenario"] == sc],
@@ -373,9 +484,11 @@ def write_report(out: Path) -> Path:
         body.append(f'<section id="{sid}"><h2>{html.escape(sc)}</h2><p class="desc">'
                     f"{len(d)} points: {len(policies)} policies x {len(settings)} settings "
                     f"({html.escape(desc)}); duration {first['duration_s']:.0f} s</p>"
+                    f'<p class="summary">{html.escape(para)}</p>'
                     f'<div class="grid">{"".join(figs)}</div></section>')
-        texts.append(text_table(d, sc, policies, settings, fields,
-                                [c.replace(",", "") for c in labels]))
+        texts.append("\n".join(textwrap.wrap(para, TEXT_WIDTH, break_on_hyphens=False))
+                     + "\n\n" + text_table(d, sc, policies, settings, fields,
+                                            [c.replace(",", "") for c in labels]))
     text = "\n\n".join(texts) + "\n"
     write_atomic(out / "report.txt", text.encode())
     fail_html = ""
@@ -394,7 +507,7 @@ def write_report(out: Path) -> Path:
 <body><header><h1>ksmlab sweep: {len(df)} points, {len(failed)} failed</h1>
 <p>{len(meta['scenarios'])} scenarios x {len(policies)} policies x {len(settings)} settings
 ({html.escape(', '.join(fields) or 'no grid')}); model, ksmlab {__version__};
-{html.escape(str(meta['profile']))}</p></header>
+{html.escape(_profile_text(str(meta['profile'])))}</p></header>
 <main><nav>{''.join(nav)}<a href="#text">text table</a></nav>
 {''.join(body)}{fail_html}
 <section id="text"><h2>Text table (for the mailing list)</h2>
