@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 
 def model_fits(sc: Scenario, engine: str = "auto", events: bool = False) -> None:
     """Refuse, before it starts, a model run this machine has no memory for (a 10 TiB
-    region ran 30 s and was OOM-killed at 24 GB resident)."""
+    region runs for 30 s, then is OOM-killed at 24 GB resident)."""
     from .live.kernelfs import KernelFS
     from .live.run import mem_available_mib
     from .model.run import memory_estimate
@@ -47,7 +47,7 @@ def pid_base(pid: int, uzp: int, duration: float | None, pages_to_scan: int
              ) -> dict[str, Any]:
     # khugepaged parked for the run (a day, not driven): its cursor in a process it
     # has scanned since the process began cannot be known, and a pass at the wrong
-    # range collapses another THP than the model's (a QEMU guest diverged at the first)
+    # range collapses another THP than the model's (a QEMU guest diverges at the first)
     return {"name": f"pid{pid}-uzp{uzp}", "duration": duration or 30.0,
             "description": f"process {pid} as captured, use_zero_pages={uzp}",
             "ksm": {"use_zero_pages": uzp, "pages_to_scan": pages_to_scan},

@@ -106,7 +106,7 @@ MIN_FREE_BYTES = 8 << 20  # a run's trace and plot, with room to spare
 
 def check_out(out: Path | None) -> None:
     """An output folder that cannot take the results is refused before anything runs
-    (a live run's results were lost after it: NotADirectoryError, exit 1)."""
+    (else a live run's results are lost after it: NotADirectoryError, exit 1)."""
     if out is None:
         return
     if out.exists() and not out.is_dir():

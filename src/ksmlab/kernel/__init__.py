@@ -1,1 +1,1 @@
-"""Patched guest kernels under qemu: build, rootfs, boot, validate (issue 6)."""
+"""Patched guest kernels under qemu: build, rootfs, boot, validate."""

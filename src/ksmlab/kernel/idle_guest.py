@@ -1,4 +1,4 @@
-"""An idle QEMU guest: a real workload whose memory ksmlab can capture and merge (issue 12).
+"""An idle QEMU guest: a real workload whose memory ksmlab can capture and merge.
 
 The guest boots a plain x86-64 kernel (the kernel lab's 6.12 image if one is
 cached, else Debian's cloud kernel) with a tiny busybox initramfs whose /init

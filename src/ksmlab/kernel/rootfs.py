@@ -36,7 +36,7 @@ SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
                "venv", "tests"}
 # distributions whose import trees the guest does not need: the plots, and the
 # model's (numba, llvmlite, scipy: 280 MB unpacked, more than the guest's RAM holds
-# next to the workload, which made the initramfs fail to unpack)
+# next to the workload: the initramfs would not unpack)
 SKIP_DISTS = {"matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pillow",
               "pyparsing", "python-dateutil", "six", "packaging", "numba", "llvmlite",
               "scipy"}

@@ -233,7 +233,7 @@ class KernelEvents:
 
         An empty pipe answers EAGAIN; the thread then sleeps POLL_S rather than
         poll(2), which may report trace_pipe readable while it is empty (a spin that
-        took CPU from ksmd on a 2-CPU machine)."""
+        takes CPU from ksmd on a 2-CPU machine)."""
         fd = self._fd
         assert fd is not None
         while True:

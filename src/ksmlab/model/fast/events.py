@@ -209,7 +209,7 @@ def stream(ev: Events, entered: list[int], names: Callable[[I64], tuple[I64, I64
     before time 0, in order; ``names``: slots -> (instance, index among its pages).
     Built with the cyclic garbage collector paused: the dicts hold no cycles, and its
     full passes over a process holding another stream (validate's kernel trace)
-    took two thirds of the time."""
+    would take two thirds of the time."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -2,10 +2,10 @@
 
 Compiled functions take tuples of many arrays; without NRT (numba's reference
 counting) a call does not incref/decref every array of every tuple, which
-made calls cost microseconds.  The compiled code never allocates (except
+would cost microseconds a call.  The compiled code never allocates (except
 where ``nrt=True``).  ``inline`` inlines at numba's IR level (the hot path).
 ``error_model="numpy"``: no zero-division check on every ``//`` and ``%`` (no
-divisor here can be zero); results are the same, host-1t ran about 10 % faster.
+divisor here can be zero); results are the same, host-1t runs about 10 % faster.
 """
 
 from __future__ import annotations
