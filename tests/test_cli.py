@@ -8,8 +8,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
+import typer
 
 from ksmlab.live.kernelfs import KernelFS
 from ksmlab.live.knobs import read_all
@@ -429,3 +431,109 @@ def test_doctor_names_the_workload_its_exposure_ran(monkeypatch: pytest.MonkeyPa
             "128 MiB of zero-filled THPs with this host's knobs, 20 s)") in flat
     assert adv.to_json()["workload"] == f"seed-uzp{uzp}"
     assert ksmlab.advice._seed({}, uzp).name == f"seed-uzp{uzp}"  # the one it runs
+
+
+def test_compare_pid_takes_both_use_zero_pages_values_as_its_help_says() -> None:
+    assert "0, 1 or 0,1" in " ".join(ksmlab("compare", "--help").stdout.split())
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    # 0,1 is accepted: the command goes on to the capture, which finds no process
+    one_line_error(ksmlab("compare", "--pid", str(gone.pid), "--use-zero-pages", "0,1"),
+                   f"no process {gone.pid}")
+    one_line_error(ksmlab("compare", "--pid", str(gone.pid), "--use-zero-pages", "2"),
+                   "--use-zero-pages 2: use 0, 1 or 0,1")
+
+
+def test_compare_pid_makes_one_table_a_value(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """One capture, then a comparison for each use_zero_pages value (the capture
+    stubbed with an image of a scenario's memory: no process, no root)."""
+    from typer.testing import CliRunner
+
+    import ksmlab.live.capture
+    from ksmlab.cli import app
+    from tests.test_image import _image_of
+
+    class Captured:
+        def __init__(self, folder: Path) -> None:
+            from ksmlab import image as img
+
+            self.image = img.load(folder)
+
+    def fake_capture(pids: list[int], out: Path) -> Captured:
+        _image_of(Scenario.model_validate(
+            {"name": "x", "duration": 2, "process": [{"region": [{"size_mib": 4}]}]}), out)
+        return Captured(out)
+
+    monkeypatch.setattr(ksmlab.live.capture, "capture", fake_capture)
+    res = CliRunner().invoke(app, ["compare", "--pid", "4242", "--use-zero-pages", "0,1",
+                                   "--policies", "mainline,pre-6.12", "-d", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert [c["title"].split(":")[0] for c in d["comparisons"]] == ["pid4242-uzp0",
+                                                                     "pid4242-uzp1"]
+    assert all([r["policy"] for r in c["rows"]] == ["mainline", "pre-6.12"]
+               for c in d["comparisons"])
+    text = CliRunner().invoke(app, ["compare", "--pid", "4242", "--use-zero-pages", "0,1",
+                                    "--policies", "mainline", "-d", "2"]).stdout
+    assert "pid4242-uzp0: process 4242 as captured, use_zero_pages=0" in text
+    assert "pid4242-uzp1: process 4242 as captured, use_zero_pages=1" in text
+
+
+def test_sim_without_a_policy_takes_this_kernels() -> None:
+    from ksmlab.live.features import policy_for_host
+
+    pol = policy_for_host(KernelFS())
+    r = ksmlab("sim", "seed-uzp1-nothp", "-d", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["policy"] == pol and d["policy_why"]
+    r = ksmlab("sim", "seed-uzp1-nothp", "-d", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0].startswith(f"policy {pol} (")
+    assert f"seed-uzp1-nothp under {pol} (model)" in r.stdout
+
+
+def test_a_usage_error_listing_choices_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """click lists a missing choice option's values one per line: ksmlab joins them."""
+    import typer
+
+    import ksmlab.cli.application as application
+
+    demo = typer.Typer()
+    demo.command(name="pick")(_pick)
+    demo.command(name="other")(lambda: None)
+    monkeypatch.setattr(application, "app", demo)
+    monkeypatch.setattr(sys, "argv", ["ksmlab", "pick"])
+    with pytest.raises(SystemExit) as e:
+        application.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "Missing option '--colour'. Choose from: red, green, blue" in err
+
+
+def _pick(colour: Annotated[Literal["red", "green", "blue"], typer.Option()]) -> None:
+    """A command with a required choice (test_a_usage_error_listing_choices_is_one_line)."""
+
+
+def test_the_compiling_notice_is_said_when_not_a_terminal(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import ksmlab.model.fast.jit as jit
+    from ksmlab.cli import common
+    from ksmlab.scenario import load
+
+    assert not common.err.is_terminal  # pytest captures stderr: as when piped
+    sc = load("seed-uzp1")
+    monkeypatch.setattr(jit, "compiled_before", lambda: False)
+    with common.model_progress(sc, "x") as progress:
+        assert progress is None  # no bar off a terminal ...
+    assert "compiling the fast engine (numba) on its first run" in capsys.readouterr().err
+    with common.model_progress(sc, "x", "exact"):
+        pass
+    assert capsys.readouterr().err == ""  # ... and no notice where numba does not run
+    monkeypatch.setattr(jit, "compiled_before", lambda: True)
+    with common.model_progress(sc, "x"):
+        pass
+    assert capsys.readouterr().err == ""

@@ -220,11 +220,13 @@ def test_base_install_from_the_wheel(tmp_path: Path) -> None:
         pytest.skip(f"the base dependencies are not in uv's cache: {r.stderr[-600:]}")
     site = next((venv / "lib").glob("python3*/site-packages"))
     assert not [m for m in MODEL_ONLY if (site / m).exists()]
-    for args in (["--version"], ["doctor", "--help"], ["scenarios"]):
+    # sweep --example: the example specs are in the wheel, listed without the extra
+    for args in (["--version"], ["doctor", "--help"], ["scenarios"], ["sweep", "--example"]):
         r = subprocess.run([str(venv / "bin" / "ksmlab"), *args], capture_output=True,
                            text=True, timeout=120, check=False, cwd=tmp_path,
                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
         assert r.returncode == 0 and r.stdout, (args, r.stderr)
+    assert "thread" in r.stdout and (site / "ksmlab" / "sweeps" / "host-16g.toml").exists()
 
 
 def test_no_import_cycles_at_all() -> None:

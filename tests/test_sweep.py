@@ -219,3 +219,27 @@ def test_help_fits_80_columns() -> None:
         h = run_cli(cmd, "--help")
         assert h.returncode == 0 and "--help" in h.stdout, cmd
         assert all(len(line) <= 80 for line in h.stdout.splitlines()), (cmd, h.stdout)
+
+
+def test_examples_ship_in_the_package_and_run_by_name() -> None:
+    """The example specs are package data (a wheel has them): --example NAME runs one,
+    --example alone and a bare `ksmlab sweep` list them, another name lists them in
+    its one-line error."""
+    ex = sweep.examples()
+    assert set(ex) == {"seeds", "thread", "folio-sizes"}  # host-16g.toml: a scenario
+    for name, (path, about) in ex.items():
+        assert "src/ksmlab/sweeps/" in path.as_posix() and about, name
+        spec, base = sweep.load_spec(sweep.example_spec(name))
+        assert sweep.expand(spec, base, PROFILE)  # its scenario files are beside it
+    for args in (["--example"], [], ["--example", "--workers", "1"]):
+        r = run_cli("sweep", *args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert all(n in r.stdout for n in ex) and "seed workloads" in r.stdout
+        assert all(len(line) <= 80 for line in r.stdout.splitlines())
+    r = run_cli("sweep", "--example", "nope", "-o", "x")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "ksmlab: error: no example sweep 'nope'; examples: folio-sizes, seeds, thread")
+    r = run_cli("sweep", "--example", "seeds")
+    assert r.returncode == 2 and "--out" in r.stderr
+    assert "sweep --example" in run_cli("--help").stdout
+    assert "--example NAME" in run_cli("sweep", "--help").stdout

@@ -167,10 +167,14 @@ def say_compiling(sc: Scenario, engine: str = "auto") -> None:
     """A word on stderr, a terminal or not (piped or logged, a minute of silence looks
     like a hang), when the fast engine will run and numba has yet to compile it
     (about a minute, cached after)."""
-    from ..model.fast import unsupported
-    from ..model.fast.jit import compiled_before
-
-    if engine != "exact" and unsupported(sc) is None and not compiled_before():
+    if engine == "exact":
+        return
+    try:
+        from ..model.fast import unsupported
+        from ..model.fast.jit import compiled_before
+    except ImportError:  # no numba: the run says what to install
+        return
+    if unsupported(sc) is None and not compiled_before():
         err.print("compiling the fast engine (numba) on its first run: about a minute; "
                   "cached after", markup=False, soft_wrap=True)
 

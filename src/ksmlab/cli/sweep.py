@@ -42,9 +42,9 @@ def sweep(spec: Annotated[Path | None, typer.Argument(
 
     \b
     Examples:
-      ksmlab sweep --example                     the example specs shipped
-      ksmlab sweep --example seeds -o seeds/     3 scenarios x 6 settings x 12 policies
-      ksmlab report seeds/                       seeds/report.html and report.txt
+      ksmlab sweep --example                  the example specs shipped
+      ksmlab sweep --example seeds -o seeds/  216 points, a minute or two
+      ksmlab report seeds/                    seeds/report.html and report.txt
       ksmlab sweep my.toml -o sw/ --scheduler tcp://HOST:8786"""
     from ..sweep import SweepError, example_spec, examples
     from ..sweep import sweep as run_sweep
