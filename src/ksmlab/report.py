@@ -210,6 +210,9 @@ POLICY_COLOURS = {
 LIVE_COLOUR = "black"
 EVENT_COLOUR = "0.35"  # events and the first full-scan end: no policy's colour
 BURST_SPLITS = 16  # THPs split in one sample that plot_freed counts in words
+# a scenario event marked on the curve of the run it happened in (plot_freed)
+EVENT_MARKERS = {"khugepaged": "D", "pressure": "v", "write": "s", "set": "P",
+                 "ksm_stop": "X", "ksm_unmerge": "X"}
 
 
 def policy_colour(name: str) -> str:
@@ -399,7 +402,7 @@ def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> P
     if steepest is not None and budget:
         rate, t_at, y_at = steepest
         top.annotate(f"{rate:.0f} MiB/s\n= {rate / budget:.1f}x KSM's budget",
-                     (t_at, y_at), xytext=(-12, 0), textcoords="offset points",
+                     (t_at, y_at), xytext=(-14, -34), textcoords="offset points",
                      ha="right", va="center", fontsize=8,
                      bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.7"},
                      arrowprops={"arrowstyle": "->", "color": "0.3", "lw": 0.8})
@@ -418,11 +421,34 @@ def plot_freed(traces: Sequence[tuple[str, Trace]], path: Path, title: str) -> P
                             annotation_clip=False,
                             arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6,
                                         "shrinkA": 1, "shrinkB": 1, "relpos": (0.0, 0.5)})
-    events = [e for e in traces[0][1].events if e.get("action") not in ("ksm_start", None)]
-    for e in events:
+    # events every run had at the same time: a line across both panels; the others
+    # (aligned to a full-scan end, which differs by policy): a mark on their curve
+    def at(tr: Trace) -> list[tuple[str, float]]:
+        return [(str(e["action"]), float(e["t"])) for e in tr.events
+                if e.get("action") not in ("ksm_start", None)]
+
+    def has(evs: list[tuple[str, float]], e: tuple[str, float]) -> bool:
+        return any(a == e[0] and abs(t - e[1]) < 0.05 for a, t in evs)
+
+    runs = [at(tr) for _, tr in traces]
+    shared = [e for e in runs[0] if all(has(r, e) for r in runs)] if runs else []
+    marked: set[str] = set()
+    for _, tr in groups:
+        own = [e for e in at(tr) if not has(shared, e)]
+        freed = freed_pages(tr) * mib
+        for action, t_e in own:
+            top.plot([t_e], [float(np.interp(t_e, tr.t, freed))], ls="none",
+                     marker=EVENT_MARKERS.get(action, "D"), ms=6, mfc="white",
+                     mec=EVENT_COLOUR, mew=1.0, zorder=6)
+            marked.add(action)
+    for action in sorted(marked):
+        entries.append((matplotlib.lines.Line2D(
+            [], [], ls="none", marker=EVENT_MARKERS.get(action, "D"), ms=6, mfc="white",
+            mec=EVENT_COLOUR, mew=1.0), f"{action}: an event of that curve's run"))
+    for action, t_e in shared:
         for ax in (top, bottom):
-            ax.axvline(float(e["t"]), color=EVENT_COLOUR, lw=0.8, ls="--", alpha=0.8)
-        top.annotate(str(e["action"]), (float(e["t"]), 1.0),
+            ax.axvline(t_e, color=EVENT_COLOUR, lw=0.8, ls="--", alpha=0.8)
+        top.annotate(action, (t_e, 1.0),
                      xycoords=("data", "axes fraction"), xytext=(-3, -3),
                      textcoords="offset points", fontsize=7, color=EVENT_COLOUR,
                      rotation=90, va="top", ha="right",
