@@ -127,7 +127,7 @@ def test_the_source_is_named_by_what_is_installed(tmp_path: Path,
     monkeypatch.setattr(kbuild.Source, "tarball", property(lambda self: tar))
     monkeypatch.setattr(kbuild.Source, "package_version", lambda self: "6.12.118-1~deb12u1")
     src = kbuild.SOURCES["6.12"]
-    v = Variant("v1", "v1", src, "v1.patch")
+    v = Variant("v1", "v1", src, "v1")
     assert src.version() == "6.12.118" and src.tree_name().startswith("6.12.118-")
     first = (src.tree_name(), kbuild.build_key(v))
     tar.write_bytes(b"another point release")

@@ -93,14 +93,18 @@ def compute(guest_image: Path | None = None) -> ReportData:
     for name in SEEDS:
         sc = load(name)
         label = name.removeprefix("seed-")
-        workloads[label] = f"{name}: {sc.description} ({sc.duration:.0f} s)"
+        workloads[label] = (f"{name}: {sc.description}; pages_to_scan "
+                            f"{sc.ksm.pages_to_scan}, sleep_millisecs "
+                            f"{sc.ksm.sleep_millisecs}, {sc.duration:g} s")
         rows += _rows(sc, label, name, results)
     notes = []
     if guest_image is not None:
         for sc in guest_scenarios(guest_image):
             label = f"guest{sc.ksm.use_zero_pages}"
             workloads[label] = (f"the captured guest {guest_image.name}, use_zero_pages="
-                                f"{sc.ksm.use_zero_pages}, pages_to_scan 2000, 20 s")
+                                f"{sc.ksm.use_zero_pages}; pages_to_scan "
+                                f"{sc.ksm.pages_to_scan}, sleep_millisecs "
+                                f"{sc.ksm.sleep_millisecs}, {sc.duration:g} s")
             rows += _rows(sc, label, None, results)
     else:
         notes.append("No real guest: run with --guest-image IMAGE, a capture of a paused "
@@ -157,8 +161,15 @@ def selftest_lines(results: dict[str, dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
+def selftest_parameters() -> dict[str, float]:
+    from .kernel.selftest import parameters
+
+    return parameters()
+
+
 def render(d: ReportData) -> str:
-    from .metrics import BYPASS_RATIO
+    from .kernel.validate import AGREE_FRACTION
+    from .metrics import BYPASS_RATIO, PEAK_WINDOW_S
 
     L: list[str] = []
     L += _para("Hi,")
@@ -171,10 +182,10 @@ def render(d: ReportData) -> str:
     L += _para(
         "Memory freed (RssAnon drop + pages_sharing), how much of it KSM's own "
         "counters account for (pages_sharing + ksm_zero_pages), the peak rate of "
-        "freeing over KSM's budget of pages_to_scan per sleep_millisecs (over 0.2 s "
-        f"windows; above {BYPASS_RATIO:.0f} the rate limit is bypassed) and ksmd's "
-        "mean CPU, for each proposal on these workloads (pages_to_scan 100, "
-        "sleep_millisecs 20 unless said):")
+        "freeing over KSM's budget of pages_to_scan per sleep_millisecs (over "
+        f"windows of {PEAK_WINDOW_S:g} s or more; above {BYPASS_RATIO:g} the rate "
+        "limit is bypassed) and ksmd's mean CPU, for each proposal on these "
+        "workloads:")
     for label, what in d.workloads.items():
         L += _para(f"{label}: {what}", "  ")[:-1]
     L += [""]
@@ -183,7 +194,8 @@ def render(d: ReportData) -> str:
         f"The figures in the table are the model's (ksmlab {__version__}, computed "
         f"on {d.generated}); 'kernel' says whether a patched kernel confirmed the "
         "model on the workload, scaled to 64 MiB: the kernel's trace agreed with "
-        "the model's at 95 % or more of the full-scan boundaries, with the same "
+        f"the model's at {AGREE_FRACTION:.0%} or more of the full-scan boundaries, "
+        "with the same "
         "verdicts. The kernels: " + (", ".join(d.kernels) or "none recorded")
         + ", under qemu (TCG, 2 vCPUs), "
         + (f"recorded on {d.recorded_on}, or on this machine."
@@ -193,12 +205,14 @@ def render(d: ReportData) -> str:
                "6.12's behaviour; ksm-skip-zeropage and ksm-huge-under-pressure are "
                "ideas from the thread without a patch), or it was not run.")
     L += ["The selftest", ""]
+    p = selftest_parameters()
     L += _para(
         "ksm_thp_split (a kselftest in the style of tools/testing/selftests/mm) maps "
-        "32 MiB of THPs, half zero-filled and half mixed, runs KSM for four full "
-        "scans with use_zero_pages=1 and then 0, and checks: memory freed stays "
-        "within 2x pages_to_scan per sleep_millisecs; with use_zero_pages=0 KSM's "
-        "account covers 90 % of the duplicate pages; with use_zero_pages=1 the zero "
+        f"{p['NR_THPS']:.0f} THPs, half zero-filled and half mixed, runs KSM for "
+        f"{p['FULL_SCANS']:.0f} full scans with use_zero_pages=1 and then 0, and "
+        f"checks: memory freed stays within {p['MAX_BUDGET_RATIO']:g}x pages_to_scan "
+        "per sleep_millisecs; with use_zero_pages=0 KSM's account covers "
+        f"{p['MIN_MERGED']:.0%} of the duplicate pages; with use_zero_pages=1 the zero "
         "pages freed are counted in ksm_zero_pages. Each kernel below ran it in a "
         "qemu guest:")
     L += selftest_lines(d.selftest)

@@ -50,13 +50,16 @@ def _log(msg: str) -> None:
 def variants(json_out: JsonOpt = False) -> None:
     """The kernel variants: source, patch, and the model policy each implements."""
     items = [{"variant": v.name, "policy": v.policy, "source": v.source.package,
-              "patch": f"kernel/data/patches/{v.patch}" if v.patch else None}
+              "patch": f"kernel/data/patches/{v.patch}" + (
+                  "/" if (p := v.patch_path()) is not None and p.is_dir() else "")
+              if v.patch else None}
              for v in VARIANTS.values()]
     if json_out:
         dump({"variants": items})
         return
     for it in items:  # 80 columns: the patch by its file name (in kernel/data/patches)
-        patch = Path(it["patch"]).name if it["patch"] else "(no patch)"
+        patch = it["patch"].removeprefix("kernel/data/patches/") if it["patch"] \
+            else "(no patch)"
         print(f"{it['variant']:<24} {it['source']:<19} {patch}"[:80])
 
 

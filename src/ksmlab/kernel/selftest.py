@@ -53,6 +53,16 @@ def source_file() -> Path:
     return kernel_dir() / "selftest" / f"{NAME}.c"
 
 
+def parameters() -> dict[str, float]:
+    """The test's #define'd numbers (NR_THPS, FULL_SCANS, MAX_BUDGET_RATIO, ...), read
+    from its source so that no text about the test repeats them by hand."""
+    out = {}
+    for m in re.finditer(r"^#define\s+([A-Z_]+)\s+([0-9.]+)\b", source_file().read_text(),
+                         re.M):
+        out[m.group(1)] = float(m.group(2))
+    return out
+
+
 def source_sha256() -> str:
     """Hash of the test's C source: a result counts only for the test as it is today."""
     return hashlib.sha256(source_file().read_bytes()).hexdigest()
