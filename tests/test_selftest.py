@@ -62,6 +62,9 @@ def test_tap_is_read_back() -> None:
 def test_a_result_counts_for_todays_patch_and_test(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KSMLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(kbuild.kernel_dir(), tmp_path / "kdir")
+    (tmp_path / "kdir" / "selftest.json").unlink(missing_ok=True)  # nothing shipped
+    monkeypatch.setenv("KSMLAB_KERNEL_DIR", str(tmp_path / "kdir"))
     v = kbuild.VARIANTS["v1"]
     st.record(st.result_from(TAP, 1, "guest", "6.12.118-ksmlab-v1", 30.0, "v1",
                              patch_sha256=kbuild.patch_sha256(v)))

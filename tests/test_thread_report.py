@@ -108,6 +108,18 @@ def test_the_kernel_column_follows_the_record(cache: Path, tmp_path: Path,
     assert rows[("uzp1", "mainline")][4] == "model"
 
 
+def test_shipped_selftest_covers_every_variant_with_todays_patches() -> None:
+    """The shipped record (kernel/data/selftest.json) has a result of today's patch and
+    test for every variant: fails on 6.12 and v1-p3, and on ksm-skip-huge for merging
+    nothing; passes on the others."""
+    shipped = {k: r for k, r in st._load(st.shipped_path()).items() if st.current(r)}
+    assert set(shipped) == set(kbuild.VARIANTS)
+    failing = {v for v, r in shipped.items() if not r["passed"]}
+    assert failing == {"6.12", "v1-p3", "ksm-skip-huge"}
+    skip_huge = {c["prop"]: c["outcome"] for c in shipped["ksm-skip-huge"]["cases"]}
+    assert skip_huge == {"rate": "pass", "merge": "fail", "zero-counted": "skip"}
+
+
 def test_selftest_section_lists_recorded_results(cache: Path) -> None:
     v = kbuild.VARIANTS["6.12"]
     r = st.result_from(SAMPLE_FAIL, 1, "guest", "6.12.118-ksmlab-6.12", 30.0, "6.12",
