@@ -146,8 +146,8 @@ def selftest_lines(results: dict[str, dict[str, Any]]) -> list[str]:
     if not results:
         return _para("No selftest result is recorded for today's patches and test: "
                      "ksmlab kernel selftest --kernel VARIANT runs one.")
-    out = [f"{'kernel':<21}{'rate':>11}{'merged':>14}{'zero':>7}{'':>2}result",
-           f"{'':<21}{'(peak/bud.)':>11}{'(of pages)':>14}{'count':>7}",
+    out = [f"{'kernel':<21}{'rate':>13}{'merged':>18}{'zero':>8}  result",
+           f"{'':<21}{'(peak/budget)':>13}{'(of pages)':>18}{'count':>8}",
            "-" * WIDTH]
     for v in [v for v in VARIANTS if v in results]:
         r = results[v]
@@ -156,7 +156,7 @@ def selftest_lines(results: dict[str, dict[str, Any]]) -> list[str]:
         rate = f"{oc.get('rate', '?')} {_fmt(f.get('rate.peak_ratio'))}"
         merged = f"{oc.get('merge', '?')} {f.get('merge.merged', 0):.0f}/" \
                  f"{f.get('merge.pages', 0):.0f}"
-        out.append(f"{v:<21}{rate:>11}{merged:>14}{oc.get('zero-counted', '?'):>7}  "
+        out.append(f"{v:<21}{rate:>13}{merged:>18}{oc.get('zero-counted', '?'):>8}  "
                    f"{'PASS' if r.get('passed') else 'FAIL'}")
     return [*out, ""]
 
