@@ -93,7 +93,7 @@ def images(json_out: JsonOpt = False) -> None:
         return
     for m in ims:
         print(f"{str(m['key'])[:12]} {m['variant']:<20} {str(m['release'])[:24]:<24} "
-              f"{str(m['built'])[:16]}")
+              f"{str(m['built'])[:16]}"[:80])
 
 
 @kernel_app.command("run")
