@@ -231,6 +231,9 @@ def render(d: ReportData) -> str:
         "Only x86-64 with 4 KiB pages and 2 MiB THPs, one 6.12 point release, and "
         "workloads of 64 MiB in the guests; no memory pressure, so the underused "
         "THP shrinker never ran.",
+        "The selftest reads KSM's global counters, so it ran in guests where "
+        "nothing else is mergeable; on a busy host other processes' merges "
+        "count too.",
         "ksm-accounted-remap marks a remapped subpage as a KSM zero page also in "
         "an mm that KSM does not scan (a child forked without MADV_MERGEABLE).",
     ]
