@@ -437,6 +437,24 @@ def test_results_export_ships_only_todays_patches(cache: Path, tmp_path: Path) -
     assert "trace" not in data["results"]["v1|seed-uzp1-64m"]  # a path on that machine
 
 
+def test_the_shipped_record_covers_every_variant_on_both_seeds() -> None:
+    """What ships is complete and current: every variant confirmed on both scaled seed
+    scenarios with today's patch, on a point release it names.  A patch edited
+    without re-running its validations fails here: `ksmlab kernel validate`, then
+    `ksmlab kernel results --export src/ksmlab/kernel/data/confirmed.json`."""
+    data = json.loads(validate.shipped_path().read_text())
+    assert data["format"] == validate.RESULTS_FORMAT and data["recorded_on"]
+    res = data["results"]
+    for v in VARIANTS.values():
+        for sc in ("seed-uzp1-64m", "seed-uzp0-64m"):
+            r = res.get(f"{v.name}|{sc}")
+            assert r is not None, f"no shipped result for {v.name} on {sc}"
+            assert validate.current(r), f"{v.name} on {sc}: recorded with another patch"
+            assert r["confirmed"] and r["agreement"] >= validate.AGREE_FRACTION, (v.name, sc)
+            assert re.match(r"\d+\.\d+\.\d+-ksmlab-", r["release"]), r["release"]
+            assert r["source_version"] and r["release"].startswith(r["source_version"])
+
+
 # ---- build and boot (minutes) ------------------------------------------------------
 
 @pytest.mark.kernel
