@@ -174,3 +174,44 @@ def test_exec_merge_any_makes_a_program_a_workload() -> None:
     assert r.stderr.strip() == "ksmlab: error: no-such-program-here: No such file or directory"
     r = run_ksmlab(["exec", "--", "true"], timeout=30)
     assert r.returncode == 2 and "--merge-any" in r.stderr
+
+
+SHARED_CHILD = r"""
+import ctypes, json, mmap, sys
+from ksmlab.live.workload import load_libc, map_region
+libc = load_libc()
+a = map_region(libc, 4 << 20, "hugepage", True)     # private, mergeable: captured
+ctypes.memset(a + 4096, 7, 4096)
+s = mmap.mmap(-1, 2 << 20)                          # MAP_SHARED | MAP_ANONYMOUS
+s.madvise(mmap.MADV_MERGEABLE)                      # ignored: vma_ksm_compatible()
+s.write(b"x" * (2 << 20))
+print(json.dumps({"a": a}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_capture_and_compare_pid_say_what_they_leave_out(tmp_path: Path) -> None:
+    """A MAP_SHARED mapping, even madvised MERGEABLE, is never VM_MERGEABLE: the
+    capture names it in a note, and compare --pid with 0,1 compares both values
+    from one capture, the note on stderr."""
+    p = subprocess.Popen([sys.executable, "-c", SHARED_CHILD], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        json.loads(p.stdout.readline())
+        r = run_ksmlab(["capture", str(p.pid), "-o", str(tmp_path / "im"), "--json"],
+                       timeout=120)
+        assert r.returncode == 0, r.stderr
+        [note] = [n for n in json.loads(r.stdout)["notes"] if "MAP_SHARED" in n]
+        assert note.startswith(f"process {p.pid}: ") and "the largest 2.0 MiB at 0x" in note
+        assert "KSM merges only private anonymous memory" in note
+        r = run_ksmlab(["compare", "--pid", str(p.pid), "--use-zero-pages", "0,1", "-d", "2",
+                        "--policies", "mainline,pre-6.12", "--json"], timeout=300)
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)
+        assert [c["title"].split(":")[0] for c in d["comparisons"]] == [
+            f"pid{p.pid}-uzp0", f"pid{p.pid}-uzp1"]
+        assert "MAP_SHARED mapping skipped" in r.stderr
+    finally:
+        p.kill()
+        p.wait()
