@@ -9,13 +9,17 @@ STAMP := $(VENV)/.installed
 # benchmarks/real_workloads.py; chromium for the test that opens the sweep's
 # report.html headless); installed when missing and we are root.
 SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached chromium
+# prometheus: promtool checks the alerting rules and the metrics, and the watch's
+# end-to-end test scrapes it with a server of its own (its recommends, node_exporter
+# and friends, are not wanted)
+SYSTEM_DEBS_ALONE := prometheus
 
 .PHONY: demo test lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev,model,sweep]'
+	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev,model,sweep,watch]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +31,12 @@ system-deps:
 	  if [ -n "$$missing" ]; then \
 	    echo "installing $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi; \
+	  alone=$$(for p in $(SYSTEM_DEBS_ALONE); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$alone" ]; then \
+	    echo "installing $$alone"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$alone; \
 	  fi; \
 	fi
 

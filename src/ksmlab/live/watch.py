@@ -1,0 +1,307 @@
+"""What ``ksmlab watch`` reads every interval, through a reader that cannot write.
+
+The host: every file of /sys/kernel/mm/ksm (counters and knobs, the advisor's
+current ``pages_to_scan`` included), /proc/vmstat's ``thp_*`` counters, the
+``split`` count of each multi-size THP size, and ksmd's CPU time
+(/proc/<ksmd>/stat, utime + stime, in clock ticks).
+
+The processes with mergeable memory: every process whose /proc/PID/ksm_stat says
+``ksm_mergeable: yes`` (registered with KSM by MADV_MERGEABLE) or
+``ksm_merge_any: yes`` (PR_SET_MEMORY_MERGE).  For each: its ksm_stat, RssAnon
+(/proc/PID/status), smaps_rollup, and per ``VM_MERGEABLE`` VMA (``mg`` in
+smaps' VmFlags; smaps is read again only when /proc/PID/maps changes) how many
+of its pages are present, map the zero page, are swapped out or are mapped by a
+PMD, from one PAGEMAP_SCAN ioctl (Linux 6.7) per process: the kernel walks the
+page tables and returns runs of pages by category, nothing is faulted in.  The
+zero-page count is what tells the remap apart from a process's own freeing
+(:mod:`ksmlab.monitor` says how).
+
+Nothing here writes, signals or pauses anything: the reader is a
+:class:`~ksmlab.live.kernelfs.KernelReader`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+from .kernelfs import (
+    PAGE_IS_HUGE,
+    PAGE_IS_PFNZERO,
+    PAGE_IS_PRESENT,
+    PAGE_IS_SWAPPED,
+    KernelReader,
+)
+from .knobs import KSM, THP
+from .kthread import find_kthread
+from .smaps import parse_smaps
+
+PAGE = 4096
+PMD_SIZE_NAME = "2048kB"  # counted by thp_split_page; the other sizes by their own stats
+_KSM_STAT_INTS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages",
+                  "ksm_process_profit")
+_ROLLUP = ("Rss", "Anonymous", "AnonHugePages", "Swap", "KSM")
+
+
+@dataclass(frozen=True)
+class VmaPages:
+    """Pages of one mergeable VMA by what maps them."""
+
+    present: int  # present and not the zero page: what RSS counts
+    zero: int  # the shared zero page (a PTE each, 512 for the huge zero page's PMD)
+    swapped: int
+    huge: int  # present pages mapped by a PMD (THPs), zero page excluded
+
+
+@dataclass
+class ProcReading:
+    pid: int
+    comm: str
+    started: int  # /proc/PID/stat starttime: a reused pid is another process
+    rss_anon_kib: float
+    merge_any: bool
+    ksm: dict[str, int]  # ksm_stat's numbers
+    rollup: dict[str, float]  # smaps_rollup, kB
+    vmas: dict[tuple[int, int], VmaPages] | None  # None: pages not readable
+
+    @property
+    def pages(self) -> VmaPages:
+        v = list((self.vmas or {}).values())
+        return VmaPages(sum(x.present for x in v), sum(x.zero for x in v),
+                        sum(x.swapped for x in v), sum(x.huge for x in v))
+
+
+@dataclass
+class Reading:
+    t: float  # time.monotonic()
+    wall: float  # time.time()
+    ksm: dict[str, float]
+    advisor_mode: str | None
+    vmstat: dict[str, float]
+    mthp_split: dict[str, float]  # folio size below PMD -> its stats/split
+    ksmd_cpu_s: float | None
+    procs: dict[int, ProcReading]
+    self_cpu_s: float
+    self_rss_kib: float
+    read_s: float  # how long this reading took
+    unreadable: int = 0  # processes whose ksm_stat could not be read (not root)
+    notes: list[str] = field(default_factory=list)
+
+
+def _num(text: str) -> float | None:
+    t = text.strip()
+    try:
+        return float(t)
+    except ValueError:
+        return None
+
+
+def _bracketed(raw: str) -> str:
+    return raw[raw.index("[") + 1: raw.index("]")] if "[" in raw else raw.strip()
+
+
+def parse_ksm_stat(text: str) -> tuple[dict[str, int], bool, bool]:
+    """/proc/PID/ksm_stat -> (numbers, ksm_merge_any, ksm_mergeable)."""
+    nums: dict[str, int] = {}
+    any_ = mergeable = False
+    for line in text.splitlines():
+        key, _, rest = line.partition(" ")
+        key = key.rstrip(":")
+        rest = rest.strip()
+        if key in _KSM_STAT_INTS and rest.lstrip("-").isdigit():
+            nums[key] = int(rest)
+        elif key == "ksm_merge_any":
+            any_ = rest == "yes"
+        elif key == "ksm_mergeable":
+            mergeable = rest == "yes"
+    return nums, any_, mergeable
+
+
+def bucket(vmas: list[tuple[int, int]], regions: list[tuple[int, int, int]]
+           ) -> dict[tuple[int, int], VmaPages]:
+    """PAGEMAP_SCAN's runs (start, end, categories), both sorted by address, counted
+    per VMA (a run may cross from one VMA into the next: it is clipped)."""
+    out: dict[tuple[int, int], list[int]] = {v: [0, 0, 0, 0] for v in vmas}
+    i = 0
+    for start, end, cat in regions:
+        while i < len(vmas) and vmas[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(vmas) and vmas[j][0] < end:
+            lo, hi = max(start, vmas[j][0]), min(end, vmas[j][1])
+            if hi > lo:
+                n = (hi - lo) // PAGE
+                c = out[vmas[j]]
+                if cat & PAGE_IS_PFNZERO:
+                    c[1] += n
+                elif cat & PAGE_IS_PRESENT:
+                    c[0] += n
+                    if cat & PAGE_IS_HUGE:
+                        c[3] += n
+                elif cat & PAGE_IS_SWAPPED:
+                    c[2] += n
+            j += 1
+    return {v: VmaPages(*c) for v, c in out.items()}
+
+
+class HostReader:
+    """Reads the host for ``watch``; ``read()`` is one interval's :class:`Reading`."""
+
+    def __init__(self, fs: KernelReader) -> None:
+        self.fs = fs
+        self.ksmd = find_kthread(fs, "ksmd")
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.mthp_sizes = [d.removeprefix("hugepages-") for d in fs.listdir(THP)
+                           if d.startswith("hugepages-") and d != f"hugepages-{PMD_SIZE_NAME}"]
+        self.scan_ok = True  # False: this kernel has no PAGEMAP_SCAN
+        # pid -> (started, maps text, mergeable VMAs), so smaps is read on changes only
+        self._maps: dict[int, tuple[int, str, list[tuple[int, int]]]] = {}
+        self._comm: dict[tuple[int, int], str] = {}
+        self.notes: list[str] = []
+
+    # ---- the host ----------------------------------------------------------------
+    def ksm(self) -> tuple[dict[str, float], str | None]:
+        out: dict[str, float] = {}
+        advisor = None
+        for f in self.fs.listdir(KSM):
+            raw = self.fs.slurp(f"{KSM}/{f}")
+            if raw is None:
+                continue
+            if f == "advisor_mode":
+                advisor = _bracketed(raw)
+                continue
+            v = _num(raw)
+            if v is not None:
+                out[f] = v
+        return out, advisor
+
+    def vmstat(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in (self.fs.slurp("proc/vmstat") or "").splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith("thp_") or name == "nr_anon_transparent_hugepages":
+                v = _num(value)
+                if v is not None:
+                    out[name] = v
+        return out
+
+    def mthp_split(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for size in self.mthp_sizes:
+            v = self.fs.slurp(f"{THP}/hugepages-{size}/stats/split")
+            n = _num(v) if v is not None else None
+            if n is not None:
+                out[size] = n
+        return out
+
+    def ksmd_cpu_s(self) -> float | None:
+        if self.ksmd is None:
+            return None
+        stat = (self.fs.slurp(f"proc/{self.ksmd}/stat") or "").rsplit(")", 1)[-1].split()
+        if len(stat) < 13:
+            return None
+        return (int(stat[11]) + int(stat[12])) / self.hz  # utime, stime (proc_pid_stat(5))
+
+    # ---- the processes -------------------------------------------------------------
+    def _started(self, pid: int) -> int | None:
+        stat = (self.fs.slurp(f"proc/{pid}/stat") or "").rsplit(")", 1)[-1].split()
+        return int(stat[19]) if len(stat) > 19 else None  # field 22, starttime
+
+    def _mergeable_vmas(self, pid: int, started: int) -> list[tuple[int, int]] | None:
+        maps = self.fs.slurp(f"proc/{pid}/maps")
+        if maps is None:
+            return None
+        cached = self._maps.get(pid)
+        if cached is not None and cached[0] == started and cached[1] == maps:
+            return cached[2]
+        smaps = self.fs.slurp(f"proc/{pid}/smaps")
+        if smaps is None:
+            return None
+        vmas = sorted((m.start, m.end) for m in parse_smaps(smaps) if "mg" in m.flags)
+        self._maps[pid] = (started, maps, vmas)
+        return vmas
+
+    def _pages(self, pid: int, vmas: list[tuple[int, int]]
+               ) -> dict[tuple[int, int], VmaPages] | None:
+        if not self.scan_ok:
+            return None
+        spans: list[tuple[int, int]] = []
+        for s, e in vmas:  # adjacent VMAs: one span
+            if spans and spans[-1][1] == s:
+                spans[-1] = (spans[-1][0], e)
+            else:
+                spans.append((s, e))
+        try:
+            regions = self.fs.scan_pages(
+                pid, spans, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_HUGE)
+        except OSError as e:
+            import errno
+
+            if e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                self.scan_ok = False
+                self.notes.append("this kernel has no PAGEMAP_SCAN (Linux 6.7): zero-page "
+                                  "mappings cannot be counted, memory freed outside KSM's "
+                                  "account is not measured")
+            return None
+        return bucket(vmas, regions)
+
+    def process(self, pid: int, ksm_text: str) -> ProcReading | None:
+        nums, merge_any, mergeable = parse_ksm_stat(ksm_text)
+        if not (merge_any or mergeable):
+            return None
+        started = self._started(pid)
+        if started is None:
+            return None  # gone
+        comm = self._comm.get((pid, started))
+        if comm is None:
+            comm = (self.fs.slurp(f"proc/{pid}/comm") or "?").strip()
+            self._comm[(pid, started)] = comm
+        rss = 0.0
+        for line in (self.fs.slurp(f"proc/{pid}/status") or "").splitlines():
+            if line.startswith("RssAnon:"):
+                rss = float(line.split()[1])
+                break
+        rollup: dict[str, float] = {}
+        for line in (self.fs.slurp(f"proc/{pid}/smaps_rollup") or "").splitlines():
+            key, _, rest = line.partition(":")
+            if key in _ROLLUP:
+                v = _num(rest.replace("kB", ""))
+                if v is not None:
+                    rollup[key] = v
+        vmas = self._mergeable_vmas(pid, started)
+        pages = self._pages(pid, vmas) if vmas is not None else None
+        return ProcReading(pid, comm, started, rss, merge_any, nums, rollup, pages)
+
+    def read(self) -> Reading:
+        t0 = time.monotonic()
+        ksm, advisor = self.ksm()
+        procs: dict[int, ProcReading] = {}
+        unreadable = 0
+        for d in self.fs.listdir("proc"):
+            if not d.isdigit():
+                continue
+            text = self.fs.slurp(f"proc/{d}/ksm_stat")
+            if text is None:
+                if self.fs.exists(f"proc/{d}/ksm_stat"):
+                    unreadable += 1
+                continue
+            r = self.process(int(d), text)
+            if r is not None:
+                procs[r.pid] = r
+        for pid in [p for p in self._maps if p not in procs]:
+            del self._maps[pid]
+        alive = {(r.pid, r.started) for r in procs.values()}
+        self._comm = {k: v for k, v in self._comm.items() if k in alive}
+        # the split counters after the pages: a split the pages show is counted by now
+        vmstat = self.vmstat()
+        mthp = self.mthp_split()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        notes, self.notes = self.notes, []
+        return Reading(
+            t=time.monotonic(), wall=time.time(), ksm=ksm, advisor_mode=advisor,
+            vmstat=vmstat, mthp_split=mthp, ksmd_cpu_s=self.ksmd_cpu_s(), procs=procs,
+            self_cpu_s=ru.ru_utime + ru.ru_stime, self_rss_kib=float(ru.ru_maxrss),
+            read_s=time.monotonic() - t0, unreadable=unreadable, notes=notes)
