@@ -54,6 +54,7 @@ class KernelWriteError(OSError):
 class KernelFS:
     def __init__(self, root: Path | str = "/") -> None:
         self.root = Path(root)
+        self._prefix = str(self.root).rstrip("/") + "/"  # slurp() joins strings: no pathlib
         self.writes: list[tuple[str, str]] = []
 
     def path(self, rel: str) -> Path:
@@ -83,7 +84,7 @@ class KernelFS:
         """A small /proc or /sys file whole, or None if it cannot be read: read() with
         os.read (a fifth of pathlib's cost, which matters to ``watch``)."""
         try:
-            fd = os.open(self.path(rel), os.O_RDONLY)
+            fd = os.open(self._prefix + rel.lstrip("/"), os.O_RDONLY)
         except OSError:
             return None
         try:

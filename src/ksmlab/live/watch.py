@@ -146,6 +146,20 @@ def bucket(vmas: list[tuple[int, int]], regions: list[tuple[int, int, int]]
     return {v: VmaPages(*c) for v, c in out.items()}
 
 
+_SPECIAL = ("[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]")
+
+
+def _private_span(line: str) -> tuple[int, int] | None:
+    """A /proc/PID/maps line -> its span, if a private mapping KSM may scan."""
+    parts = line.split(maxsplit=5)
+    if len(parts) < 5 or not parts[1].endswith("p"):
+        return None
+    if len(parts) == 6 and parts[5].strip() in _SPECIAL:
+        return None
+    lo, _, hi = parts[0].partition("-")
+    return int(lo, 16), int(hi, 16)
+
+
 class HostReader:
     """Reads the host for ``watch``; ``read()`` is one interval's :class:`Reading`."""
 
@@ -209,17 +223,24 @@ class HostReader:
         stat = (self.fs.slurp(f"proc/{pid}/stat") or "").rsplit(")", 1)[-1].split()
         return int(stat[19]) if len(stat) > 19 else None  # field 22, starttime
 
-    def _mergeable_vmas(self, pid: int, started: int) -> list[tuple[int, int]] | None:
+    def _mergeable_vmas(self, pid: int, started: int, merge_any: bool
+                        ) -> list[tuple[int, int]] | None:
         maps = self.fs.slurp(f"proc/{pid}/maps")
         if maps is None:
             return None
         cached = self._maps.get(pid)
         if cached is not None and cached[0] == started and cached[1] == maps:
             return cached[2]
-        smaps = self.fs.slurp(f"proc/{pid}/smaps")
-        if smaps is None:
-            return None
-        vmas = sorted((m.start, m.end) for m in parse_smaps(smaps) if "mg" in m.flags)
+        if merge_any:
+            # PR_SET_MEMORY_MERGE marks every private mapping KSM can scan (ksm_add_vma(),
+            # vma_ksm_compatible()): from maps, without smaps' page-table walk (a process
+            # that maps and unmaps all the time would cost one every interval)
+            vmas = sorted(v for v in map(_private_span, maps.splitlines()) if v is not None)
+        else:
+            smaps = self.fs.slurp(f"proc/{pid}/smaps")
+            if smaps is None:
+                return None
+            vmas = sorted((m.start, m.end) for m in parse_smaps(smaps) if "mg" in m.flags)
         self._maps[pid] = (started, maps, vmas)
         return vmas
 
@@ -271,7 +292,7 @@ class HostReader:
                 v = _num(rest.replace("kB", ""))
                 if v is not None:
                     rollup[key] = v
-        vmas = self._mergeable_vmas(pid, started)
+        vmas = self._mergeable_vmas(pid, started, merge_any)
         pages = self._pages(pid, vmas) if vmas is not None else None
         return ProcReading(pid, comm, started, rss, merge_any, nums, rollup, pages)
 
