@@ -653,3 +653,16 @@ def test_a_running_watch_is_not_restored_under_it(tmp_path: Path,
     finally:
         wt.restore()
     assert fs.mounted("sys/kernel/tracing") is None
+
+
+def test_a_process_turning_mergeable_late_is_found_within_a_few_readings(
+        watched: tuple[FakeHost, HostReader, Monitor, Clock]) -> None:
+    from ksmlab.live.watch import RECHECK, YOUNG
+
+    host, reader, _mon, _clock = watched
+    host.process(10, {VMA: THPS}, mergeable=False)
+    for _ in range(YOUNG + 2):
+        assert reader.read().procs == {}
+    host.process(10, {VMA: THPS})
+    found = next(i for i in range(1, RECHECK + 2) if reader.read().procs)
+    assert found <= RECHECK

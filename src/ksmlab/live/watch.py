@@ -40,6 +40,8 @@ from .smaps import parse_smaps
 
 PAGE = 4096
 PMD_SIZE_NAME = "2048kB"  # counted by thp_split_page; the other sizes by their own stats
+YOUNG = 30  # readings a process without mergeable memory is asked every time
+RECHECK = 5  # then every RECHECK-th reading
 _KSM_STAT_INTS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages",
                   "ksm_process_profit")
 _ROLLUP = ("Rss", "Anonymous", "AnonHugePages", "Swap", "KSM")
@@ -173,6 +175,11 @@ class HostReader:
         # pid -> (started, maps text, mergeable VMAs), so smaps is read on changes only
         self._maps: dict[int, tuple[int, str, list[tuple[int, int]]]] = {}
         self._comm: dict[tuple[int, int], str] = {}
+        # pids without mergeable memory -> the reading that first saw them: asked again
+        # every reading while young, then every RECHECK-th (a process rarely turns
+        # mergeable late; a new one madvises right after it maps)
+        self._plain: dict[int, int] = {}
+        self.count = 0
         self.notes: list[str] = []
 
     # ---- the host ----------------------------------------------------------------
@@ -298,20 +305,31 @@ class HostReader:
 
     def read(self) -> Reading:
         t0 = time.monotonic()
+        self.count += 1
         ksm, advisor = self.ksm()
         procs: dict[int, ProcReading] = {}
         unreadable = 0
+        listed = set()
         for d in self.fs.listdir("proc"):
             if not d.isdigit():
+                continue
+            pid = int(d)
+            listed.add(pid)
+            seen = self._plain.get(pid)
+            if seen is not None and self.count - seen > YOUNG and (pid + self.count) % RECHECK:
                 continue
             text = self.fs.slurp(f"proc/{d}/ksm_stat")
             if text is None:
                 if self.fs.exists(f"proc/{d}/ksm_stat"):
                     unreadable += 1
                 continue
-            r = self.process(int(d), text)
+            r = self.process(pid, text)
             if r is not None:
                 procs[r.pid] = r
+                self._plain.pop(pid, None)
+            elif seen is None:
+                self._plain[pid] = self.count
+        self._plain = {p: c for p, c in self._plain.items() if p in listed}
         for pid in [p for p in self._maps if p not in procs]:
             del self._maps[pid]
         alive = {(r.pid, r.started) for r in procs.values()}
