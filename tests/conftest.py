@@ -155,7 +155,23 @@ def live_unavailable() -> str | None:
     return None
 
 
+# Opt-in suites, left out of `make test` (CI) and run by `make test-all`: each marker,
+# the variable that turns it on, and why it is opt-in.
+OPT_IN = {
+    "kernel": ("KSMLAB_KERNEL_TESTS",
+               "builds and boots a patched kernel under qemu TCG (minutes)"),
+    "long": ("KSMLAB_LONG_TESTS", "a live suite of minutes (guests, long idles)"),
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for marker, (var, what) in OPT_IN.items():
+        if os.environ.get(var) == "1":
+            continue
+        skip = pytest.mark.skip(reason=f"{what}: set {var}=1 (make test-all)")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
     why = live_unavailable()
     if why is None:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,11 +98,20 @@ def test_compare_table_fits_80_columns() -> None:
     text = report.compare_table([("ksm-split-no-remap", s), ("mainline", s)], "text", "x" * 90)
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "bypass" in text
-    confirmed = {"mainline": True, "v1": False}.get
-    lines = report.compare_table([("mainline", s), ("v1", s), ("rfc", s)], "text",
-                                 confirmed=confirmed).splitlines()
+    from ksmlab.kernel.validate import Confirmation
+
+    confirmed = {"mainline": Confirmation(True, False, "6.12.118-ksmlab-6.12", "2026-12-08"),
+                 "v1": Confirmation(False, False, "r", "d"),
+                 "v1-p2": Confirmation(True, True, "r", "d")}.get
+    lines = report.compare_table([("mainline", s), ("v1", s), ("rfc", s), ("v1-p2", s)],
+                                 "text", confirmed=confirmed).splitlines()
     assert lines[1].split()[8] == "yes" and lines[2].split()[8] == "NO"
     assert lines[3].split()[8] == "-"  # no patched-kernel run on record
+    assert lines[4].split()[8] == "yes*"  # shipped: recorded on another machine
+    assert "yes* shipped with ksmlab (recorded elsewhere" in " ".join(lines)
+    js = json.loads(report.compare_table([("v1-p2", s)], "json", confirmed=confirmed))
+    assert js["rows"][0]["kernel_confirmed"] is True
+    assert js["rows"][0]["kernel_confirmed_where"] == "shipped"
     md = report.compare_table([("mainline", s)], "markdown")
     assert md.splitlines()[0].startswith("| policy |")
     assert all(len(line) <= 80 for line in report.summary_text(s, "t").splitlines())

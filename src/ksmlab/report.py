@@ -6,7 +6,7 @@ import json
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -73,8 +73,21 @@ COMPARE_COLUMNS = (  # header, key, width (0: last, free), format; 80 columns in
 )
 
 
+class KernelCheck(Protocol):
+    """A patched kernel's word on a policy (ksmlab.kernel.validate.Confirmation)."""
+
+    @property
+    def confirmed(self) -> bool: ...
+
+    @property
+    def shipped(self) -> bool: ...  # recorded on another machine, shipped with ksmlab
+
+
+Confirmed = Callable[[str], KernelCheck | None]
+
+
 def compare_rows(results: Sequence[tuple[str, Summary]],
-                 confirmed: Callable[[str], bool | None] | None = None) -> list[dict[str, Any]]:
+                 confirmed: Confirmed | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, s in results:
         d = s.to_json()
@@ -83,8 +96,11 @@ def compare_rows(results: Sequence[tuple[str, Summary]],
         d["thps_kept_all"] = s.thps_kept + sum(m["kept"] for m in s.mthp.values())
         d["splits_all"] = s.thp_split_page + s.mthp_split
         ok = confirmed(name) if confirmed else None
-        d["kernel_confirmed"] = ok
-        d["kernel"] = "-" if ok is None else ("yes" if ok else "NO")
+        d["kernel_confirmed"] = None if ok is None else ok.confirmed
+        d["kernel_confirmed_where"] = None if ok is None else (
+            "shipped" if ok.shipped else "here")
+        d["kernel"] = "-" if ok is None else (
+            ("yes" if ok.confirmed else "NO") + ("*" if ok.shipped else ""))
         # borderline verdicts carry a "~"; near misses are shown in parentheses
         d["verdict"] = ",".join(
             [_abbrev(v.name) + ("~" if v.borderline else "") for v in s.verdicts]
@@ -98,7 +114,7 @@ def _abbrev(v: str) -> str:
 
 
 def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str = "",
-                  confirmed: Callable[[str], bool | None] | None = None) -> str:
+                  confirmed: Confirmed | None = None) -> str:
     """One row per policy; ``confirmed(policy)`` says whether a patched kernel agreed
     with the model on this scenario (cached `ksmlab kernel validate` results)."""
     rows = compare_rows(results, confirmed)
@@ -129,9 +145,10 @@ def compare_table(results: Sequence[tuple[str, Summary]], fmt: str, title: str =
         lines.append(" ".join(cells).rstrip())
     lines.append("freed/by KSM in MiB; t90% s to free 90 %; ratio = peak freeing rate / KSM")
     lines.append("budget; cpu% = ksmd; THPs (any size) kept at the end, splits of any size;")
-    lines.append("krnl: a patched kernel confirmed the model here (ksmlab kernel validate;")
-    lines.append("- = not run); verdict: bypass = rate-limit bypass, collapse = merge")
-    lines.append("collapse; ~ borderline, (~) near miss.")
+    lines.append("krnl: a patched kernel confirmed the model (ksmlab kernel validate): yes")
+    lines.append("run here, yes* shipped with ksmlab (recorded elsewhere: ksmlab kernel")
+    lines.append("results), - none recorded for this patch; verdict: bypass = rate-limit")
+    lines.append("bypass, collapse = merge collapse; ~ borderline, (~) near miss.")
     lines += folio_note([s for _, s in results])
     return "\n".join(line[:WIDTH] for line in lines)
 

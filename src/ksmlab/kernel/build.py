@@ -2,10 +2,10 @@
 
 Layout of the cache (``KSMLAB_KERNEL_CACHE``, default /var/cache/ksmlab)::
 
-    trees/<version>/             one build tree per source version (in-place build)
+    trees/<version>-<id>/        one build tree per installed source (in-place build)
       .ksmlab-applied.patch      the patch now applied to the tree (if any)
       .ksmlab-config             hash of the config fragment the tree is configured with
-    trees/<version>.lock         flock: one build per tree at a time
+    trees/<version>-<id>.lock    flock: one build per tree at a time
     kernels/<key>/bzImage        published images, key = hash(source, config, patch)
     kernels/<key>/meta.json
     logs/<variant>-<key>.log     the make output of the last build of that key
@@ -16,6 +16,10 @@ the two patches touch.  The image is copied to a temporary folder and renamed
 into ``kernels/`` only once complete: an interrupted or failed build leaves
 no entry there, and the tree is put right by the next build (the patch marker
 is written before a patch is applied and removed only after it is reversed).
+
+The patches are written on one point release and applied to whichever Debian
+ships now: with offsets (lines moved), never with fuzz (context changed), and
+every image's meta.json names the point release it was built from.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -66,7 +71,9 @@ def kernel_dir() -> Path:
 
 @dataclass(frozen=True)
 class Source:
-    """A Debian linux-source package."""
+    """A Debian linux-source package.  Debian's archive keeps only the current point
+    release of a series (6.12.117 gave way to 6.12.118), so the kernel lab builds on
+    whichever is installed and every build names the one it used."""
 
     series: str  # "6.12"
     package: str  # "linux-source-6.12"
@@ -81,12 +88,35 @@ class Source:
         return r.stdout.strip() or None if r.returncode == 0 else None
 
     def version(self) -> str:
-        """Upstream version, e.g. 6.12.117 (from the installed package)."""
+        """Upstream version, e.g. 6.12.118 (from the installed package)."""
         pv = self.package_version()
         if pv is None or not self.tarball.exists():
             raise KernelBuildError(
                 f"{self.package} is not installed: apt-get install {self.package}")
         return pv.split("-")[0].split("+")[0]
+
+    def identity(self) -> str:
+        """What names this exact source: the package version and the tarball's size and
+        time, so a tarball replaced by another point release (by apt or by hand) gets a
+        tree and images of its own."""
+        st = self.tarball.stat()
+        return f"{self.package_version()}:{st.st_size}:{st.st_mtime_ns}"
+
+    def tree_name(self) -> str:
+        return f"{self.version()}-{_sha(self.identity())[:8]}"
+
+
+def tree_version(tree: Path) -> str:
+    """The point release a build tree holds, from its top Makefile (VERSION,
+    PATCHLEVEL, SUBLEVEL): the source's own word, whatever the package says."""
+    fields: dict[str, str] = {}
+    for line in (tree / "Makefile").read_text().splitlines()[:12]:
+        m = re.match(r"(VERSION|PATCHLEVEL|SUBLEVEL)\s*=\s*(\d+)", line)
+        if m:
+            fields[m.group(1)] = m.group(2)
+    if len(fields) != 3:
+        raise KernelBuildError(f"{tree}/Makefile does not name its version")
+    return f"{fields['VERSION']}.{fields['PATCHLEVEL']}.{fields['SUBLEVEL']}"
 
 
 SOURCES = {
@@ -113,6 +143,11 @@ class Variant:
             raise KernelBuildError(f"patch {p} is missing")
         return p.read_text()
 
+    def written_on(self) -> str | None:
+        """The point release the patch was written on (its header's "written on")."""
+        m = re.search(r"written on (\d+\.\d+\.\d+)", self.patch_text().split("\n--- ", 1)[0])
+        return m.group(1) if m else None
+
 
 _PATCHED = ("v1", "v1-p2", "v1-p3", "rfc", "ksm-split-no-remap", "ksm-skip-huge",
             "ksm-accounted-remap")
@@ -129,6 +164,11 @@ def get_variant(name: str) -> Variant:
     except KeyError:
         raise KernelBuildError(
             f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def patch_sha256(variant: Variant) -> str | None:
+    """Hash of the variant's patch as it is today (None: no patch)."""
+    return _sha(variant.patch_text()) if variant.patch else None
 
 
 def config_fragment() -> Path:
@@ -163,8 +203,8 @@ def _sha(*parts: str) -> str:
 
 
 def build_key(variant: Variant) -> str:
-    """Hash of source version, config fragment and patch: the image's cache key."""
-    return _sha(BUILD_FORMAT, variant.source.package, variant.source.version(),
+    """Hash of the exact source, config fragment and patch: the image's cache key."""
+    return _sha(BUILD_FORMAT, variant.source.package, variant.source.identity(),
                 config_text(variant.source), variant.patch_text())[:16]
 
 
@@ -216,8 +256,8 @@ def _run(cmd: list[str], cwd: Path, log_file: Path | None = None, stdin: str | N
 
 
 def ensure_tree(src: Source, log: Log) -> Path:
-    """The build tree of a source version, unpacked from the Debian tarball if needed."""
-    version = src.version()
+    """The build tree of the installed source, unpacked from the Debian tarball if needed."""
+    version = src.tree_name()
     tree = cache_dir() / "trees" / version
     if (tree / "Makefile").exists():
         return tree
@@ -235,17 +275,57 @@ def ensure_tree(src: Source, log: Log) -> Path:
     return tree
 
 
-PATCH = ["patch", "-p1", "--batch", "--no-backup-if-mismatch", "-s"]
+# -F0: offsets are fine (a new point release moves lines), fuzz is not: a hunk whose
+# context changed may land on code that means something else now
+PATCH = ["patch", "-p1", "--batch", "--no-backup-if-mismatch", "-F0"]
+
+
+@dataclass(frozen=True)
+class PatchCheck:
+    """A dry run of ``patch``: does it apply, and which hunks moved or failed."""
+
+    ok: bool
+    moved: list[str]  # "mm/ksm.c hunk #1 (offset 50 lines)"
+    failed: list[str]  # "mm/ksm.c hunk #2 at line 2968"
+    output: str
+
+
+def check_patch(tree: Path, text: str, reverse: bool = False) -> PatchCheck:
+    r = _run([*PATCH, "--dry-run", "-f", "-R" if reverse else "-N"], tree, stdin=text)
+    out = (r.stdout + r.stderr).strip()
+    moved, failed, current = [], [], "?"
+    for line in out.splitlines():
+        if line.startswith(("checking file ", "patching file ")):
+            current = line.split(" file ", 1)[1].strip()
+        elif m := re.match(r"Hunk #(\d+) succeeded at \d+ \((offset [^)]*)\)", line):
+            moved.append(f"{current} hunk #{m.group(1)} ({m.group(2)})")
+        elif m := re.match(r"Hunk #(\d+) FAILED at (\d+)", line):
+            failed.append(f"{current} hunk #{m.group(1)} at line {m.group(2)}")
+    if r.returncode != 0 and not failed:  # a missing file, a malformed patch
+        failed.append(out.splitlines()[-1] if out else f"patch exited {r.returncode}")
+    return PatchCheck(r.returncode == 0, moved, failed, out)
 
 
 def patch_applies(tree: Path, text: str, reverse: bool = False) -> tuple[bool, str]:
-    r = _run([*PATCH[:-1], "--dry-run", "-f", *(["-R"] if reverse else ["-N"])], tree,
-             stdin=text)
-    return r.returncode == 0, (r.stdout + r.stderr).strip()
+    c = check_patch(tree, text, reverse)
+    return c.ok, c.output
 
 
-def set_patch(tree: Path, text: str, log: Log) -> None:
-    """Leave exactly ``text`` applied to the tree (reversing the previous patch)."""
+def does_not_apply(variant: Variant, version: str, check: PatchCheck) -> str:
+    """One line: which hunk failed, against what, and what to do."""
+    more = f" (and {len(check.failed) - 1} more)" if len(check.failed) > 1 else ""
+    base = variant.written_on()
+    return (f"{variant.patch} does not apply to Linux {version} "
+            f"({variant.source.package} {variant.source.package_version()}): "
+            f"{check.failed[0]}{more} failed without fuzz; port the patch to {version} "
+            f"(kernel/data/patches/{variant.patch}; offsets are fine) or install the point "
+            f"release it was written on ({base or 'see its header'})")
+
+
+def set_patch(tree: Path, text: str, log: Log,
+              refused: Callable[[PatchCheck], str] | None = None) -> None:
+    """Leave exactly ``text`` applied to the tree (reversing the previous patch).
+    ``refused`` words the error when ``text`` does not apply."""
     marker = tree / ".ksmlab-applied.patch"
     if marker.exists():
         old = marker.read_text()
@@ -265,9 +345,10 @@ def set_patch(tree: Path, text: str, log: Log) -> None:
         marker.unlink()
     if not text:
         return
-    ok, why = patch_applies(tree, text)
-    if not ok:
-        raise KernelBuildError(f"the patch does not apply: {why.splitlines()[-1] if why else ''}")
+    check = check_patch(tree, text)
+    if not check.ok:
+        raise KernelBuildError(refused(check) if refused else
+                               f"the patch does not apply: {check.failed[0]}")
     marker.write_text(text)  # before applying: an interruption is then undone next time
     r = _run(PATCH, tree, stdin=text)
     if r.returncode != 0:
@@ -313,12 +394,14 @@ def build(name: str, log: Log | None = None, jobs: int = 2) -> Built:
     log_file = logs / f"{variant.name}-{key}.log"
     log_file.write_text("")
     t0 = time.monotonic()
-    with _locked(cache_dir() / "trees" / f"{src.version()}.lock"):
+    with _locked(cache_dir() / "trees" / f"{src.tree_name()}.lock"):
         hit = cached_image(variant)  # another build may have made it meanwhile
         if hit is not None:
             return hit
         tree = ensure_tree(src, say)
-        set_patch(tree, variant.patch_text(), say)
+        version = tree_version(tree)
+        set_patch(tree, variant.patch_text(), say,
+                  lambda c: does_not_apply(variant, version, c))
         configure(tree, src, say, log_file)
         local = f"-ksmlab-{variant.name}"
         say(f"make -j{jobs} bzImage (nice 19; log {log_file})")
@@ -332,9 +415,10 @@ def build(name: str, log: Log | None = None, jobs: int = 2) -> Built:
         meta = {
             "format": BUILD_FORMAT, "variant": variant.name, "policy": variant.policy,
             "key": key, "source_package": src.package,
-            "source_package_version": src.package_version(), "source_version": src.version(),
+            "source_package_version": src.package_version(), "source_version": version,
+            "patch_written_on": variant.written_on() if variant.patch else None,
             "release": release, "patch": variant.patch,
-            "patch_sha256": _sha(variant.patch_text()) if variant.patch else None,
+            "patch_sha256": patch_sha256(variant),
             "config_sha256": _sha(config_text(src)),
             "build_seconds": round(seconds, 1),
             "built": datetime.now(UTC).isoformat(timespec="seconds"),

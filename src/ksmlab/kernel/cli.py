@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -223,29 +223,59 @@ def validate_many(scenarios: list[str], kernel: str, json_out: bool = False) -> 
 @kernel_app.command()
 def results(json_out: JsonOpt = False,
             markdown: Annotated[bool, typer.Option("--markdown", help="a markdown table")
-                                ] = False) -> None:
-    """Recorded validations (the kernel-confirmed index); nothing is built."""
-    from .validate import read_index
+                                ] = False,
+            export: Annotated[Path | None, typer.Option(
+                "--export", help="write the results recorded here, of today's patches, as "
+                "a file to ship (kernel/data/confirmed.json)")] = None) -> None:
+    """Recorded validations: those run here, and those shipped with ksmlab (recorded on
+    another machine; a run here replaces them). A result whose patch has changed
+    since is listed as stale and confirms nothing. Nothing is built."""
+    from .validate import current, read_results, shipped_origin
+    from .validate import export as export_results
 
-    idx = read_index()
-    if json_out:
-        dump({"results": idx})
+    if export is not None:
+        from datetime import UTC, datetime
+
+        from ..live.machine import identity
+
+        ident = identity()
+        machine = (f"a machine with {ident['cpus']} CPUs ({ident['cpu'].get('model name', '?')}) "
+                 f"running Linux {ident['kernel']}, guests under qemu TCG, "
+                 f"{datetime.now(UTC):%Y-%m-%d}")
+        n = export_results(export, machine)
+        print(f"{n} results of today's patches written to {export}")
         return
+    idx = read_results()
+    rows = sorted(idx.values(), key=lambda r: (str(r.get("scenario")), str(r.get("variant"))))
+    for r in rows:
+        r["stale"] = not current(r)
+    if json_out:
+        dump({"results": idx, "shipped_recorded_on": shipped_origin()})
+        return
+
+    def where(r: dict[str, Any]) -> str:
+        return ("here" if r["origin"] == "here" else "shipped") + (
+            ", stale" if r["stale"] else "")
+
     if markdown:
         print("| scenario | variant (policy) | guest kernel | verdict kernel | verdict model "
-              "| checkpoints agreeing | confirmed |")
-        print("|---|---|---|---|---|---|---|")
-        for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
+              "| checkpoints agreeing | confirmed | recorded |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
             n = r["checkpoints"]
             print(f"| {r['scenario']} | `{r['variant']}` | {r['release']} | "
                   f"{', '.join(r['verdicts_kernel']) or 'none'} | "
                   f"{', '.join(r['verdicts_model']) or 'none'} | "
                   f"{round(r['agreement'] * n)}/{n} ({r['agreement']:.0%}) | "
-                  f"{'yes' if r['confirmed'] else 'NO'} |")
+                  f"{'yes' if r['confirmed'] else 'NO'} | "
+                  f"{str(r.get('date', ''))[:10]}, {where(r)} |")
         return
-    for r in sorted(idx.values(), key=lambda r: (r["scenario"], r["variant"])):
-        print(f"{r['scenario']:<16} {r['variant']:<18} {str(r['release'])[:24]:<24} "
-              f"{r['agreement']:>5.0%} {'confirmed' if r['confirmed'] else 'NOT confirmed'}")
+    for r in rows:
+        print(f"{r['scenario']:<14} {r['variant']:<19} {str(r['release'])[:22]:<22} "
+              f"{r['agreement']:>4.0%} {'yes' if r['confirmed'] else 'NO':<3} "
+              f"{where(r)}"[:80])
+    if any(r["origin"] == "shipped" for r in rows):
+        print(f"shipped: recorded on {shipped_origin()}"[:80])
 
 
 def main() -> None:  # pragma: no cover - `python -m ksmlab.kernel.cli`

@@ -170,7 +170,9 @@ def run(scenario: str, variant_name: str, duration: float | None = None,
     tr.meta["guest"] = {
         "release": tr.meta.get("kernel"), "variant": variant.name, "policy": variant.policy,
         "accelerator": "tcg", "image_key": built.key,
-        "source_version": built.meta.get("source_version"), "memory_mib": mem, "vcpus": 2,
+        "source_version": built.meta.get("source_version"),
+        "source_package_version": built.meta.get("source_package_version"),
+        "patch_sha256": built.meta.get("patch_sha256"), "memory_mib": mem, "vcpus": 2,
         "timings": timings, "dmesg_problems": problems,
         "note": "time under TCG emulation: compare in full-scan units",
     }

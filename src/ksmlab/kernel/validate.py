@@ -19,8 +19,13 @@ or none), up to borderline ones (:func:`ksmlab.fidelity.verdict_agreement`:
 a verdict reached on one side only, with its figure within the margin of its
 threshold on either side, is noted in ``verdict_notes`` and not held against).
 
-Confirmed results go to a small JSON index in the kernel cache
-(``results/index.json``), read by :func:`confirmed` without building anything.
+Results go to a small JSON index in the kernel cache (``results/index.json``).
+The package ships the results recorded on the machine that made the release
+(``kernel/data/confirmed.json``, marked as recorded elsewhere, the way the
+shipped cost profile is); a result recorded here replaces the shipped one of the
+same variant and scenario.  A result counts only for the patch it ran: one whose
+``patch_sha256`` differs from the variant's patch today is kept but no longer
+confirms anything.  :func:`confirmed` reads both without building anything.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from .. import metrics
 from ..fidelity import verdict_agreement
 from ..scenario import Scenario
 from ..trace import Trace
-from .build import cache_dir
+from .build import cache_dir, get_variant, kernel_dir, patch_sha256
 
 AGREE_FRACTION = 0.95
 TOL_MIB = 2.0
@@ -80,6 +85,8 @@ class Validation:
     date: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     verdicts_agree: bool = True  # up to borderline verdicts
     verdict_notes: list[str] = field(default_factory=list)
+    source_version: str | None = None  # the guest's point release, e.g. 6.12.118
+    patch_sha256: str | None = None  # the patch the guest ran (None: unpatched)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -166,21 +173,63 @@ def validate(kernel: Trace, trace_path: str = "") -> Validation:
         seconds_per_scan={"kernel": _first_scan_s(kernel), "model": _first_scan_s(model)},
         confirmed=bool(cps) and agree >= AGREE_FRACTION and same, trace=trace_path,
         verdicts_agree=same, verdict_notes=notes,
+        source_version=guest.get("source_version"), patch_sha256=guest.get("patch_sha256"),
     )
 
 
 # ---- the index of results ------------------------------------------------------------
 
+RESULTS_FORMAT = "ksmlab-kernel-results/1"
+
+
 def index_path() -> Path:
     return cache_dir() / "results" / "index.json"
 
 
-def read_index() -> dict[str, dict[str, Any]]:
+def shipped_path() -> Path:
+    return kernel_dir() / "confirmed.json"
+
+
+def _results(path: Path) -> dict[str, dict[str, Any]]:
     try:
-        data = json.loads(index_path().read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return data.get("results", {}) if isinstance(data, dict) else {}
+    res = data.get("results", {}) if isinstance(data, dict) else {}
+    return {k: r for k, r in res.items() if isinstance(r, dict)} if isinstance(res, dict) \
+        else {}
+
+
+def read_index() -> dict[str, dict[str, Any]]:
+    """The results recorded on this machine."""
+    return _results(index_path())
+
+
+def shipped_origin() -> str:
+    """Where the shipped results were recorded (one line)."""
+    try:
+        data = json.loads(shipped_path().read_text())
+    except (OSError, ValueError):
+        return "nowhere (no shipped results)"
+    return str(data.get("recorded_on", "another machine")) if isinstance(data, dict) \
+        else "another machine"
+
+
+def read_results() -> dict[str, dict[str, Any]]:
+    """Every result: the shipped ones (``origin`` "shipped"), replaced by those recorded
+    here (``origin`` "here") for the same variant and scenario."""
+    out = {k: {**r, "origin": "shipped"} for k, r in _results(shipped_path()).items()}
+    out.update({k: {**r, "origin": "here"} for k, r in read_index().items()})
+    return out
+
+
+def current(r: dict[str, Any]) -> bool:
+    """Was the result recorded with the patch the variant has today?"""
+    try:
+        return bool(r.get("patch_sha256", "absent") ==
+                    patch_sha256(get_variant(str(r["variant"]))))
+    except (KeyError, ValueError, RuntimeError, OSError):
+        return False
 
 
 def record(v: Validation) -> None:
@@ -194,30 +243,54 @@ def record(v: Validation) -> None:
         d.pop("disagree", None)
         results[f"{v.variant}|{v.scenario}"] = d
         tmp = p.with_name(f".index.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": "ksmlab-kernel-results/1", "results": results},
+        tmp.write_text(json.dumps({"format": RESULTS_FORMAT, "results": results},
                                   indent=1, sort_keys=True) + "\n")
         os.replace(tmp, p)
 
 
-def kernel_confirmed(scenario: str) -> Callable[[str], bool | None]:
-    """Per policy: did a patched kernel confirm the model on ``scenario``? (cached
+def export(dest: Path, recorded_on: str) -> int:
+    """The results recorded here, as a file to ship with the package; the number
+    written (only those of today's patches)."""
+    results = {k: {kk: vv for kk, vv in r.items() if kk != "trace"}
+               for k, r in read_index().items() if current(r)}
+    dest.write_text(json.dumps({"format": RESULTS_FORMAT, "recorded_on": recorded_on,
+                                "results": results}, indent=1, sort_keys=True) + "\n")
+    return len(results)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """What the newest patched-kernel run of a policy on a scenario found."""
+
+    confirmed: bool
+    shipped: bool  # recorded elsewhere and shipped with the package, not run here
+    release: str
+    date: str
+
+
+def kernel_confirmed(scenario: str) -> Callable[[str], Confirmation | None]:
+    """Per policy: did a patched kernel confirm the model on ``scenario``? (recorded
     results of `ksmlab kernel validate`; nothing is built or booted here)"""
-    return lambda policy: confirmed(policy, scenario)
+    results = read_results()
+    return lambda policy: confirmed(policy, scenario, results)
 
 
-def confirmed(policy: str, scenario: str) -> bool | None:
-    """Did a patched-kernel run confirm the model's ``policy`` on ``scenario``?
-
-    True/False from the newest recorded result for a variant implementing that
-    policy on that scenario or a scaled copy of it (``seed-uzp1-64m`` counts for
-    ``seed-uzp1``); None when no kernel run was recorded.  Reads only the index.
-    """
+def confirmed(policy: str, scenario: str,
+              results: dict[str, dict[str, Any]] | None = None) -> Confirmation | None:
+    """The newest result, recorded here or shipped, of a variant implementing
+    ``policy`` on ``scenario`` or a scaled copy of it (``seed-uzp1-64m`` counts for
+    ``seed-uzp1``) with its patch as it is today; None when there is none.  A result
+    recorded here wins over a shipped one of any date."""
     best: dict[str, Any] | None = None
-    for r in read_index().values():
-        if r.get("policy") != policy:
+    for r in (read_results() if results is None else results).values():
+        if r.get("policy") != policy or not current(r):
             continue
         if scenario not in (r.get("scenario"), r.get("stands_for")):
             continue
-        if best is None or str(r.get("date", "")) > str(best.get("date", "")):
+        rank = (r.get("origin") == "here", str(r.get("date", "")))
+        if best is None or rank > (best.get("origin") == "here", str(best.get("date", ""))):
             best = r
-    return None if best is None else bool(best.get("confirmed"))
+    if best is None:
+        return None
+    return Confirmation(bool(best.get("confirmed")), best.get("origin") == "shipped",
+                        str(best.get("release")), str(best.get("date", ""))[:10])
