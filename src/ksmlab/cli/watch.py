@@ -28,14 +28,14 @@ if TYPE_CHECKING:
 
 EXAMPLES = """\b
 Examples:
-  ksmlab watch                         the live table (a terminal, 80 columns)
+  ksmlab watch                         the live table (80 columns)
   ksmlab watch --once --json           one JSON object after one interval
   ksmlab watch --json -i 5 >> w.jsonl  a JSON line every 5 s, for logs
-  ksmlab watch --prometheus 127.0.0.1:9867 --quiet
-                                       /metrics for Prometheus (the watch extra)
-  ksmlab watch --textfile /var/lib/node_exporter/ksmlab.prom --quiet
+  ksmlab watch --prometheus 127.0.0.1:9867 -q
+                                       /metrics (pip install 'ksmlab[watch]')
+  ksmlab watch --textfile /var/lib/node_exporter/ksmlab.prom -q
                                        node_exporter's textfile collector
-  ksmlab watch --tracepoints           + which KSM merge attempt freed what (root)
+  ksmlab watch --tracepoints           + which merge attempt freed what
 """
 WATCH_EXTRA = "prometheus-client is not installed: pip install 'ksmlab[watch]'"
 
