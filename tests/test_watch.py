@@ -666,3 +666,12 @@ def test_a_process_turning_mergeable_late_is_found_within_a_few_readings(
     host.process(10, {VMA: THPS})
     found = next(i for i in range(1, RECHECK + 2) if reader.read().procs)
     assert found <= RECHECK
+
+
+def test_rss_stat_lines_parse() -> None:
+    from ksmlab.live.tracefs import parse_line
+
+    e = parse_line("            ksmd-40      [001] ..... 1234.500001: rss_stat: mm_id=3054411842 "
+                   "curr=0 type=MM_ANONPAGES size=134213632B")
+    assert e == {"event": "rss_stat", "ts": 1234.500001, "cpu": 1, "pid": 40,
+                 "mm_id": 3054411842, "curr": 0, "type": "MM_ANONPAGES", "size": 134213632}
