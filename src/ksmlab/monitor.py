@@ -36,8 +36,9 @@ Limits: zero-page mappings a process gains by reading memory it never wrote
 (a read fault maps the zero page) in the same VMA and interval as it frees
 memory itself, while a split happens on the host, count as freed outside KSM,
 up to what the splits could free; what a process faults in (or khugepaged
-collapses) in the same VMA and interval as a remap is netted against it; a VMA whose bounds change misses that
-interval; PMD-mapped THPs only count as THPs (the merge-collapse's evidence).
+collapses) in the same VMA and interval as a remap is netted against it; a VMA
+whose bounds change misses that interval; PMD-mapped THPs only count as THPs
+(the merge-collapse's evidence).
 Without PAGEMAP_SCAN (before Linux 6.7, which also has no remap) nothing is
 measured.
 
