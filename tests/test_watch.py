@@ -675,3 +675,22 @@ def test_rss_stat_lines_parse() -> None:
                    "curr=0 type=MM_ANONPAGES size=134213632B")
     assert e == {"event": "rss_stat", "ts": 1234.500001, "cpu": 1, "pid": 40,
                  "mm_id": 3054411842, "curr": 0, "type": "MM_ANONPAGES", "size": 134213632}
+
+
+def test_collapse_seen_two_full_scans_after_ksm_starts(
+        watched: tuple[FakeHost, HostReader, Monitor, Clock]) -> None:
+    """KSM seen to start: its first full scan begins there, so the state can come at
+    the second full-scan end (seed-uzp0's 25 s hold three)."""
+    host, reader, mon, clock = watched
+    host.process(10, {VMA: THPS})
+    mon.update(reader.read())  # KSM stopped
+    host.ksm(run=1, pages_to_scan=100, sleep_millisecs=20, full_scans=0)
+    step(mon, reader, clock)
+    for scan in (1, 2):
+        for _ in range(7):
+            s = step(mon, reader, clock)
+        host.process(10, {VMA: remapped(scan)})
+        host.split(1, thp_split_page_failed=1)
+        host.ksm(full_scans=scan)
+        s = step(mon, reader, clock)
+    assert s.collapse.active, s.collapse

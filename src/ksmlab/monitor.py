@@ -261,6 +261,8 @@ class Monitor:
         self.collapse = Collapse()
         self.scans: dict[int, _Boundary] = {}  # full_scans -> where it was first seen
         self.first_scan: int | None = None
+        self.prev_run: int | None = None
+        self.start_mark: _Boundary | None = None
         self.count = 0
 
     # ---- per process ---------------------------------------------------------------
@@ -392,7 +394,16 @@ class Monitor:
 
     def _collapse(self, r: Reading, budget: float | None, run: int) -> None:
         scans = int(r.ksm.get("full_scans", -1))
+        if run == 1 and self.prev_run is not None and self.prev_run != 1 and scans == 0:
+            # KSM seen to start: its first full scan began in the last interval, a
+            # boundary like a full-scan end (the interval itself has no budget)
+            self.start_mark = _Boundary(r.t, self.freed_total, self.outside_total,
+                                        self.ksm_splits_total, self.capacity_total,
+                                        r.vmstat.get("thp_split_page_failed", 0.0))
+        self.prev_run = run
         if run != 1 or budget is None or scans < 0:
+            if run != 1:
+                self.start_mark = None
             self.scans.clear()
             self.first_scan = None
             self.collapse = Collapse()
@@ -401,6 +412,9 @@ class Monitor:
             self.scans.clear()  # run=2 starts full_scans over
             self.first_scan = scans
             self.collapse = Collapse()
+            if self.start_mark is not None:
+                self.scans[0] = self.start_mark
+            self.start_mark = None
         if scans not in self.scans and scans != self.first_scan:  # first seen mid-scan
             self.scans[scans] = _Boundary(r.t, self.freed_total, self.outside_total,
                                           self.ksm_splits_total, self.capacity_total,
