@@ -36,9 +36,10 @@ def one(uzp: int, mib: int, work: Path, duration: float, pages_to_scan: int
     from ksmlab.kernel.idle_guest import IdleGuest
     from ksmlab.trace import Trace
 
-    with IdleGuest(mem_mib=mib) as g:
+    # the JSON lines to a file, not a pipe: one nobody reads fills and stops the watch
+    with IdleGuest(mem_mib=mib) as g, tempfile.TemporaryFile("w+") as sink:
         g.pause()
-        w = subprocess.Popen([*KSMLAB, "watch", "--json", "-i", "1"], stdout=subprocess.PIPE,
+        w = subprocess.Popen([*KSMLAB, "watch", "--json", "-i", "1"], stdout=sink,
                              stderr=subprocess.PIPE, text=True)
         time.sleep(3)  # two readings before KSM starts
         out = work / f"uzp{uzp}"
@@ -48,7 +49,9 @@ def one(uzp: int, mib: int, work: Path, duration: float, pages_to_scan: int
                            capture_output=True, text=True, timeout=900, check=False)
         time.sleep(3)
         w.send_signal(signal.SIGTERM)
-        lines, err = w.communicate(timeout=60)
+        _, err = w.communicate(timeout=60)
+        sink.seek(0)
+        lines = sink.read()
         if r.returncode not in (0, 1):
             raise SystemExit(f"validate --pid: {r.stderr.strip()}")
         pid = g.pid

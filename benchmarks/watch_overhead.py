@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from ksmlab.live.kernelfs import KernelFS
@@ -93,22 +94,30 @@ def main() -> int:
         return 2
     fs = KernelFS()
     pids = spawn(a.processes, a.mib)
-    try:
-        w = subprocess.Popen([sys.executable, "-m", "ksmlab", "watch", "--json", "-i",
-                              str(a.interval), "-d", str(a.seconds + WARMUP_S)],
-                             stdout=subprocess.PIPE, text=True)
-        time.sleep(WARMUP_S)
-        c0, t0 = cpu_s(fs, w.pid), time.monotonic()
-        time.sleep(a.seconds)
-        c1, t1 = cpu_s(fs, w.pid), time.monotonic()
-        out, _ = w.communicate(timeout=60)
-    finally:
-        for p in pids:
-            os.kill(p, signal.SIGKILL)
-        for p in pids:
-            os.waitpid(p, 0)
+    # the JSON lines to a file: a pipe nobody reads fills and stops the watch
+    with tempfile.TemporaryFile("w+") as sink:
+        try:
+            w = subprocess.Popen([sys.executable, "-m", "ksmlab", "watch", "--json", "-i",
+                                  str(a.interval), "-d", str(a.seconds + WARMUP_S)],
+                                 stdout=sink, text=True)
+            time.sleep(WARMUP_S)
+            c0, t0 = cpu_s(fs, w.pid), time.monotonic()
+            time.sleep(a.seconds)
+            c1, t1 = cpu_s(fs, w.pid), time.monotonic()
+            w.wait(timeout=60)
+        finally:
+            for p in pids:
+                os.kill(p, signal.SIGKILL)
+            for p in pids:
+                os.waitpid(p, 0)
+        sink.seek(0)
+        out = sink.read()
     lines = [json.loads(x) for x in out.splitlines() if x.strip()]
     last = lines[-1]
+    if w.returncode != 0 or len(lines) < a.seconds / a.interval:
+        print(f"watch_overhead: the watch ended with {w.returncode} after {len(lines)} "
+              "readings", file=sys.stderr)
+        return 1
     alarms = sorted({s for x in lines for s in x["states"]})
     res = {
         "processes": a.processes,

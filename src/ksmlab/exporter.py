@@ -146,10 +146,11 @@ class WatchCollector:
                 by.add_metric([key, comms.get(key, "?")], v)
             by.add_metric(["", ""], t["freed_by_ksmd_unattributed_bytes"])
             yield by
-            ot = CounterMetricFamily("ksmlab_traced_split_freed_by_others_bytes", "Freed by "
-                                     "THP splits outside ksmd (the task's comm)",
+            ot = CounterMetricFamily("ksmlab_traced_kthread_freed_bytes", "Freed from "
+                                     "other processes' RSS by kernel threads other than "
+                                     "ksmd (kswapd, khugepaged: THP splits)",
                                      labels=["comm"])
-            for c, v in t["freed_by_others_bytes"].items():
+            for c, v in t["freed_by_kernel_threads_bytes"].items():
                 ot.add_metric([c], v)
             yield ot
             yield counter("traced_events_lost", "Trace events the kernel or the reader "

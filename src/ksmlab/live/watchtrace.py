@@ -20,8 +20,9 @@ KSM splits a THP in try_to_merge_one_page(), those events come on ksmd's pid
 just before the attempt's merge event.  So an attempt is credited with the run
 of falling sizes on ksmd's pid since its previous attempt (an attempt with one
 decrement, a zero-page merge's own, credits nothing: that page is in
-``ksm_zero_pages``).  Falling sizes on another pid are the split path outside
-KSM (kswapd, khugepaged, a task running the underused-THP shrinker), by comm.
+``ksm_zero_pages``).  Falling sizes in another kernel thread are the split path
+outside KSM (kswapd, khugepaged, kcompactd), by comm; in other tasks they are
+mostly an exiting process's teardown (its mm is no longer current), and left out.
 
 rss_stat names an mm by mm_ptr_to_hash(), so the process is found by value:
 rss_stat's size is MM_ANONPAGES summed exactly, /proc/PID/status's RssAnon the
@@ -53,6 +54,7 @@ RSS_FILTER = "member == 1 && curr == 0"  # MM_ANONPAGES, changed by another task
 BUFFER_KB = 4096
 PAGE = 4096
 ATTEMPTS_KEPT = 20
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
 
 
 class WatchError(RuntimeError):
@@ -139,8 +141,10 @@ class WatchTracing:
         self.ksmd = find_kthread(fs, "ksmd")
         self.acc = Attribution()
         self._pending: dict[int, dict[int, list[int]]] = {}
-        self.pids: dict[int, int] = {}  # mm_id -> pid
-        self.comm: dict[str, str] = {}
+        self.pids: dict[int, int] = {}  # mm_id -> pid, of processes alive
+        self.known: dict[int, int] = {}  # every match made (names past attempts)
+        self.credited: dict[int, int] = {}  # pid -> pages its mm was matched with
+        self.comm: dict[str, str] = {}  # task -> comm of a kernel thread, "" otherwise
         self.lost = 0
         self._lost_lines = 0
         self.notes: list[str] = []
@@ -170,39 +174,45 @@ class WatchTracing:
         self.lost = self.events.overrun() + self._lost_lines
         attribute(events, self.ksmd, self.acc, self._pending)
         self._match(snap)
+        for mm in [m for m in self.acc.by_mm if m in self.pids]:  # credited for good
+            pid = self.pids[mm]
+            self.credited[pid] = self.credited.get(pid, 0) + self.acc.by_mm.pop(mm)
         for task in self.acc.others:
             if task not in self.comm:
-                self.comm[task] = (self.fs.slurp(f"proc/{task}/comm") or "?").strip()
-        per_pid: dict[int, int] = {}
+                self.comm[task] = self._kthread(int(task))
         others: dict[str, int] = {}
         for task, n in self.acc.others.items():
-            c = self.comm.get(task, "?")
-            others[c] = others.get(c, 0) + n * PAGE
-        unattributed = 0
-        for mm, n in self.acc.by_mm.items():
-            pid = self.pids.get(mm)
-            if pid is None:
-                unattributed += n
-            else:
-                per_pid[pid] = per_pid.get(pid, 0) + n
+            c = self.comm[task]
+            if c:  # a kernel thread (kswapd, khugepaged, ...), not a task's own exit
+                others[c] = others.get(c, 0) + n * PAGE
         snap.traced = {
             "merge_attempts": self.acc.attempts,
             "attempts_freeing_outside_ksm": self.acc.freeing,
-            "freed_by_ksmd_bytes": {str(p): n * PAGE for p, n in sorted(per_pid.items())},
-            "freed_by_ksmd_unattributed_bytes": unattributed * PAGE,
-            "freed_by_others_bytes": others,
-            "recent_attempts": [a.to_json(self.pids.get(a.mm_id) if a.mm_id else None)
+            "freed_by_ksmd_bytes": {str(p): n * PAGE for p, n in sorted(self.credited.items())},
+            "freed_by_ksmd_unattributed_bytes": sum(self.acc.by_mm.values()) * PAGE,
+            "freed_by_kernel_threads_bytes": others,
+            "recent_attempts": [a.to_json(self.known.get(a.mm_id) if a.mm_id else None)
                                 for a in self.acc.recent],
             "events_lost": self.lost,
         }
+
+    def _kthread(self, pid: int) -> str:
+        """The comm of a kernel thread, "" for any other task (or one gone): falling
+        sizes in a task's own context at its exit are no split."""
+        stat = (self.fs.slurp(f"proc/{pid}/stat") or "")
+        head, _, rest = stat.rpartition(")")
+        fields = rest.split()
+        if len(fields) < 7 or not int(fields[6]) & PF_KTHREAD:  # field 9, flags
+            return ""
+        return head.partition("(")[2]
 
     def _match(self, snap: Snapshot) -> None:
         """rss_stat's mm ids to pids (the module docstring says how)."""
         ncpu = os.cpu_count() or 1
         slack = max(ncpu * max(32, 2 * ncpu) * PAGE, 2 << 20)
-        taken = set(self.pids.values())
         alive = {p.pid for p in snap.procs}
         self.pids = {mm: pid for mm, pid in self.pids.items() if pid in alive}
+        taken = set(self.pids.values())
         for mm in self.acc.by_mm:
             if mm in self.pids or mm not in self.acc.last_size:
                 continue
@@ -212,7 +222,7 @@ class WatchTracing:
             if cands:
                 d, pid = min(cands)
                 if d <= slack:
-                    self.pids[mm] = pid
+                    self.pids[mm] = self.known[mm] = pid
                     taken.add(pid)
 
     def restore(self) -> None:
