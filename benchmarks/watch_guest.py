@@ -69,6 +69,11 @@ def one(uzp: int, mib: int, work: Path, duration: float, pages_to_scan: int
         "validate_side_effect_mib": round(val, 2),
         "validate_freed_mib": round(s.freed_mib, 2),
         "validate_verdicts": [v.name for v in s.verdicts],
+        "validate_peak_ratio": None if s.budget_ratio_peak is None
+        else round(s.budget_ratio_peak, 2),
+        "watch_max_ratio": max((x["interval"]["budget_ratio"] or 0.0 for x in snaps),
+                               default=None),
+        "watch_readings": len(snaps),
         "watch_freed_outside_ksm_mib": round(mine, 2),
         "watch_other_processes_mib": round(others / MIB, 2),
         "watch_host_total_mib": round(last["freed_outside_ksm_bytes_total"] / MIB, 2),
