@@ -55,8 +55,10 @@ class FakeHost(FakeKernel):
         p.write_text(text + "\n")
 
     @staticmethod
-    def _stat(pid: int, comm: str, started: int, ticks: int = 0) -> str:
-        rest = ["S"] + ["0"] * 10 + [str(ticks), "0"] + ["0"] * 6 + [str(started)]
+    def _stat(pid: int, comm: str, started: int, ticks: int = 0, vsize: int = 0,
+              rss: int = 0) -> str:
+        rest = (["S"] + ["0"] * 10 + [str(ticks), "0"] + ["0"] * 6
+                + [str(started), str(vsize), str(rss)] + ["0"] * 20)
         return f"{pid} ({comm}) " + " ".join(rest)
 
     def ksm(self, **values: int) -> None:
@@ -81,8 +83,10 @@ class FakeHost(FakeKernel):
         self.pages[pid] = dict(vmas)
         d = f"proc/{pid}"
         self.write_file(f"{d}/comm", comm)
-        self.write_file(f"{d}/stat", self._stat(pid, comm, started))
         present = sum(v.present for v in vmas.values())
+        self.write_file(f"{d}/stat", self._stat(pid, comm, started,
+                                                vsize=sum(e - s for s, e in vmas),
+                                                rss=present))
         self.write_file(f"{d}/status", f"Name:\t{comm}\nRssAnon:\t{present * 4} kB")
         self.write_file(f"{d}/smaps_rollup",
                         f"Rss: {present * 4} kB\nAnonHugePages: "
@@ -694,3 +698,51 @@ def test_collapse_seen_two_full_scans_after_ksm_starts(
         host.ksm(full_scans=scan)
         s = step(mon, reader, clock)
     assert s.collapse.active, s.collapse
+
+
+def test_page_tables_are_walked_when_a_cheap_figure_moves(
+        watched: tuple[FakeHost, HostReader, Monitor, Clock],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet process costs no PAGEMAP_SCAN and no smaps_rollup between REFRESH
+    readings; a remap lowers RssAnon, so it is read (and counted) at once."""
+    from ksmlab.live.watch import REFRESH
+
+    host, reader, mon, clock = watched
+    host.ksm(run=1)
+    host.process(10, {VMA: THPS})
+    scans: list[int] = []
+    real = host.scan_pages
+
+    def counting(pid: int, spans: list[tuple[int, int]], anyof: int, mask: int
+                 ) -> list[tuple[int, int, int]]:
+        scans.append(pid)
+        return real(pid, spans, anyof, mask)
+
+    monkeypatch.setattr(host, "scan_pages", counting)
+    mon.update(reader.read())
+    for _ in range(REFRESH - 2):
+        step(mon, reader, clock)
+    assert scans == [10]
+    host.process(10, {VMA: remapped(8)})
+    host.split(8)
+    assert step(mon, reader, clock).outside_pages == 8 * PAGES_2M
+    assert scans == [10, 10]
+    for _ in range(REFRESH):
+        step(mon, reader, clock)
+    assert scans == [10, 10, 10]  # once more after REFRESH quiet readings
+
+
+def test_mergeable_spans_agree_with_the_smaps_parser() -> None:
+    from ksmlab.live.smaps import parse_smaps
+    from ksmlab.live.watch import mergeable_spans
+
+    text = ("55d0a0000000-55d0a0021000 rw-p 00000000 00:00 0                  [heap]\n"
+            "Size:                132 kB\nRss:                   4 kB\n"
+            "VmFlags: rd wr mr mw me ac sd\n"
+            "7f0000000000-7f0008000000 rw-p 00000000 00:00 0 \n"
+            "Size:             131072 kB\nAnonHugePages:    131072 kB\n"
+            "VmFlags: rd wr mr mw me ac sd hg mg\n"
+            "7f0008000000-7f0008001000 r--p 00000000 08:01 1234   /usr/lib/x.so\n"
+            "Size:                  4 kB\nVmFlags: rd mr mw me sd mg\n")
+    want = sorted((m.start, m.end) for m in parse_smaps(text) if "mg" in m.flags)
+    assert mergeable_spans(text) == want and len(want) == 2

@@ -7,14 +7,21 @@ current ``pages_to_scan`` included), /proc/vmstat's ``thp_*`` counters, the
 
 The processes with mergeable memory: every process whose /proc/PID/ksm_stat says
 ``ksm_mergeable: yes`` (registered with KSM by MADV_MERGEABLE) or
-``ksm_merge_any: yes`` (PR_SET_MEMORY_MERGE).  For each: its ksm_stat, RssAnon
-(/proc/PID/status), smaps_rollup, and per ``VM_MERGEABLE`` VMA (``mg`` in
-smaps' VmFlags; smaps is read again only when /proc/PID/maps changes) how many
-of its pages are present, map the zero page, are swapped out or are mapped by a
-PMD, from one PAGEMAP_SCAN ioctl (Linux 6.7) per process: the kernel walks the
-page tables and returns runs of pages by category, nothing is faulted in.  The
-zero-page count is what tells the remap apart from a process's own freeing
-(:mod:`ksmlab.monitor` says how).
+``ksm_merge_any: yes`` (PR_SET_MEMORY_MERGE).  For each, every reading: its
+ksm_stat and /proc/PID/stat; RssAnon (/proc/PID/status) and smaps_rollup; and per
+``VM_MERGEABLE`` VMA (``mg`` in smaps' VmFlags; every private mapping of a
+merge-any process, from maps) how many of its pages are present, map the zero
+page, are swapped out or are mapped by a PMD, from one PAGEMAP_SCAN ioctl
+(Linux 6.7) per process: the kernel walks the page tables and returns runs of
+pages by category, nothing is faulted in.  The zero-page count is what tells the
+remap apart from a process's own freeing (:mod:`ksmlab.monitor` says how).
+
+What costs more than the two is read when a cheap figure moved: status,
+smaps_rollup and the page counts when stat's rss or ksm_stat changed (the remap
+lowers RSS; KSM's merges move ksm_stat), the VMAs when the address space's size
+(stat's vsize) changed; and the pages every REFRESH readings, the VMAs every
+VMA_REFRESH, whatever happened (a read fault mapping the zero page moves
+neither figure, an madvise can change a VMA's flags without its size).
 
 Nothing here writes, signals or pauses anything: the reader is a
 :class:`~ksmlab.live.kernelfs.KernelReader`.
@@ -36,10 +43,11 @@ from .kernelfs import (
 )
 from .knobs import KSM, THP
 from .kthread import find_kthread
-from .smaps import parse_smaps
 
 PAGE = 4096
 PMD_SIZE_NAME = "2048kB"  # counted by thp_split_page; the other sizes by their own stats
+REFRESH = 10  # readings after which the pages are counted even if nothing moved
+VMA_REFRESH = 60  # ... and the VMAs listed (a flag can change without vsize moving)
 YOUNG = 30  # readings a process without mergeable memory is asked every time
 RECHECK = 5  # then every RECHECK-th reading
 _KSM_STAT_INTS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages",
@@ -148,6 +156,25 @@ def bucket(vmas: list[tuple[int, int]], regions: list[tuple[int, int, int]]
     return {v: VmaPages(*c) for v, c in out.items()}
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def mergeable_spans(smaps: str) -> list[tuple[int, int]]:
+    """The ``mg`` (VM_MERGEABLE) VMAs of /proc/PID/smaps: headers and VmFlags only
+    (smaps.parse_smaps() reads every field; a large process has thousands)."""
+    out: list[tuple[int, int]] = []
+    span: tuple[int, int] | None = None
+    for line in smaps.splitlines():
+        if line[:1] in _HEX:
+            lo, _, rest = line.partition("-")
+            span = (int(lo, 16), int(rest.split(" ", 1)[0], 16))
+        elif line.startswith("VmFlags:") and span is not None:
+            if " mg" in line:
+                out.append(span)
+            span = None
+    return sorted(out)
+
+
 _SPECIAL = ("[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]")
 
 
@@ -162,6 +189,24 @@ def _private_span(line: str) -> tuple[int, int] | None:
     return int(lo, 16), int(hi, 16)
 
 
+@dataclass
+class _Cached:
+    """What was last read of a process, and when (readings)."""
+
+    started: int
+    comm: str
+    rss: float = -1.0  # RssAnon, kB
+    rss_pages: int = -1  # stat's rss
+    nums: dict[str, int] = field(default_factory=dict)
+    rollup: dict[str, float] | None = None
+    vsize: int = -1
+    merge_any: bool = False
+    vmas: list[tuple[int, int]] | None = None
+    mapped: int = 0  # the reading that listed vmas
+    pages: dict[tuple[int, int], VmaPages] | None = None
+    scanned: int = 0  # the reading that counted pages
+
+
 class HostReader:
     """Reads the host for ``watch``; ``read()`` is one interval's :class:`Reading`."""
 
@@ -172,9 +217,7 @@ class HostReader:
         self.mthp_sizes = [d.removeprefix("hugepages-") for d in fs.listdir(THP)
                            if d.startswith("hugepages-") and d != f"hugepages-{PMD_SIZE_NAME}"]
         self.scan_ok = True  # False: this kernel has no PAGEMAP_SCAN
-        # pid -> (started, maps text, mergeable VMAs), so smaps is read on changes only
-        self._maps: dict[int, tuple[int, str, list[tuple[int, int]]]] = {}
-        self._comm: dict[tuple[int, int], str] = {}
+        self._cache: dict[int, _Cached] = {}  # per process with mergeable memory
         # pids without mergeable memory -> the reading that first saw them: asked again
         # every reading while young, then every RECHECK-th (a process rarely turns
         # mergeable late; a new one madvises right after it maps)
@@ -226,30 +269,23 @@ class HostReader:
         return (int(stat[11]) + int(stat[12])) / self.hz  # utime, stime (proc_pid_stat(5))
 
     # ---- the processes -------------------------------------------------------------
-    def _started(self, pid: int) -> int | None:
+    def _stat(self, pid: int) -> tuple[int, int, int] | None:
+        """(starttime, vsize, rss): fields 22-24 of /proc/PID/stat; None if gone."""
         stat = (self.fs.slurp(f"proc/{pid}/stat") or "").rsplit(")", 1)[-1].split()
-        return int(stat[19]) if len(stat) > 19 else None  # field 22, starttime
+        return (int(stat[19]), int(stat[20]), int(stat[21])) if len(stat) > 21 else None
 
-    def _mergeable_vmas(self, pid: int, started: int, merge_any: bool
-                        ) -> list[tuple[int, int]] | None:
+    def _mergeable_vmas(self, pid: int, merge_any: bool) -> list[tuple[int, int]] | None:
         maps = self.fs.slurp(f"proc/{pid}/maps")
         if maps is None:
             return None
-        cached = self._maps.get(pid)
-        if cached is not None and cached[0] == started and cached[1] == maps:
-            return cached[2]
         if merge_any:
             # PR_SET_MEMORY_MERGE marks every private mapping KSM can scan (ksm_add_vma(),
-            # vma_ksm_compatible()): from maps, without smaps' page-table walk (a process
-            # that maps and unmaps all the time would cost one every interval)
-            vmas = sorted(v for v in map(_private_span, maps.splitlines()) if v is not None)
-        else:
-            smaps = self.fs.slurp(f"proc/{pid}/smaps")
-            if smaps is None:
-                return None
-            vmas = sorted((m.start, m.end) for m in parse_smaps(smaps) if "mg" in m.flags)
-        self._maps[pid] = (started, maps, vmas)
-        return vmas
+            # vma_ksm_compatible()): from maps, without smaps' page-table walk
+            return sorted(v for v in map(_private_span, maps.splitlines()) if v is not None)
+        smaps = self.fs.slurp(f"proc/{pid}/smaps")
+        if smaps is None:
+            return None
+        return mergeable_spans(smaps)
 
     def _pages(self, pid: int, vmas: list[tuple[int, int]]
                ) -> dict[tuple[int, int], VmaPages] | None:
@@ -277,31 +313,49 @@ class HostReader:
         return bucket(vmas, regions)
 
     def process(self, pid: int, ksm_text: str) -> ProcReading | None:
+        """One process with mergeable memory, or None.  What costs a page-table walk
+        is read only when a cheap figure says it may have changed (the module
+        docstring says which)."""
         nums, merge_any, mergeable = parse_ksm_stat(ksm_text)
         if not (merge_any or mergeable):
             return None
-        started = self._started(pid)
-        if started is None:
+        st = self._stat(pid)
+        if st is None:
             return None  # gone
-        comm = self._comm.get((pid, started))
-        if comm is None:
+        started, vsize, rss_pages = st
+        c = self._cache.get(pid)
+        if c is None or c.started != started:
             comm = (self.fs.slurp(f"proc/{pid}/comm") or "?").strip()
-            self._comm[(pid, started)] = comm
-        rss = 0.0
-        for line in (self.fs.slurp(f"proc/{pid}/status") or "").splitlines():
-            if line.startswith("RssAnon:"):
-                rss = float(line.split()[1])
-                break
-        rollup: dict[str, float] = {}
-        for line in (self.fs.slurp(f"proc/{pid}/smaps_rollup") or "").splitlines():
-            key, _, rest = line.partition(":")
-            if key in _ROLLUP:
-                v = _num(rest.replace("kB", ""))
-                if v is not None:
-                    rollup[key] = v
-        vmas = self._mergeable_vmas(pid, started, merge_any)
-        pages = self._pages(pid, vmas) if vmas is not None else None
-        return ProcReading(pid, comm, started, rss, merge_any, nums, rollup, pages)
+            c = self._cache[pid] = _Cached(started, comm)
+        # stat's rss (anon + file + shmem) moves whenever RssAnon does
+        moved = (rss_pages, nums) != (c.rss_pages, c.nums)
+        if moved or c.rss < 0:
+            c.rss = 0.0
+            for line in (self.fs.slurp(f"proc/{pid}/status") or "").splitlines():
+                if line.startswith("RssAnon:"):
+                    c.rss = float(line.split()[1])
+                    break
+        rss = c.rss
+        if moved or c.rollup is None:
+            rollup: dict[str, float] = {}
+            for line in (self.fs.slurp(f"proc/{pid}/smaps_rollup") or "").splitlines():
+                key, _, rest = line.partition(":")
+                if key in _ROLLUP:
+                    v = _num(rest.replace("kB", ""))
+                    if v is not None:
+                        rollup[key] = v
+            c.rollup = rollup
+        if c.vmas is None or vsize != c.vsize or self.count - c.mapped >= VMA_REFRESH \
+                or merge_any != c.merge_any:
+            c.vmas = self._mergeable_vmas(pid, merge_any)
+            c.vsize, c.mapped, c.merge_any = vsize, self.count, merge_any
+            c.pages = None
+        if c.vmas is not None and (moved or c.pages is None
+                                   or self.count - c.scanned >= REFRESH):
+            c.pages = self._pages(pid, c.vmas)
+            c.scanned = self.count
+        c.rss_pages, c.nums = rss_pages, nums
+        return ProcReading(pid, c.comm, started, rss, merge_any, nums, c.rollup, c.pages)
 
     def read(self) -> Reading:
         t0 = time.monotonic()
@@ -330,10 +384,7 @@ class HostReader:
             elif seen is None:
                 self._plain[pid] = self.count
         self._plain = {p: c for p, c in self._plain.items() if p in listed}
-        for pid in [p for p in self._maps if p not in procs]:
-            del self._maps[pid]
-        alive = {(r.pid, r.started) for r in procs.values()}
-        self._comm = {k: v for k, v in self._comm.items() if k in alive}
+        self._cache = {p: c for p, c in self._cache.items() if p in procs}
         # the split counters after the pages: a split the pages show is counted by now
         vmstat = self.vmstat()
         mthp = self.mthp_split()
