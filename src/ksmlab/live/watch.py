@@ -17,8 +17,9 @@ pages by category, nothing is faulted in.  The zero-page count is what tells the
 remap apart from a process's own freeing (:mod:`ksmlab.monitor` says how).
 
 What costs more than the two is read when a cheap figure moved: status,
-smaps_rollup and the page counts when stat's rss or ksm_stat changed (the remap
-lowers RSS; KSM's merges move ksm_stat), the VMAs when the address space's size
+smaps_rollup and the page counts when stat's rss changed or any folio split
+happened on the host since the last reading (the remap happens in a split and
+lowers RSS), the VMAs when the address space's size
 (stat's vsize) changed; and the pages every REFRESH readings, the VMAs every
 VMA_REFRESH, whatever happened (a read fault mapping the zero page moves
 neither figure, an madvise can change a VMA's flags without its size).
@@ -218,6 +219,8 @@ class HostReader:
                            if d.startswith("hugepages-") and d != f"hugepages-{PMD_SIZE_NAME}"]
         self.scan_ok = True  # False: this kernel has no PAGEMAP_SCAN
         self._cache: dict[int, _Cached] = {}  # per process with mergeable memory
+        self._splits = -1.0  # splits counted at the last reading's start
+        self._split = True  # ... and whether they moved since the one before
         # pids without mergeable memory -> the reading that first saw them: asked again
         # every reading while young, then every RECHECK-th (a process rarely turns
         # mergeable late; a new one madvises right after it maps)
@@ -327,8 +330,11 @@ class HostReader:
         if c is None or c.started != started:
             comm = (self.fs.slurp(f"proc/{pid}/comm") or "?").strip()
             c = self._cache[pid] = _Cached(started, comm)
-        # stat's rss (anon + file + shmem) moves whenever RssAnon does
-        moved = (rss_pages, nums) != (c.rss_pages, c.nums)
+        # stat's rss (anon + file + shmem) moves whenever RssAnon does, a split's remap
+        # too; but a few pages can stay in a per-CPU counter delta, so any split on
+        # the host since the last reading counts as a move for every process
+        moved = rss_pages != c.rss_pages or self._split
+
         if moved or c.rss < 0:
             c.rss = 0.0
             for line in (self.fs.slurp(f"proc/{pid}/status") or "").splitlines():
@@ -357,9 +363,20 @@ class HostReader:
         c.rss_pages, c.nums = rss_pages, nums
         return ProcReading(pid, c.comm, started, rss, merge_any, nums, c.rollup, c.pages)
 
+    def splits(self) -> float:
+        """thp_split_page and every multi-size split count, summed."""
+        n = 0.0
+        for line in (self.fs.slurp("proc/vmstat") or "").splitlines():
+            if line.startswith("thp_split_page "):
+                n += float(line.split()[1])
+                break
+        return n + sum(self.mthp_split().values())
+
     def read(self) -> Reading:
         t0 = time.monotonic()
         self.count += 1
+        splits = self.splits()
+        self._split, self._splits = splits != self._splits, splits
         ksm, advisor = self.ksm()
         procs: dict[int, ProcReading] = {}
         unreadable = 0
