@@ -20,9 +20,10 @@ What costs more than the two is read when a cheap figure moved: status,
 smaps_rollup and the page counts when stat's rss changed or any folio split
 happened on the host since the last reading (the remap happens in a split and
 lowers RSS), the VMAs when the address space's size
-(stat's vsize) changed; and the pages every REFRESH readings, the VMAs every
-VMA_REFRESH, whatever happened (a read fault mapping the zero page moves
-neither figure, an madvise can change a VMA's flags without its size).
+(stat's vsize) or maps changed; and whatever happened the pages every REFRESH
+readings, maps every VMA_REFRESH, smaps every FLAGS_REFRESH (a read fault
+mapping the zero page moves neither figure; an madvise can change a VMA without
+its size, and a whole VMA's flags without a line of maps).
 
 Nothing here writes, signals or pauses anything: the reader is a
 :class:`~ksmlab.live.kernelfs.KernelReader`.
@@ -48,7 +49,8 @@ from .kthread import find_kthread
 PAGE = 4096
 PMD_SIZE_NAME = "2048kB"  # counted by thp_split_page; the other sizes by their own stats
 REFRESH = 10  # readings after which the pages are counted even if nothing moved
-VMA_REFRESH = 60  # ... and the VMAs listed (a flag can change without vsize moving)
+VMA_REFRESH = 60  # ... maps compared (a VMA can change without vsize moving)
+FLAGS_REFRESH = 600  # ... and smaps read (a whole VMA made mergeable changes no maps line)
 YOUNG = 30  # readings a process without mergeable memory is asked every time
 RECHECK = 5  # then every RECHECK-th reading
 _KSM_STAT_INTS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages",
@@ -203,7 +205,9 @@ class _Cached:
     vsize: int = -1
     merge_any: bool = False
     vmas: list[tuple[int, int]] | None = None
-    mapped: int = 0  # the reading that listed vmas
+    maps: str | None = None  # /proc/PID/maps when vmas were checked
+    mapped: int = 0  # the reading that checked maps
+    listed: int = 0  # the reading that read smaps
     pages: dict[tuple[int, int], VmaPages] | None = None
     scanned: int = 0  # the reading that counted pages
 
@@ -277,8 +281,8 @@ class HostReader:
         stat = (self.fs.slurp(f"proc/{pid}/stat") or "").rsplit(")", 1)[-1].split()
         return (int(stat[19]), int(stat[20]), int(stat[21])) if len(stat) > 21 else None
 
-    def _mergeable_vmas(self, pid: int, merge_any: bool) -> list[tuple[int, int]] | None:
-        maps = self.fs.slurp(f"proc/{pid}/maps")
+    def _mergeable_vmas(self, pid: int, merge_any: bool, maps: str | None
+                        ) -> list[tuple[int, int]] | None:
         if maps is None:
             return None
         if merge_any:
@@ -353,9 +357,13 @@ class HostReader:
             c.rollup = rollup
         if c.vmas is None or vsize != c.vsize or self.count - c.mapped >= VMA_REFRESH \
                 or merge_any != c.merge_any:
-            c.vmas = self._mergeable_vmas(pid, merge_any)
-            c.vsize, c.mapped, c.merge_any = vsize, self.count, merge_any
-            c.pages = None
+            maps = self.fs.slurp(f"proc/{pid}/maps")
+            if c.vmas is None or maps != c.maps or vsize != c.vsize \
+                    or merge_any != c.merge_any or self.count - c.listed >= FLAGS_REFRESH:
+                c.vmas = self._mergeable_vmas(pid, merge_any, maps)
+                c.listed = self.count
+                c.pages = None
+            c.vsize, c.mapped, c.merge_any, c.maps = vsize, self.count, merge_any, maps
         if c.vmas is not None and (moved or c.pages is None
                                    or self.count - c.scanned >= REFRESH):
             c.pages = self._pages(pid, c.vmas)
@@ -398,8 +406,8 @@ class HostReader:
             if r is not None:
                 procs[r.pid] = r
                 self._plain.pop(pid, None)
-            elif seen is None:
-                self._plain[pid] = self.count
+            elif seen is None:  # at the first reading none is new: all are asked less
+                self._plain[pid] = self.count if self.count > 1 else -YOUNG
         self._plain = {p: c for p, c in self._plain.items() if p in listed}
         self._cache = {p: c for p, c in self._cache.items() if p in procs}
         # the split counters after the pages: a split the pages show is counted by now
