@@ -140,6 +140,7 @@ class Proc:
     outside_pages: int = 0  # freed outside KSM's account since first seen
     interval_pages: int = 0  # ... in the last interval
     interval_s: float = 0.0
+    _first_iso: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         r = self.reading
@@ -158,8 +159,14 @@ class Proc:
             "freed_outside_ksm_bytes": self.interval_pages * PAGE,
             "freed_outside_ksm_bytes_per_s": (self.interval_pages * PAGE / self.interval_s
                                               if self.interval_s > 0 else 0.0),
-            "first_seen": iso(self.first_seen),
+            "first_seen": self.first_seen_iso,
         }
+
+    @property
+    def first_seen_iso(self) -> str:
+        if self._first_iso is None:
+            self._first_iso = iso(self.first_seen)
+        return self._first_iso
 
 
 @dataclass

@@ -134,7 +134,7 @@ class KernelFS:
 
     def listdir(self, rel: str) -> list[str]:
         try:
-            return sorted(p.name for p in self.path(rel).iterdir())
+            return sorted(os.listdir(self._prefix + rel.strip("/")))
         except OSError:
             return []
 

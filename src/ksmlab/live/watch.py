@@ -35,6 +35,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .kernelfs import (
     PAGE_IS_HUGE,
@@ -79,7 +80,7 @@ class ProcReading:
     rollup: dict[str, float]  # smaps_rollup, kB
     vmas: dict[tuple[int, int], VmaPages] | None  # None: pages not readable
 
-    @property
+    @cached_property
     def pages(self) -> VmaPages:
         v = list((self.vmas or {}).values())
         return VmaPages(sum(x.present for x in v), sum(x.zero for x in v),
@@ -120,15 +121,14 @@ def parse_ksm_stat(text: str) -> tuple[dict[str, int], bool, bool]:
     nums: dict[str, int] = {}
     any_ = mergeable = False
     for line in text.splitlines():
-        key, _, rest = line.partition(" ")
-        key = key.rstrip(":")
-        rest = rest.strip()
-        if key in _KSM_STAT_INTS and rest.lstrip("-").isdigit():
-            nums[key] = int(rest)
-        elif key == "ksm_merge_any":
-            any_ = rest == "yes"
-        elif key == "ksm_mergeable":
-            mergeable = rest == "yes"
+        key, _, value = line.partition(" ")
+        if key in _KSM_STAT_INTS:
+            if value.lstrip("-").isdigit():
+                nums[key] = int(value)
+        elif key == "ksm_merge_any:":
+            any_ = value == "yes"
+        elif key == "ksm_mergeable:":
+            mergeable = value == "yes"
     return nums, any_, mergeable
 
 
@@ -383,8 +383,8 @@ class HostReader:
     def read(self) -> Reading:
         t0 = time.monotonic()
         self.count += 1
-        splits = self.splits()
-        self._split, self._splits = splits != self._splits, splits
+        # splits since the last reading's end, when its pages had been counted
+        self._split = self.splits() != self._splits
         ksm, advisor = self.ksm()
         procs: dict[int, ProcReading] = {}
         unreadable = 0
@@ -413,6 +413,7 @@ class HostReader:
         # the split counters after the pages: a split the pages show is counted by now
         vmstat = self.vmstat()
         mthp = self.mthp_split()
+        self._splits = vmstat.get("thp_split_page", 0.0) + sum(mthp.values())
         ru = resource.getrusage(resource.RUSAGE_SELF)
         notes, self.notes = self.notes, []
         return Reading(
