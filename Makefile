@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed
 # Debian packages the kernel-lab tests need (patches checked against the pinned
 # source, the guest rootfs assembled, the idle QEMU guest booted; memcached for
 # benchmarks/real_workloads.py; chromium for the test that opens the sweep's
-# report.html headless); installed when missing and we are root.
-SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached chromium
+# report.html headless; gcc and libc6-dev for the selftest, perl for checkpatch.pl);
+# installed when missing and we are root.
+SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached chromium \
+	gcc libc6-dev perl
 # ...and what building the guest kernels needs (make test-all): the 6.1 source for
 # pre-6.12, and the kernel's build tools
 KERNEL_DEBS := linux-source-6.1 bison flex libelf-dev bc libssl-dev

@@ -36,7 +36,7 @@ def _unavailable(reason: str) -> None:
 
 
 def _touched(text: str) -> list[str]:
-    return sorted({m.group(1) for m in re.finditer(r"^\+\+\+ b/(\S+)", text, re.M)})
+    return kbuild.touched_files(text)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_a_moved_point_release_still_takes_every_patch(source_612: Path,
     move the hunks; the build names the new sublevel."""
     tree = tmp_path / "moved"
     shutil.copytree(source_612, tree)
-    for rel in ("mm/ksm.c", "mm/huge_memory.c", "mm/migrate.c", "include/linux/ksm.h"):
+    for rel in sorted({f for v in PATCHED for f in _touched(v.patch_text())}):
         _shift(tree, rel, 37)
     mk = tree / "Makefile"
     mk.write_text(re.sub(r"^SUBLEVEL = \d+", "SUBLEVEL = 999", mk.read_text(), flags=re.M))
@@ -101,8 +101,9 @@ def test_a_changed_hunk_is_refused_in_one_line(source_612: Path, tmp_path: Path)
     tree = tmp_path / "changed"
     shutil.copytree(source_612, tree)
     v = VARIANTS["ksm-split-no-remap"]
-    hunk = next(ln for ln in v.patch_text().splitlines()
-                if ln.startswith(" ") and len(ln.strip()) > 12 and "mm/ksm.c" not in ln)
+    ksm_diff = v.patch_text().split("+++ b/mm/ksm.c", 1)[1].split("\ndiff --git", 1)[0]
+    hunk = next(ln for ln in ksm_diff.splitlines()
+                if ln.startswith(" ") and len(ln.strip()) > 12)
     f = tree / "mm" / "ksm.c"
     f.write_text(f.read_text().replace(hunk[1:], hunk[1:] + " /* changed */"))
     check = kbuild.check_patch(tree, v.patch_text())
@@ -126,7 +127,7 @@ def test_the_source_is_named_by_what_is_installed(tmp_path: Path,
     monkeypatch.setattr(kbuild.Source, "tarball", property(lambda self: tar))
     monkeypatch.setattr(kbuild.Source, "package_version", lambda self: "6.12.118-1~deb12u1")
     src = kbuild.SOURCES["6.12"]
-    v = Variant("v1", "v1", src, "v1.patch")
+    v = Variant("v1", "v1", src, "v1")
     assert src.version() == "6.12.118" and src.tree_name().startswith("6.12.118-")
     first = (src.tree_name(), kbuild.build_key(v))
     tar.write_bytes(b"another point release")
@@ -172,7 +173,7 @@ def fake_variant(monkeypatch: pytest.MonkeyPatch) -> Iterator[Variant]:
     src = kbuild.SOURCES["6.12"]
     monkeypatch.setattr(kbuild.Source, "version", lambda self: "6.12.118")
     monkeypatch.setattr(kbuild.Source, "identity", lambda self: "6.12.118-1~deb12u1:1:1")
-    yield Variant("v1", "v1", src, "v1.patch")
+    yield Variant("v1", "v1", src, "v1")
 
 
 def test_key_depends_on_patch_and_config(fake_variant: Variant, tmp_path: Path,
@@ -183,8 +184,8 @@ def test_key_depends_on_patch_and_config(fake_variant: Variant, tmp_path: Path,
     shutil.copytree(kbuild.kernel_dir(), kdir)
     monkeypatch.setenv("KSMLAB_KERNEL_DIR", str(kdir))
     assert kbuild.build_key(fake_variant) == k1
-    p = kdir / "patches" / "v1.patch"
-    p.write_text(p.read_text().replace("ksmlab patch", "ksmlab  patch", 1))
+    p = sorted((kdir / "patches" / "v1").glob("0002-*.patch"))[0]  # a series' 2nd patch
+    p.write_text(p.read_text().replace("Nico Pache", "Nico  Pache", 1))
     k2 = kbuild.build_key(fake_variant)
     assert k2 != k1
     c = kdir / "config" / "ksmlab-guest.config"
@@ -211,6 +212,17 @@ def test_cached_image_is_free(cache: Path, fake_variant: Variant,
     assert kbuild.cached_image(fake_variant) is None
 
 
+def test_a_cover_letter_is_text_only() -> None:
+    """A series' cover letter is neither applied nor part of the patch's hash."""
+    v = VARIANTS["ksm-accounted-remap"]
+    cover = v.cover_letter()
+    assert cover is not None and cover not in v.patch_files()
+    assert len(v.patch_files()) == 2 and "Subject: [PATCH 0/2]" in cover.read_text()
+    assert "*** SUBJECT HERE ***" not in cover.read_text()
+    assert "*** BLURB HERE ***" not in cover.read_text()
+    assert cover.read_text() not in v.patch_text()
+
+
 def _tree(tmp_path: Path) -> Path:
     t = tmp_path / "tree"
     (t / "mm").mkdir(parents=True)
@@ -232,6 +244,30 @@ def test_set_patch_switches_and_reverses(tmp_path: Path) -> None:
     kbuild.set_patch(t, "", print)  # the unpatched variant
     assert (t / "mm/a.c").read_text() == "one\ntwo\nthree\n"
     assert not (t / ".ksmlab-applied.patch").exists()
+
+
+def _mail(n: int, diff: str) -> str:
+    return (f"From {'0' * 40} Mon Sep 17 00:00:00 2001\nFrom: ksmlab <k@example.invalid>\n"
+            f"Subject: [PATCH {n}/2] mm: step {n}\n\nWhy.\n---\n{diff}-- \n2.39.5\n\n")
+
+
+def test_a_series_goes_on_in_order_and_comes_off_backwards(tmp_path: Path) -> None:
+    """The second patch of a series changes a line the first one made: each is
+    checked, applied and reversed in turn (a dry run of both at once cannot)."""
+    t = _tree(tmp_path)
+    series = _mail(1, _diff("two", "TWO")) + _mail(2, _diff("TWO", "deux"))
+    assert len(kbuild.split_series(series)) == 2
+    assert kbuild.check_patch(t, series).ok
+    assert not kbuild.check_patch(t, series, reverse=True).ok
+    assert (t / "mm/a.c").read_text() == "one\ntwo\nthree\n"  # checks touch nothing
+    kbuild.set_patch(t, series, print)
+    assert (t / "mm/a.c").read_text() == "one\ndeux\nthree\n"
+    assert kbuild.check_patch(t, series, reverse=True).ok
+    kbuild.set_patch(t, _diff("two", "zwei"), print)  # the series comes off first
+    assert (t / "mm/a.c").read_text() == "one\nzwei\nthree\n"
+    bad = _mail(1, _diff("two", "TWO")) + _mail(2, _diff("three-ish", "x"))
+    c = kbuild.check_patch(_tree(tmp_path / "b"), bad)
+    assert not c.ok and c.failed == ["mm/a.c hunk #1 at line 1"]
 
 
 def test_set_patch_after_an_interruption_before_applying(tmp_path: Path) -> None:
@@ -399,6 +435,24 @@ def test_results_export_ships_only_todays_patches(cache: Path, tmp_path: Path) -
     assert data["recorded_on"] == "a test machine" and list(data["results"]) == [
         "v1|seed-uzp1-64m"]
     assert "trace" not in data["results"]["v1|seed-uzp1-64m"]  # a path on that machine
+
+
+def test_the_shipped_record_covers_every_variant_on_both_seeds() -> None:
+    """What ships is complete and current: every variant confirmed on both scaled seed
+    scenarios with today's patch, on a point release it names.  A patch edited
+    without re-running its validations fails here: `ksmlab kernel validate`, then
+    `ksmlab kernel results --export src/ksmlab/kernel/data/confirmed.json`."""
+    data = json.loads(validate.shipped_path().read_text())
+    assert data["format"] == validate.RESULTS_FORMAT and data["recorded_on"]
+    res = data["results"]
+    for v in VARIANTS.values():
+        for sc in ("seed-uzp1-64m", "seed-uzp0-64m"):
+            r = res.get(f"{v.name}|{sc}")
+            assert r is not None, f"no shipped result for {v.name} on {sc}"
+            assert validate.current(r), f"{v.name} on {sc}: recorded with another patch"
+            assert r["confirmed"] and r["agreement"] >= validate.AGREE_FRACTION, (v.name, sc)
+            assert re.match(r"\d+\.\d+\.\d+-ksmlab-", r["release"]), r["release"]
+            assert r["source_version"] and r["release"].startswith(r["source_version"])
 
 
 # ---- build and boot (minutes) ------------------------------------------------------

@@ -28,7 +28,9 @@ from . import (
     model,
     restore,
     run,
+    selftest,
     sweep,
+    thread_report,
     validate,
     watch,
 )
@@ -59,7 +61,7 @@ app = typer.Typer(
 
 
 def warn_journal(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand in ("restore", "run", "validate", "demo"):
+    if ctx.invoked_subcommand in ("restore", "run", "validate", "demo", "selftest"):
         return
     if ctx.resilient_parsing:  # shell completion: print nothing but the candidates
         return
@@ -122,6 +124,8 @@ app.command()(run.run)
 app.command()(model.sim)
 app.command()(model.compare)
 app.command()(validate.validate)
+app.command()(selftest.selftest)
+app.command(name="thread-report")(thread_report.thread_report)
 app.command()(calibrate.calibrate)
 app.command()(capture.capture)
 app.command(name="exec", context_settings={"allow_extra_args": True,

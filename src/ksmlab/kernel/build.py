@@ -125,23 +125,47 @@ SOURCES = {
 }
 
 
+COVER_LETTER = "0000-cover-letter.patch"
+
+
 @dataclass(frozen=True)
 class Variant:
+    """A kernel of the lab.  Its patch is in kernel/data/patches/ as ``git format-patch``
+    mail: one file (``<variant>.patch``) or, for a series, a folder (``<variant>/``) of
+    numbered patches applied in order, with an optional ``0000-cover-letter.patch`` that
+    is text only (not applied, not part of the patch's hash)."""
+
     name: str
     policy: str  # the model's policy this kernel implements
     source: Source
-    patch: str | None  # file name in kernel/data/patches/
+    patch: str | None  # file or folder name in kernel/data/patches/
 
     def patch_path(self) -> Path | None:
         return None if self.patch is None else kernel_dir() / "patches" / self.patch
 
-    def patch_text(self) -> str:
+    def patch_files(self) -> list[Path]:
+        """The patches to apply, in order (the cover letter of a series is not one)."""
         p = self.patch_path()
         if p is None:
-            return ""
+            return []
+        if p.is_dir():
+            files = sorted(f for f in p.glob("[0-9][0-9][0-9][0-9]-*.patch")
+                           if f.name != COVER_LETTER)
+            if not files:
+                raise KernelBuildError(f"patch series {p} holds no patch")
+            return files
         if not p.exists():
             raise KernelBuildError(f"patch {p} is missing")
-        return p.read_text()
+        return [p]
+
+    def cover_letter(self) -> Path | None:
+        p = self.patch_path()
+        c = None if p is None else p / COVER_LETTER
+        return c if c is not None and c.exists() else None
+
+    def patch_text(self) -> str:
+        """Every patch of the variant, in order, as one text (what is applied and hashed)."""
+        return "".join(f.read_text() for f in self.patch_files())
 
     def written_on(self) -> str | None:
         """The point release the patch was written on (its header's "written on")."""
@@ -149,12 +173,17 @@ class Variant:
         return m.group(1) if m else None
 
 
+def _patch_of(name: str) -> str:
+    """``<name>/`` for a series, else ``<name>.patch``."""
+    return name if (kernel_dir() / "patches" / name).is_dir() else f"{name}.patch"
+
+
 _PATCHED = ("v1", "v1-p2", "v1-p3", "rfc", "ksm-split-no-remap", "ksm-skip-huge",
             "ksm-accounted-remap")
 VARIANTS: dict[str, Variant] = {
     "6.12": Variant("6.12", "6.12", SOURCES["6.12"], None),
     "pre-6.12": Variant("pre-6.12", "pre-6.12", SOURCES["6.1"], None),
-    **{n: Variant(n, n, SOURCES["6.12"], f"{n}.patch") for n in _PATCHED},
+    **{n: Variant(n, n, SOURCES["6.12"], _patch_of(n)) for n in _PATCHED},
 }
 
 
@@ -280,6 +309,25 @@ def ensure_tree(src: Source, log: Log) -> Path:
 PATCH = ["patch", "-p1", "--batch", "--no-backup-if-mismatch", "-F0"]
 
 
+# git format-patch's first line of every mail: where one patch of a series begins
+_MAIL_START = re.compile(r"^From [0-9a-f]{40} Mon Sep 17 00:00:00 2001$", re.M)
+
+
+def split_series(text: str) -> list[str]:
+    """The patches of a series (one text of several mails), in order; a plain diff or a
+    single mail is a series of one."""
+    starts = [m.start() for m in _MAIL_START.finditer(text)]
+    if len(starts) < 2:
+        return [text] if text else []
+    starts[0] = 0
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+
+
+def touched_files(text: str) -> list[str]:
+    """The files a patch changes (its ``+++ b/`` lines)."""
+    return sorted({m.group(1) for m in re.finditer(r"^\+\+\+ b/(\S+)", text, re.M)})
+
+
 @dataclass(frozen=True)
 class PatchCheck:
     """A dry run of ``patch``: does it apply, and which hunks moved or failed."""
@@ -291,7 +339,30 @@ class PatchCheck:
 
 
 def check_patch(tree: Path, text: str, reverse: bool = False) -> PatchCheck:
-    r = _run([*PATCH, "--dry-run", "-f", "-R" if reverse else "-N"], tree, stdin=text)
+    """Would ``text`` apply (or, ``reverse``, come off) without fuzz?  A series is
+    tried patch by patch on a scratch copy of the files it touches, since a later
+    patch may change what an earlier one changed."""
+    pieces = split_series(text)
+    if len(pieces) < 2:
+        r = _run([*PATCH, "--dry-run", "-f", "-R" if reverse else "-N"], tree, stdin=text)
+        return _parse_patch_output(r)
+    with tempfile.TemporaryDirectory(prefix="ksmlab-series-") as scratch:
+        for rel in touched_files(text):
+            if (tree / rel).exists():
+                (Path(scratch) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(tree / rel, Path(scratch) / rel)
+        outputs, moved = [], []
+        for piece in reversed(pieces) if reverse else pieces:
+            r = _run([*PATCH, "-f", "-R" if reverse else "-N"], Path(scratch), stdin=piece)
+            c = _parse_patch_output(r)
+            outputs.append(c.output)
+            moved += c.moved
+            if not c.ok:
+                return PatchCheck(False, moved, c.failed, "\n".join(outputs))
+        return PatchCheck(True, moved, [], "\n".join(outputs))
+
+
+def _parse_patch_output(r: subprocess.CompletedProcess[str]) -> PatchCheck:
     out = (r.stdout + r.stderr).strip()
     moved, failed, current = [], [], "?"
     for line in out.splitlines():
@@ -334,9 +405,11 @@ def set_patch(tree: Path, text: str, log: Log,
         ok, _ = patch_applies(tree, old, reverse=True)
         if ok:
             log("reversing the previous variant's patch")
-            r = _run([*PATCH, "-R"], tree, stdin=old)
-            if r.returncode != 0:
-                raise KernelBuildError(f"reversing the patch in {tree} failed: {r.stdout}")
+            for piece in reversed(split_series(old)):  # a series comes off last patch first
+                r = _run([*PATCH, "-R"], tree, stdin=piece)
+                if r.returncode != 0:
+                    raise KernelBuildError(f"reversing the patch in {tree} failed: "
+                                           f"{r.stdout.strip()[:200]}")
         elif not patch_applies(tree, old)[0]:
             raise KernelBuildError(
                 f"{tree} is neither with nor without its recorded patch; remove the tree "
@@ -350,9 +423,10 @@ def set_patch(tree: Path, text: str, log: Log,
         raise KernelBuildError(refused(check) if refused else
                                f"the patch does not apply: {check.failed[0]}")
     marker.write_text(text)  # before applying: an interruption is then undone next time
-    r = _run(PATCH, tree, stdin=text)
-    if r.returncode != 0:
-        raise KernelBuildError(f"applying the patch failed: {r.stdout.strip()[:200]}")
+    for piece in split_series(text):  # a series goes on in order
+        r = _run(PATCH, tree, stdin=piece)
+        if r.returncode != 0:
+            raise KernelBuildError(f"applying the patch failed: {r.stdout.strip()[:200]}")
 
 
 def configure(tree: Path, src: Source, log: Log, log_file: Path) -> None:

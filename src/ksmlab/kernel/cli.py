@@ -26,6 +26,7 @@ Examples:
   ksmlab kernel run seed-uzp1-64m --kernel 6.12  the live lab inside a 6.12 guest
   ksmlab kernel validate seed-uzp0-64m --kernel v1
   ksmlab kernel results                          what patched kernels confirmed
+  ksmlab kernel selftest --kernel 6.12           the kselftest inside the guest
 """
 
 kernel_app = typer.Typer(
@@ -49,13 +50,16 @@ def _log(msg: str) -> None:
 def variants(json_out: JsonOpt = False) -> None:
     """The kernel variants: source, patch, and the model policy each implements."""
     items = [{"variant": v.name, "policy": v.policy, "source": v.source.package,
-              "patch": f"kernel/data/patches/{v.patch}" if v.patch else None}
+              "patch": f"kernel/data/patches/{v.patch}" + (
+                  "/" if (p := v.patch_path()) is not None and p.is_dir() else "")
+              if v.patch else None}
              for v in VARIANTS.values()]
     if json_out:
         dump({"variants": items})
         return
     for it in items:  # 80 columns: the patch by its file name (in kernel/data/patches)
-        patch = Path(it["patch"]).name if it["patch"] else "(no patch)"
+        patch = it["patch"].removeprefix("kernel/data/patches/") if it["patch"] \
+            else "(no patch)"
         print(f"{it['variant']:<24} {it['source']:<19} {patch}"[:80])
 
 
@@ -89,7 +93,7 @@ def images(json_out: JsonOpt = False) -> None:
         return
     for m in ims:
         print(f"{str(m['key'])[:12]} {m['variant']:<20} {str(m['release'])[:24]:<24} "
-              f"{str(m['built'])[:16]}")
+              f"{str(m['built'])[:16]}"[:80])
 
 
 @kernel_app.command("run")
@@ -276,6 +280,93 @@ def results(json_out: JsonOpt = False,
               f"{where(r)}"[:80])
     if any(r["origin"] == "shipped" for r in rows):
         print(f"shipped: recorded on {shipped_origin()}"[:80])
+
+
+@kernel_app.command("selftest")
+def selftest_cmd(kernel: Annotated[str | None, typer.Option(
+                     "--kernel", "-k", help="variant to boot and run the selftest in")] = None,
+                 results_: Annotated[bool, typer.Option(
+                     "--results", help="the recorded results of every variant; runs nothing")
+                 ] = False,
+                 markdown: Annotated[bool, typer.Option("--markdown", help="with --results: "
+                                                        "a markdown table")] = False,
+                 export: Annotated[Path | None, typer.Option(
+                     "--export", help="write the results recorded here, of today's patches, "
+                     "as a file to ship (kernel/data/selftest.json)")] = None,
+                 json_out: JsonOpt = False) -> None:
+    """The kselftest ksm_thp_split inside a variant's guest: compiled against the
+    variant's kselftest.h, statically, and run under qemu (TCG).  Exit code 1 when a
+    check fails, 2 when it could not run.
+
+    \b
+    Examples:
+      ksmlab kernel selftest --kernel 6.12       fails: names the property broken
+      ksmlab kernel selftest --kernel v1 --json
+      ksmlab kernel selftest --results --markdown   the table of every variant
+    """
+    from . import selftest as st
+
+    if export is not None:
+        from ..live.machine import identity
+
+        ident = identity()
+        n = st.export(export, f"a machine with {ident['cpus']} CPUs running Linux "
+                              f"{ident['kernel']}, guests under qemu TCG")
+        print(f"{n} selftest results of today's patches written to {export}")
+        return
+    if results_ or kernel is None:
+        rows = st.read_results()
+        if json_out:
+            dump({"results": rows})
+            return
+        for line in selftest_table(rows, markdown):
+            print(line)
+        return
+    try:
+        res = qemu_selftest(kernel)
+    except (*_ERRORS, st.SelftestError) as e:
+        fail(str(e))
+    st.record(res)
+    if json_out:
+        dump(res.to_json(tap=True))
+    else:
+        print("\n".join(st.summary_lines(res)))
+    if not res.passed:
+        raise typer.Exit(1)
+
+
+def qemu_selftest(kernel: str) -> Any:
+    from .qemu import run_selftest
+
+    return run_selftest(kernel, log=_log)
+
+
+def selftest_table(rows: dict[str, dict[str, Any]], markdown: bool = False) -> list[str]:
+    """One row per variant: the outcome of each property and the figures behind them."""
+    from .selftest import PROPERTIES
+
+    order = [v for v in VARIANTS if v in rows]
+    out = []
+    if markdown:
+        out += ["| variant | guest kernel | rate (peak/budget) | merge (merged/pages) | "
+                "zero pages counted | result |", "|---|---|---|---|---|---|"]
+    for v in order:
+        r = rows[v]
+        oc = {c["prop"]: c["outcome"] for c in r.get("cases", [])}
+        f = r.get("figures", {})
+        rate = f"{oc.get('rate', '?')} ({f.get('rate.peak_ratio', float('nan')):.2f})"
+        merge = (f"{oc.get('merge', '?')} ({f.get('merge.merged', 0):.0f}/"
+                 f"{f.get('merge.pages', 0):.0f})")
+        zero = oc.get("zero-counted", "?")
+        verdict = "PASS" if r.get("passed") else "FAIL"
+        if markdown:
+            out.append(f"| `{v}` | {r.get('release')} | {rate} | {merge} | {zero} | {verdict} |")
+        else:
+            out.append(f"{v:<20} {rate:<16} {merge:<22} {zero:<5} {verdict}"[:80])
+    if not order:
+        out.append(f"no selftest results ({', '.join(PROPERTIES)}): run "
+                   "`ksmlab kernel selftest --kernel VARIANT`")
+    return out
 
 
 def main() -> None:  # pragma: no cover - `python -m ksmlab.kernel.cli`

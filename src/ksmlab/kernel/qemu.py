@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import scenario as scenario_mod
 from ..live.run import MEMORY_MARGIN_MIB
@@ -28,6 +28,9 @@ from ..scenario import Scenario
 from ..trace import Trace
 from .build import NICE, Log, build, cache_dir, get_variant, kernel_dir
 from .rootfs import ensure_rootfs, plan, staged_size
+
+if TYPE_CHECKING:
+    from .selftest import SelftestResult
 
 QEMU = "qemu-system-x86_64"
 GUEST_OVERHEAD_MIB = 192  # kernel, the initramfs while it unpacks, CPython + numpy
@@ -180,3 +183,75 @@ def run(scenario: str, variant_name: str, duration: float | None = None,
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = tr.save(dest_dir / f"{sc.name}-kernel-{variant.name}.trace.json.gz")
     return GuestRun(tr, path, summary, timings, console, problems)
+
+
+SELFTEST_GUEST_MIB = 512  # the test's 32 MiB, the unpacked rootfs, the guest kernel
+SELFTEST_TIMEOUT_S = 600.0  # boot and both phases under TCG, with room
+
+
+def run_selftest(variant_name: str, log: Log | None = None) -> SelftestResult:
+    """Build the variant (or take it from the cache), compile ksm_thp_split against the
+    variant's kselftest.h, boot the guest and run it there; its TAP output parsed."""
+    from .selftest import NAME, compile_selftest, result_from
+
+    say: Log = log or (lambda s: None)
+    variant = get_variant(variant_name)
+    if shutil.which(QEMU) is None:
+        raise KernelRunError(f"{QEMU} is missing: apt-get install qemu-system-x86")
+    initrd, _ = ensure_rootfs()
+    built = build(variant.name, log=say)
+    binary = compile_selftest(variant.source)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    rundir = cache_dir() / "runs" / f"{stamp}-{variant.name}-selftest-{os.getpid()}"
+    share = rundir / "share"
+    share.mkdir(parents=True)
+    shutil.copy2(binary, share / NAME)
+    # from /tmp: a binary on the 9p share may not be executable in every setup
+    (share / "job.sh").write_text(
+        "echo \"job start $(cut -d' ' -f1 /proc/uptime)\" > /share/job.times\n"
+        f"cp /share/{NAME} /tmp/{NAME} && chmod +x /tmp/{NAME}\n"
+        f"/tmp/{NAME} > /share/selftest.tap 2> /share/selftest.err\n"
+        "echo $? > /share/selftest.rc\n"
+        "uname -r > /share/release\n"
+        "echo \"job end $(cut -d' ' -f1 /proc/uptime)\" >> /share/job.times\n")
+    console = rundir / "console.log"
+    mem = SELFTEST_GUEST_MIB
+    cmd = qemu_command(built.bzimage, initrd, share, mem, console)
+    (rundir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+    say(f"booting {built.meta['release']} under qemu (TCG, {mem} MiB, 2 vCPUs); "
+        f"{NAME} runs inside")
+    t0 = time.monotonic()
+    with open(rundir / "qemu.err", "w") as qerr:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=qerr)
+        try:
+            proc.wait(timeout=SELFTEST_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # our own child, by pid
+            proc.wait()
+            raise KernelRunError(f"the guest did not finish in {SELFTEST_TIMEOUT_S:.0f} s; "
+                                 f"see {console}") from None
+    rc_file = share / "selftest.rc"
+    if not rc_file.exists():
+        tail = " | ".join(console.read_text(errors="replace").strip().splitlines()[-3:]) \
+            if console.exists() else ""
+        raise KernelRunError(f"the guest ended without running {NAME}: {tail[:300]}")
+    times = dict(
+        (parts[1], float(parts[2]))
+        for parts in (ln.split() for ln in (share / "job.times").read_text().splitlines())
+        if len(parts) == 3)
+    dmesg = (share / "dmesg.txt").read_text(errors="replace") \
+        if (share / "dmesg.txt").exists() else ""
+    problems = _problems(dmesg)
+    if problems:
+        say("dmesg: " + " | ".join(problems))
+    res = result_from(
+        (share / "selftest.tap").read_text(errors="replace"),
+        int(rc_file.read_text().strip() or "1"), "guest",
+        (share / "release").read_text().strip() if (share / "release").exists()
+        else str(built.meta.get("release")),
+        times.get("end", 0.0) - times.get("start", 0.0), variant.name,
+        patch_sha256=built.meta.get("patch_sha256"),
+        source_version=built.meta.get("source_version"))
+    res.figures["qemu_wall_s"] = round(time.monotonic() - t0, 1)
+    return res
