@@ -14,13 +14,17 @@ SYSTEM_DEBS := busybox-static cpio linux-source-6.12 qemu-system-x86 memcached c
 # ...and what building the guest kernels needs (make test-all): the 6.1 source for
 # pre-6.12, and the kernel's build tools
 KERNEL_DEBS := linux-source-6.1 bison flex libelf-dev bc libssl-dev
+# prometheus: promtool checks the alerting rules and the metrics, and the watch's
+# end-to-end test scrapes it with a server of its own (its recommends, node_exporter
+# and friends, are not wanted)
+SYSTEM_DEBS_ALONE := prometheus
 
 .PHONY: demo test test-all lint bench clean system-deps kernel-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev,model,sweep]'
+	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[dev,model,sweep,watch]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,6 +38,12 @@ system-deps kernel-deps:
 	  if [ -n "$$missing" ]; then \
 	    echo "installing $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi; \
+	  alone=$$(for p in $(SYSTEM_DEBS_ALONE); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$alone" ]; then \
+	    echo "installing $$alone"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$alone; \
 	  fi; \
 	fi
 

@@ -387,7 +387,7 @@ def test_export_gives_csv_pandas_reads(tmp_path: Path) -> None:
 def test_help_names_the_choices_and_fits_80_columns() -> None:
     from ksmlab.model import POLICIES
 
-    for cmd in ("sim", "validate", "compare", "capture", "export", "doctor"):
+    for cmd in ("sim", "validate", "compare", "capture", "export", "doctor", "watch"):
         h = ksmlab(cmd, "--help")
         assert h.returncode == 0, cmd
         assert all(len(line) <= 80 for line in h.stdout.splitlines()), (cmd, h.stdout)

@@ -25,7 +25,8 @@ from ksmlab.trace import Trace
 from .conftest import FakeKernel
 
 T = TRACING
-EV = f"{T}/events/ksm"
+INST = f"{T}/instances/ksmlab"  # the lab's own instance
+EV = f"{INST}/events/ksm"
 KSM_EVENTS = ("ksm_advisor", "ksm_enter", "ksm_exit", "ksm_merge_one_page",
               "ksm_merge_with_ksm_page", "ksm_remove_ksm_page", "ksm_remove_rmap_item",
               "ksm_start_scan", "ksm_stop_scan")
@@ -37,9 +38,10 @@ class FakeTracefs(FakeKernel):
     """FakeKernel plus a tracefs that appears at mount and goes at umount."""
 
     def __init__(self, root: Path, mounted: bool = False, ksm_events: bool = True,
-                 pipe: str = LINES) -> None:
+                 pipe: str = LINES, missing: tuple[str, ...] = ()) -> None:
         super().__init__(root)
         self.ksm_events = ksm_events
+        self.missing = missing  # events/ksm events this kernel lacks
         self.pipe = pipe
         self.path(T).mkdir(parents=True, exist_ok=True)
         self.path("proc/self").mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ class FakeTracefs(FakeKernel):
             lines.append(f"tracefs /{T} tracefs rw 0 0")
         p.write_text("\n".join(lines) + "\n")
 
-    def _populate(self) -> None:
+    def _populate(self, base: str = T, top: bool = True) -> None:
         files = {
             "tracing_on": "1",
             "buffer_size_kb": "7 (expanded: 1408)",
@@ -70,11 +72,32 @@ class FakeTracefs(FakeKernel):
         if self.ksm_events:
             files["events/ksm/enable"] = "0"
             for e in KSM_EVENTS:
-                files[f"events/ksm/{e}/enable"] = "0"
+                if e not in self.missing:
+                    files[f"events/ksm/{e}/enable"] = "0"
+        files["events/kmem/rss_stat/enable"] = "0"
+        files["events/kmem/rss_stat/filter"] = "none"
+        if not top:  # an instance: its own buffer and events, no tracer of its own
+            del files["current_tracer"]
+            files["tracing_on"] = "1"
+            files["trace_pipe"] = self.pipe
         for rel, text in files.items():
-            p = self.path(f"{T}/{rel}")
+            p = self.path(f"{base}/{rel}")
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(text + "\n")
+        if top:
+            self.path(f"{base}/instances").mkdir(exist_ok=True)
+            self.path(f"{base}/trace_pipe").write_text("")  # the top level: not ours
+
+    def mkdir(self, rel: str) -> None:
+        self.writes.append((rel, "mkdir"))
+        if self.path(rel).exists():
+            raise KernelWriteError(rel, "mkdir", errno.EEXIST)
+        self.path(rel).mkdir()
+        self._populate(rel, top=False)
+
+    def rmdir(self, rel: str) -> None:
+        self.writes.append((rel, "rmdir"))
+        _rmtree(self.path(rel))
 
     def write(self, rel: str, value: str) -> None:
         if rel.endswith("trace_clock") and rel not in self.refuse:
@@ -91,6 +114,8 @@ class FakeTracefs(FakeKernel):
 
     def umount(self, rel: str) -> None:
         self.writes.append((rel, "umount"))
+        if any(self.path(f"{rel}/instances").iterdir()):
+            raise KernelWriteError(rel, "umount", errno.EBUSY)  # as an instance pins it
         for p in sorted(self.path(rel).iterdir()):
             _rmtree(p)
         self._mounts(add=False)
@@ -122,57 +147,54 @@ def tfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTracefs:
 
 def _setup_writes(mount: bool) -> list[tuple[str, str]]:
     out = [(T, "mount tracefs")] if mount else []
-    out += [(f"{T}/tracing_on", "0"), (f"{T}/buffer_size_kb", "8192"),
-            (f"{T}/trace_clock", "mono")]
+    out += [(INST, "mkdir"), (f"{INST}/tracing_on", "0"), (f"{INST}/buffer_size_kb", "8192"),
+            (f"{INST}/trace_clock", "mono")]
     out += [(f"{EV}/{e}/enable", "1") for e in KSM_EVENTS]
-    out += [(f"{T}/trace", ""), (f"{T}/tracing_on", "1")]
+    out += [(f"{INST}/tracing_on", "1")]
     return out
 
 
-def test_mounts_enables_reads_and_puts_everything_back(tfs: FakeTracefs) -> None:
+def test_mounts_creates_its_instance_reads_and_puts_everything_back(tfs: FakeTracefs
+                                                                    ) -> None:
     journal = Journal()
     with KernelEvents(tfs, journal) as kev:
         assert kev.start()
         assert tfs.writes == _setup_writes(mount=True)
         rec = journal.read()
         assert rec is not None and rec.tracing is not None
-        assert rec.tracing["mount"] == "mounted"
-        assert rec.tracing["saved"][:3] == [[f"{T}/tracing_on", "1"],
-                                            [f"{T}/buffer_size_kb", "1408"],
-                                            [f"{T}/trace_clock", "local"]]
+        assert rec.tracing == {"mount": "mounted", "instance": INST, "saved": []}
         time.sleep(0.05)
         got = kev.stop()
         assert [e["event"] for e in got][:3] == ["ksm_enter", "ksm_enter", "ksm_start_scan"]
         assert kev.lost == 2 + 5  # per_cpu overrun + the pipe's LOST line
         assert any("lost 7" in n for n in kev.notes)
-    # restore: tracing_on off at stop, then the saved values in reverse, then umount
+    # restore: tracing_on off at stop, then the instance goes whole, then umount
     tail = tfs.writes[len(_setup_writes(True)):]
-    assert tail == [(f"{T}/tracing_on", "0")] + [
-        (f"{EV}/{e}/enable", "0") for e in reversed(KSM_EVENTS)
-    ] + [(f"{T}/trace_clock", "local"), (f"{T}/buffer_size_kb", "1408"),
-         (f"{T}/tracing_on", "1"), (T, "umount")]
+    assert tail == [(f"{INST}/tracing_on", "0"), (INST, "rmdir"), (T, "umount")]
     assert tfs.mounted(T) is None
     assert journal.read() is None and not journal.path.exists()
 
 
-def test_already_mounted_is_restored_and_left_mounted(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_someone_elses_tracing_and_buffer_are_never_touched(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """Another user's tracer, events and top-level buffer (with a marker in it): the run
+    records in its own instance and leaves every top-level file as it was."""
     from .conftest import make_fake_tree
 
     make_fake_tree(tmp_path / "root")
     monkeypatch.setenv("KSMLAB_STATE_DIR", str(tmp_path / "state"))
     fs = FakeTracefs(tmp_path / "root", mounted=True)
+    fs.path(f"{T}/set_event").write_text("sched:sched_switch\n")
+    fs.path(f"{T}/current_tracer").write_text("function\n")
+    fs.path(f"{T}/trace").write_text("  bash-1 [000] ..... 1.0: tracing_mark_write: theirs\n")
+    fs.path(f"{T}/instances/theirs").mkdir()
     before = fs.snapshot()
     with KernelEvents(fs, Journal()) as kev:
         assert kev.start()
         kev.stop()
-    assert fs.writes[: len(_setup_writes(False))] == _setup_writes(mount=False)
-    assert (T, "umount") not in fs.writes
-    after = fs.snapshot()
-    # buffer_size_kb comes back as its expanded size; trace_pipe was read, not written
-    assert after.pop("buffer_size_kb") == "1408"
-    before.pop("buffer_size_kb")
-    assert after == before
+    assert not any(rel.startswith(f"{T}/") and not rel.startswith(INST) for rel, _ in fs.writes)
+    assert fs.snapshot() == before
     assert fs.mounted(T) == "tracefs"
 
 
@@ -200,37 +222,37 @@ def test_no_tracefs_at_all(fake: FakeKernel) -> None:
     assert "CONFIG_TRACING=n" in kev.notes[0]
 
 
-def test_tracefs_in_use_by_someone_else_is_left_alone(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_instance_of_that_name_not_ours_is_left_alone(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
     from .conftest import make_fake_tree
 
     make_fake_tree(tmp_path / "root")
     monkeypatch.setenv("KSMLAB_STATE_DIR", str(tmp_path / "state"))
     fs = FakeTracefs(tmp_path / "root", mounted=True)
-    fs.path(f"{T}/set_event").write_text("sched:sched_switch\n")
+    fs.path(INST).mkdir()
     kev = KernelEvents(fs, Journal())
     assert not kev.start()
     assert fs.writes == []
-    assert "sched:sched_switch" in kev.notes[0]
+    assert "instances/ksmlab exists" in kev.notes[0]
+    assert fs.path(INST).exists()
 
 
-def test_a_refused_write_restores_what_was_done(tfs: FakeTracefs) -> None:
+def test_a_refused_write_removes_the_instance(tfs: FakeTracefs) -> None:
     tfs.refuse[f"{EV}/ksm_enter/enable"] = errno.EPERM
     kev = KernelEvents(tfs, Journal())
     assert not kev.start()
     assert "tracefs set-up failed" in kev.notes[0]
     assert tfs.writes == [
-        (T, "mount tracefs"), (f"{T}/tracing_on", "0"), (f"{T}/buffer_size_kb", "8192"),
-        (f"{T}/trace_clock", "mono"), (f"{EV}/ksm_advisor/enable", "1"),
-        (f"{EV}/ksm_enter/enable", "1"),
-        # restore, reverse order; ksm_enter/enable was never changed
-        (f"{EV}/ksm_advisor/enable", "0"), (f"{T}/trace_clock", "local"),
-        (f"{T}/buffer_size_kb", "1408"), (f"{T}/tracing_on", "1"), (T, "umount"),
+        (T, "mount tracefs"), (INST, "mkdir"), (f"{INST}/tracing_on", "0"),
+        (f"{INST}/buffer_size_kb", "8192"), (f"{INST}/trace_clock", "mono"),
+        (f"{EV}/ksm_advisor/enable", "1"), (f"{EV}/ksm_enter/enable", "1"),
+        (INST, "rmdir"), (T, "umount"),
     ]
     assert not Journal().path.exists()
 
 
-def test_killed_run_journal_restores_tracing_and_unmounts(tfs: FakeTracefs) -> None:
+def test_killed_run_journal_removes_the_instance_and_unmounts(tfs: FakeTracefs) -> None:
     journal = Journal()
     kev = KernelEvents(tfs, journal)
     assert kev.start()
@@ -239,12 +261,20 @@ def test_killed_run_journal_restores_tracing_and_unmounts(tfs: FakeTracefs) -> N
     assert rec["tracing"]["mount"] == "mounted" and rec["saved"] == []
     n = len(tfs.writes)
     done = restore_journal(tfs, Journal(), RunLock())
-    # tracing_on was on before and is on now: not written
-    assert tfs.writes[n:] == [(f"{EV}/{e}/enable", "0") for e in reversed(KSM_EVENTS)] + [
-        (f"{T}/trace_clock", "local"), (f"{T}/buffer_size_kb", "1408"), (T, "umount")]
+    assert tfs.writes[n:] == [(INST, "rmdir"), (T, "umount")]
     assert (T, "unmounted") in done
     assert tfs.mounted(T) is None
     assert not journal.path.exists()
+
+
+def test_a_journal_listing_top_level_files_puts_them_back(tfs: FakeTracefs) -> None:
+    """A journal may list top-level files under ``saved``: they are written back."""
+    tfs.mount(T, "tracefs")
+    tfs.writes.clear()
+    tfs.path(f"{T}/tracing_on").write_text("0\n")
+    Journal().write_tracing({"mount": "mounted", "saved": [[f"{T}/tracing_on", "1"]]})
+    restore_journal(tfs, Journal(), RunLock())
+    assert tfs.writes == [(f"{T}/tracing_on", "1"), (T, "umount")]
 
 
 def test_knob_restore_keeps_a_pending_tracing_journal(tfs: FakeTracefs) -> None:
@@ -263,7 +293,7 @@ def test_knob_restore_keeps_a_pending_tracing_journal(tfs: FakeTracefs) -> None:
     assert tfs.mounted(T) is None
 
 
-def test_failed_unmount_keeps_the_journal(tfs: FakeTracefs) -> None:
+def test_failed_rmdir_keeps_the_journal_and_the_mount(tfs: FakeTracefs) -> None:
     from ksmlab.live.tracefs import TracingError
 
     journal = Journal()
@@ -271,13 +301,21 @@ def test_failed_unmount_keeps_the_journal(tfs: FakeTracefs) -> None:
     assert kev.start()
 
     def busy(rel: str) -> None:
-        raise KernelWriteError(rel, "umount", errno.EBUSY)
+        raise KernelWriteError(rel, "rmdir", errno.EBUSY)
 
-    tfs.umount = busy  # type: ignore[method-assign]
-    with pytest.raises(TracingError, match="umount"):
+    tfs.rmdir = busy  # type: ignore[method-assign]
+    with pytest.raises(TracingError, match="rmdir"):
         kev.restore()
     rec = journal.read()
     assert rec is not None and rec.tracing is not None
+    assert tfs.mounted(T) == "tracefs"
+
+
+def test_take_hands_over_whole_lines(tfs: FakeTracefs) -> None:
+    kev = KernelEvents(tfs, Journal())
+    kev._chunks = [b"a\nb", b"c\nd"]
+    assert kev.take() == ("a\nbc\n", 0)
+    assert kev._chunks == [b"d"]
 
 
 # ---- the parser ---------------------------------------------------------------------
@@ -394,15 +432,13 @@ def test_the_advisor_alone_enables_only_ksm_advisor(tfs: FakeTracefs) -> None:
         assert kev.start()
         assert kev.names == ["ksm_advisor"]
         assert tfs.writes == [
-            (T, "mount tracefs"), (f"{T}/tracing_on", "0"), (f"{T}/buffer_size_kb", "256"),
-            (f"{T}/trace_clock", "mono"), (f"{EV}/ksm_advisor/enable", "1"),
-            (f"{T}/trace", ""), (f"{T}/tracing_on", "1")]
+            (T, "mount tracefs"), (INST, "mkdir"), (f"{INST}/tracing_on", "0"),
+            (f"{INST}/buffer_size_kb", "256"), (f"{INST}/trace_clock", "mono"),
+            (f"{EV}/ksm_advisor/enable", "1"), (f"{INST}/tracing_on", "1")]
         time.sleep(0.05)
         got = [e for e in kev.stop() if e["event"] == "ksm_advisor"]
         assert got[0]["scan_time"] == 12 and got[0]["pages_to_scan"] == 100
-    assert tfs.writes[7:] == [(f"{T}/tracing_on", "0"), (f"{EV}/ksm_advisor/enable", "0"),
-                              (f"{T}/trace_clock", "local"), (f"{T}/buffer_size_kb", "1408"),
-                              (f"{T}/tracing_on", "1"), (T, "umount")]
+    assert tfs.writes[7:] == [(f"{INST}/tracing_on", "0"), (INST, "rmdir"), (T, "umount")]
     assert tfs.mounted(T) is None and not Journal().path.exists()
 
 
@@ -413,11 +449,19 @@ def test_a_kernel_without_ksm_advisor_records_no_decisions(tmp_path: Path,
 
     make_fake_tree(tmp_path / "root")
     monkeypatch.setenv("KSMLAB_STATE_DIR", str(tmp_path / "state"))
-    fs = FakeTracefs(tmp_path / "root")
-    fs._populate()
-    fs._mounts(add=True)
-    fs.path(f"{EV}/ksm_advisor/enable").unlink()
+    fs = FakeTracefs(tmp_path / "root", mounted=True, missing=("ksm_advisor",))
     kev = KernelEvents(fs, Journal(), only=("ksm_advisor",))
     assert not kev.start()
     assert "none of events/ksm/ksm_advisor" in kev.notes[0]
-    assert fs.writes == []
+    assert fs.writes == [(INST, "mkdir"), (INST, "rmdir")]
+    assert not fs.path(INST).exists()
+
+
+def test_extra_events_get_their_filter_in_the_instance(tfs: FakeTracefs) -> None:
+    with KernelEvents(tfs, Journal(), only=("ksm_merge_one_page",), instance="ksmlab-watch",
+                      extra={"kmem/rss_stat": "curr == 0"}) as kev:
+        assert kev.start()
+        w = f"{T}/instances/ksmlab-watch"
+        assert (f"{w}/events/kmem/rss_stat/filter", "curr == 0") in tfs.writes
+        assert (f"{w}/events/kmem/rss_stat/enable", "1") in tfs.writes
+        assert not any(rel.startswith(f"{T}/events") for rel, _ in tfs.writes)

@@ -32,6 +32,7 @@ from . import (
     sweep,
     thread_report,
     validate,
+    watch,
 )
 from .common import MODEL_EXTRA, err, missing_extra
 
@@ -44,6 +45,7 @@ Examples:
   ksmlab sim seed-uzp1 --policy v1   the same scenario in the model
   ksmlab compare seed-uzp0 --policies mainline,pre-6.12,v1
   ksmlab restore                     undo knobs left by a killed run
+  ksmlab watch --prometheus :9867    this host as it runs, read-only
   ksmlab calibrate chains-mps8 --traces val/ --by-scan
                                      ksmd CPU per full scan, kernel/model
   ksmlab sweep --example thread -o sw/ && ksmlab report sw/
@@ -65,6 +67,7 @@ def warn_journal(ctx: typer.Context) -> None:
         return
     from ..live.journal import JournalDamaged
 
+    watch_left(ctx)
     if RunLock().holder() is not None:
         return  # a run is in progress: its journal is live, not a killed run's
     try:
@@ -76,6 +79,24 @@ def warn_journal(ctx: typer.Context) -> None:
         names = ", ".join([n for n, _ in rec.saved] + (["tracefs"] if rec.tracing else []))
         err.print(f"ksmlab: warning: a killed run (pid {rec.pid}) left knobs changed ({names}); "
                   "run `ksmlab restore`", markup=False, soft_wrap=True)
+
+
+def watch_left(ctx: typer.Context) -> None:
+    """A killed ``watch --tracepoints`` left its trace instance: say so."""
+    from ..live.journal import JournalDamaged
+    from ..live.watchtrace import JOURNAL
+
+    if ctx.invoked_subcommand in ("restore", "watch") or RunLock(kind="watch").holder():
+        return
+    try:
+        rec = Journal(name=JOURNAL).read()
+    except JournalDamaged as e:
+        err.print(f"ksmlab: warning: {e}", markup=False, soft_wrap=True)
+        return
+    if rec is not None and rec.tracing:
+        err.print(f"ksmlab: warning: a killed `ksmlab watch --tracepoints` (pid {rec.pid}) "
+                  "left its trace instance; run `ksmlab restore`", markup=False,
+                  soft_wrap=True)
 
 
 app.add_typer(kernel_app, name="kernel")  # patched kernels under qemu (ksmlab.kernel)
@@ -113,6 +134,7 @@ app.command()(export.export)
 app.command()(demo.demo)
 app.command(cls=sweep.SweepCommand)(sweep.sweep)
 app.command(name="report")(sweep.report)
+app.command(epilog=watch.EXAMPLES)(watch.watch)
 
 
 def main() -> None:

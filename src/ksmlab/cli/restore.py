@@ -18,9 +18,20 @@ def restore(
         "--to-boot", help="put every knob back as this boot had it before the lab's first "
         "change (when a journal is damaged or lost)")] = False,
 ) -> None:
-    """Put back knobs left changed by a killed live run (from its journal)."""
+    """Put back knobs left changed by a killed live run (from its journal), and the
+    trace instance a killed `ksmlab watch --tracepoints` left."""
     from ..live.journal import BootValues, JournalDamaged
     from ..live.run import LiveError, restore_journal, restore_to_boot
+    from ..live.watchtrace import WatchError, restore_watch
+
+    if os.geteuid() == 0:
+        try:
+            watch_left = restore_watch(KernelFS())
+        except WatchError as e:
+            fail(str(e))
+        if watch_left and not json_out:
+            say("restored what a killed watch left: "
+                + ", ".join(f"{n} {v}" for n, v in watch_left))
 
     if os.geteuid() != 0:
         try:

@@ -71,9 +71,9 @@ class Journal:
     when both are empty.
     """
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: Path | None = None, name: str = "journal.json") -> None:
         self.folder = folder or state_dir()
-        self.path = self.folder / "journal.json"
+        self.path = self.folder / name  # watch-journal.json: ``watch --tracepoints``'s
         self.saved: list[tuple[str, str]] = []
         self.tracing: dict[str, Any] | None = None
         self.wrote: dict[str, list[str]] = {}
@@ -195,12 +195,13 @@ class RunLock:
     the journal only tells the holder's pid.
     """
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: Path | None = None, kind: str = "run") -> None:
         self.folder = folder or state_dir()
-        self.path = self.folder / "lock"
+        # kind "watch": one ``watch --tracepoints`` at a time, beside any live run
+        self.path = self.folder / ("lock" if kind == "run" else f"{kind}.lock")
         self.sock: socket.socket | None = None
         digest = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:16]
-        self.name = f"\0ksmlab-run-{digest}"
+        self.name = f"\0ksmlab-{kind}-{digest}"
 
     def _bind(self) -> socket.socket | None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

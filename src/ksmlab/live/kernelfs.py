@@ -12,8 +12,31 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 from pathlib import Path
+from typing import Protocol
+
+# PAGEMAP_SCAN (include/uapi/linux/fs.h, Linux 6.7): _IOWR('f', 16, struct pm_scan_arg)
+PAGEMAP_SCAN = (3 << 30) | (12 * 8 << 16) | (ord("f") << 8) | 16
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5  # maps the shared zero page (or the huge zero page)
+PAGE_IS_HUGE = 1 << 6  # mapped by a PMD
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _Region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("categories", ctypes.c_uint64)]
+
+
+SCAN_VEC = 1024  # page_region entries per PAGEMAP_SCAN call
 
 
 class KernelWriteError(OSError):
@@ -31,6 +54,7 @@ class KernelWriteError(OSError):
 class KernelFS:
     def __init__(self, root: Path | str = "/") -> None:
         self.root = Path(root)
+        self._prefix = str(self.root).rstrip("/") + "/"  # slurp() joins strings: no pathlib
         self.writes: list[tuple[str, str]] = []
 
     def path(self, rel: str) -> Path:
@@ -56,6 +80,52 @@ class KernelFS:
             out[key] = value.strip()
         return out
 
+    def slurp(self, rel: str) -> str | None:
+        """A small /proc or /sys file whole, or None if it cannot be read: read() with
+        os.read (a fifth of pathlib's cost, which matters to ``watch``)."""
+        try:
+            fd = os.open(self._prefix + rel.lstrip("/"), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            chunks = []
+            while True:
+                b = os.read(fd, 65536)
+                if not b:
+                    break
+                chunks.append(b)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode(errors="replace")
+
+    def scan_pages(self, pid: int, spans: list[tuple[int, int]], anyof: int, mask: int
+                   ) -> list[tuple[int, int, int]]:
+        """PAGEMAP_SCAN (Linux 6.7) of /proc/PID/pagemap over ``spans`` [(start, end)]:
+        each run of pages with any category of ``anyof``, as (start, end, its categories
+        of ``mask``).  The kernel walks the page tables itself (nothing is faulted in,
+        nothing written: no PM_SCAN_WP_MATCHING).  OSError (ENOTTY/EINVAL) where the
+        kernel has no PAGEMAP_SCAN; ProcessLookupError-like OSError when it is gone."""
+        out: list[tuple[int, int, int]] = []
+        fd = os.open(self.path(f"proc/{pid}/pagemap"), os.O_RDONLY)
+        try:
+            vec = (_Region * SCAN_VEC)()
+            for start, end in spans:
+                at = start
+                while at < end:
+                    arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=at, end=end,
+                                   vec=ctypes.addressof(vec), vec_len=SCAN_VEC,
+                                   category_anyof_mask=anyof, return_mask=mask)
+                    n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
+                    out.extend((r.start, r.end, r.categories) for r in vec[:n])
+                    if arg.walk_end <= at:
+                        break
+                    at = arg.walk_end
+        finally:
+            os.close(fd)
+        return out
+
     def proc_state(self, pid: int) -> str | None:
         """The state letter of /proc/PID/stat (R, S, T stopped, Z zombie...); None if
         the process is gone."""
@@ -64,7 +134,7 @@ class KernelFS:
 
     def listdir(self, rel: str) -> list[str]:
         try:
-            return sorted(p.name for p in self.path(rel).iterdir())
+            return sorted(os.listdir(self._prefix + rel.strip("/")))
         except OSError:
             return []
 
@@ -103,6 +173,23 @@ class KernelFS:
         finally:
             os.close(fd)
 
+    def mkdir(self, rel: str) -> None:
+        """mkdir(2) (a tracefs instance); recorded in ``writes``."""
+        self.writes.append((rel, "mkdir"))
+        try:
+            os.mkdir(self.path(rel))
+        except OSError as e:
+            raise KernelWriteError(rel, "mkdir", e.errno or errno.EIO) from None
+
+    def rmdir(self, rel: str) -> None:
+        """rmdir(2) (a tracefs instance: the kernel frees its buffers and events);
+        recorded in ``writes``."""
+        self.writes.append((rel, "rmdir"))
+        try:
+            os.rmdir(self.path(rel))
+        except OSError as e:
+            raise KernelWriteError(rel, "rmdir", e.errno or errno.EIO) from None
+
     # ---- mounts (tracefs) ----------------------------------------------
     def mounted(self, rel: str) -> str | None:
         """The filesystem type mounted at ``/rel`` (from /proc/self/mounts), or None."""
@@ -127,3 +214,58 @@ class KernelFS:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         if libc.umount2(str(self.path(rel)).encode(), 0) != 0:
             raise KernelWriteError(rel, "umount", ctypes.get_errno() or errno.EIO)
+
+
+class KernelReader(Protocol):
+    """What reading the kernel takes: the part of :class:`KernelFS` without a single
+    write.  ``ksmlab watch`` holds only this (:class:`ReadOnly`), so it cannot change
+    anything by construction."""
+
+    root: Path
+
+    def path(self, rel: str) -> Path: ...
+    def exists(self, rel: str) -> bool: ...
+    def read(self, rel: str) -> str: ...
+    def read_or_none(self, rel: str) -> str | None: ...
+    def slurp(self, rel: str) -> str | None: ...
+    def fields(self, rel: str) -> dict[str, str]: ...
+    def listdir(self, rel: str) -> list[str]: ...
+    def mounted(self, rel: str) -> str | None: ...
+    def scan_pages(self, pid: int, spans: list[tuple[int, int]], anyof: int, mask: int
+                   ) -> list[tuple[int, int, int]]: ...
+
+
+class ReadOnly:
+    """A :class:`KernelReader` over a KernelFS: its reads, and no way to write."""
+
+    def __init__(self, fs: KernelFS) -> None:
+        self._fs = fs
+        self.root = fs.root
+
+    def path(self, rel: str) -> Path:
+        return self._fs.path(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self._fs.exists(rel)
+
+    def read(self, rel: str) -> str:
+        return self._fs.read(rel)
+
+    def read_or_none(self, rel: str) -> str | None:
+        return self._fs.read_or_none(rel)
+
+    def slurp(self, rel: str) -> str | None:
+        return self._fs.slurp(rel)
+
+    def fields(self, rel: str) -> dict[str, str]:
+        return self._fs.fields(rel)
+
+    def listdir(self, rel: str) -> list[str]:
+        return self._fs.listdir(rel)
+
+    def mounted(self, rel: str) -> str | None:
+        return self._fs.mounted(rel)
+
+    def scan_pages(self, pid: int, spans: list[tuple[int, int]], anyof: int, mask: int
+                   ) -> list[tuple[int, int, int]]:
+        return self._fs.scan_pages(pid, spans, anyof, mask)

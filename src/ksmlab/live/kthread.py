@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import time
 
-from .kernelfs import KernelFS
+from .kernelfs import KernelFS, KernelReader
 from .knobs import THP
 
 PASS_TIMEOUT_S = 5.0
 POLL_S = 0.0005
 
 
-def find_kthread(fs: KernelFS, comm: str) -> int | None:
+def find_kthread(fs: KernelReader, comm: str) -> int | None:
     for d in fs.listdir("proc"):
         if d.isdigit() and fs.read_or_none(f"proc/{d}/comm") == comm:
             return int(d)

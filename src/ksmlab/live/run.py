@@ -214,6 +214,8 @@ def restore_journal(fs: KernelFS, journal: Journal, lock: RunLock) -> list[tuple
         if failures:
             raise LiveError("tracefs restore incomplete: " + "; ".join(failures))
         done += [(str(n), str(v)) for n, v in rec.tracing.get("saved", [])]
+        if rec.tracing.get("instance"):
+            done.append((str(rec.tracing["instance"]), "removed"))
         if rec.tracing.get("mount"):
             done.append(("sys/kernel/tracing", "unmounted"))
         journal.clear_tracing()

@@ -1,31 +1,37 @@
 """The one place that touches tracefs: KSM's own tracepoints during a live run.
 
-:class:`KernelEvents` mounts tracefs at /sys/kernel/tracing if nothing is
-mounted there (and unmounts it at the end only then), stops tracing, sets the
-per-CPU buffer (``buffer_size_kb``) and the clock (``trace_clock=mono``, the
-clock of ``time.monotonic()``, so a kernel timestamp is a time of the run),
-enables every event of ``events/ksm`` one by one, clears the buffer and turns
-``tracing_on`` on.  Every file's previous value reaches the journal
+:class:`KernelEvents` records into a trace instance of its own
+(``instances/ksmlab``; ``ksmlab watch --tracepoints`` uses
+``instances/ksmlab-watch``), never the top-level buffer: someone else's tracing,
+its settings and the contents of its buffers are never touched.  It mounts
+tracefs at /sys/kernel/tracing if nothing is mounted there (and unmounts it at
+the end only then), creates the instance, sets its per-CPU buffer
+(``buffer_size_kb``) and clock (``trace_clock=mono``, the clock of
+``time.monotonic()``, so a kernel timestamp is a time of the run), enables the
+events it records in the instance only, and turns the instance's
+``tracing_on`` on.  Removing the instance (rmdir) frees its buffers and
+disables its events at once.  The mount and the instance reach the journal
 (:class:`~ksmlab.live.journal.Journal`, its ``tracing`` part) before the
-kernel sees the change, and the restore writes them back in reverse order, then
-unmounts; after a SIGKILL, ``ksmlab restore`` (:func:`restore_tracing`) does the
-same from the journal.
+kernel sees them; the restore removes the instance, then unmounts; after a
+SIGKILL, ``ksmlab restore`` (:func:`restore_tracing`) does the same from the
+journal.
 
-How nothing is lost: a background thread reads ``trace_pipe`` while the run
-goes on (non-blocking reads; when the pipe is empty it sleeps 50 ms; each read
-consumes what it returns), so the ring buffer only has to hold what arrives between two reads.
-A 128 MiB scenario at pages_to_scan=1000 gives ksmd at most ~40,000 page
-visits a second and at most two events per visit (a merge of two pages fires
-ksm_merge_with_ksm_page twice); 8 MiB per CPU (``BUFFER_KB``) holds ~150,000
-events of ~56 bytes, several seconds of that.  Reading the ``trace`` file after
-the run instead would need the whole run in the buffer (a merge-collapse run
-retries the same failing merge every full scan: millions of events in 30 s).
-The kernel's own count of what it dropped (``per_cpu/cpuN/stats``,
-``overrun``) is read at the end and reported (``lost``), with a note.
+How nothing is lost: a background thread reads the instance's ``trace_pipe``
+while the run goes on (non-blocking reads; when the pipe is empty it sleeps 50
+ms; each read consumes what it returns), so the ring buffer only has to hold
+what arrives between two reads.  A 128 MiB scenario at pages_to_scan=1000 gives
+ksmd at most ~40,000 page visits a second and at most two events per visit (a
+merge of two pages fires ksm_merge_with_ksm_page twice); 8 MiB per CPU
+(``BUFFER_KB``) holds ~150,000 events of ~56 bytes, several seconds of that.
+Reading the ``trace`` file after the run instead would need the whole run in the
+buffer (a merge-collapse run retries the same failing merge every full scan:
+millions of events in 30 s).  The kernel's own count of what it dropped
+(``per_cpu/cpuN/stats``, ``overrun``) is read at the end and reported
+(``lost``), with a note.
 
-Nothing here may break a live run: a kernel without tracefs or without
-``events/ksm``, tracefs in use by someone else (another tracer or other events
-enabled), or any error while setting up records nothing and leaves a note.
+Nothing here may break a live run: a kernel without tracefs, without trace
+instances or without ``events/ksm``, an instance of that name that is not
+ours, or any error while setting up records nothing and leaves a note.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from .knobs import signals_blocked
 
 TRACING = "sys/kernel/tracing"
 EVENTS = f"{TRACING}/events/ksm"
+INSTANCE = "ksmlab"  # instances/ksmlab: the lab's own buffer, events and settings
 BUFFER_KB = 8192  # per CPU; see the module docstring
 CLOCK = "mono"
 MAX_TEXT = 64 << 20  # trace_pipe text kept (~600,000 events); beyond, events are counted only
@@ -76,18 +83,26 @@ def _restorable(rel: str, raw: str) -> str:
 
 
 def restore_tracing(fs: KernelFS, rec: dict[str, Any]) -> list[str]:
-    """Put back a journal's tracing part (saved files in reverse, then unmount if the
-    lab mounted); returns the failures (empty: all back)."""
+    """Put back a journal's tracing part: remove the instance it created, write back
+    any top-level file it lists under ``saved``, then unmount if the lab mounted;
+    returns the failures (empty: all back)."""
     failures: list[str] = []
     mounted = fs.mounted(TRACING) == "tracefs"
     if mounted:
+        inst = rec.get("instance")
+        if isinstance(inst, str) and inst.startswith(f"{TRACING}/instances/") \
+                and fs.exists(inst):
+            try:
+                fs.rmdir(inst)
+            except KernelWriteError as e:
+                failures.append(str(e))
         for rel, value in reversed([(str(a), str(b)) for a, b in rec.get("saved", [])]):
             try:
                 if fs.exists(rel) and _restorable(rel, fs.read(rel)) != value:
                     fs.write(rel, value)
             except (KernelWriteError, OSError) as e:
                 failures.append(str(e))
-    if rec.get("mount") in ("pending", "mounted") and mounted:
+    if rec.get("mount") in ("pending", "mounted") and mounted and not failures:
         try:
             fs.umount(TRACING)
         except KernelWriteError as e:
@@ -113,25 +128,32 @@ class KernelEvents:
     """KSM's tracepoints for one live run: ``start()``, ``stop()``, ``restore()``.
 
     ``start()`` and ``stop()`` never raise for a kernel that cannot give the
-    events; they leave ``notes`` (and ``available`` False) instead.
+    events; they leave ``notes`` (and ``available`` False) instead.  ``extra``
+    adds events of other systems (``"kmem/rss_stat"``) with a filter (or None).
     """
 
     def __init__(self, fs: KernelFS, journal: Journal, buffer_kb: int = BUFFER_KB,
-                 only: tuple[str, ...] | None = None) -> None:
+                 only: tuple[str, ...] | None = None, instance: str = INSTANCE,
+                 extra: dict[str, str | None] | None = None,
+                 max_text: int = MAX_TEXT) -> None:
         self.fs = fs
         self.journal = journal
         self.buffer_kb = buffer_kb
         self.only = only  # enable just these events/ksm events (None: every one)
+        self.extra = dict(extra or {})
+        self.dir = f"{TRACING}/instances/{instance}"
+        self.max_text = max_text
         self.notes: list[str] = []
         self.available = False
         self.mount: str | None = None  # "pending" / "mounted": the lab's own mount
-        self.saved: list[tuple[str, str]] = []
+        self.created: str | None = None  # "pending" / "created": the lab's own instance
         self.events: list[dict[str, Any]] = []
         self.lost = 0
         self.names: list[str] = []  # the events/ksm events enabled
         self._chunks: list[bytes] = []
         self._kept = 0
         self._dropped = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
@@ -139,20 +161,13 @@ class KernelEvents:
 
     # ---- journalled changes ----------------------------------------------
     def _journal(self) -> None:
-        self.journal.write_tracing({"mount": self.mount, "saved": [list(x) for x in self.saved]})
-
-    def _set(self, rel: str, value: str) -> None:
-        """Save the file's value (journal first), then write ``value`` if it differs."""
-        raw = self.fs.read(rel)
-        if not any(n == rel for n, _ in self.saved):
-            self.saved.append((rel, _restorable(rel, raw)))
-            self._journal()
-        if _restorable(rel, raw) != value:
-            self.fs.write(rel, value)
+        self.journal.write_tracing({"mount": self.mount,
+                                    "instance": self.dir if self.created else None,
+                                    "saved": []})
 
     # ---- set-up ------------------------------------------------------------
     def start(self) -> bool:
-        """Mount, enable events/ksm/*, clear the buffer, start reading; False (with a
+        """Mount, create the instance, enable its events, start reading; False (with a
         note) where the kernel cannot give the events."""
         fs = self.fs
         try:
@@ -175,32 +190,50 @@ class KernelEvents:
                                   "(events/ksm is missing)")
                 self.restore()
                 return False
-            busy = self._in_use()
-            if busy:
-                self.notes.append(f"no kernel events: tracefs is in use ({busy}); "
-                                  "the lab does not take it over")
+            if not fs.exists(f"{TRACING}/instances"):
+                self.notes.append("no kernel events: this kernel has no trace instances "
+                                  f"(/{TRACING}/instances)")
                 self.restore()
                 return False
-            self.names = [d for d in fs.listdir(EVENTS) if fs.exists(f"{EVENTS}/{d}/enable")
+            if fs.exists(self.dir):
+                self.notes.append(f"no kernel events: /{self.dir} exists and is not this "
+                                  "run's (another ksmlab? `ksmlab restore` removes one a "
+                                  "killed ksmlab left)")
+                self.restore()
+                return False
+            self.created = "pending"
+            self._journal()
+            fs.mkdir(self.dir)
+            self.created = "created"
+            self._journal()
+            ev = f"{self.dir}/events/ksm"
+            self.names = [d for d in fs.listdir(ev) if fs.exists(f"{ev}/{d}/enable")
                           and (self.only is None or d in self.only)]
             if not self.names:
                 self.notes.append("no kernel events: this kernel has none of events/ksm/"
                                   + ", ".join(self.only or ()))
                 self.restore()
                 return False
-            self._set(f"{TRACING}/tracing_on", "0")
-            self._set(f"{TRACING}/buffer_size_kb", str(self.buffer_kb))
-            if CLOCK in fs.read(f"{TRACING}/trace_clock").replace("[", " ").replace("]", " "
-                                                                                     ).split():
-                self._set(f"{TRACING}/trace_clock", CLOCK)
+            # a new instance traces at once: off while it is set up
+            fs.write(f"{self.dir}/tracing_on", "0")
+            fs.write(f"{self.dir}/buffer_size_kb", str(self.buffer_kb))
+            clocks = fs.read(f"{self.dir}/trace_clock").replace("[", " ").replace("]", " ")
+            if CLOCK in clocks.split():
+                fs.write(f"{self.dir}/trace_clock", CLOCK)
             else:
                 self.notes.append(f"trace_clock has no {CLOCK}: kernel timestamps are not "
                                   "times of the run")
             for name in self.names:
-                self._set(f"{EVENTS}/{name}/enable", "1")
-            fs.truncate(f"{TRACING}/trace")  # clears every CPU's buffer
+                fs.write(f"{ev}/{name}/enable", "1")
+            for name, filt in self.extra.items():
+                if not fs.exists(f"{self.dir}/events/{name}/enable"):
+                    self.notes.append(f"this kernel has no {name} tracepoint")
+                    continue
+                if filt:
+                    fs.write(f"{self.dir}/events/{name}/filter", filt)
+                fs.write(f"{self.dir}/events/{name}/enable", "1")
             self._open_pipe()
-            self._set(f"{TRACING}/tracing_on", "1")
+            fs.write(f"{self.dir}/tracing_on", "1")
         except (KernelWriteError, OSError) as e:
             self.notes.append(f"no kernel events: tracefs set-up failed: {e}")
             self._close_pipe()
@@ -210,19 +243,8 @@ class KernelEvents:
         self.available = True
         return True
 
-    def _in_use(self) -> str | None:
-        """Someone else's tracing: another tracer, or events other than KSM's enabled."""
-        tracer = (self.fs.read_or_none(f"{TRACING}/current_tracer") or "nop").strip()
-        if tracer != "nop":
-            return f"current_tracer is {tracer}"
-        others = [e for e in (self.fs.read_or_none(f"{TRACING}/set_event") or "").split()
-                  if not e.startswith("ksm:")]
-        if others:
-            return f"events enabled: {', '.join(others[:3])}"
-        return None
-
     def _open_pipe(self) -> None:
-        self._fd = os.open(self.fs.path(f"{TRACING}/trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
+        self._fd = os.open(self.fs.path(f"{self.dir}/trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
         self._stop.clear()
         self._thread = threading.Thread(target=self._reader, name="ksmlab-trace_pipe",
                                         daemon=True)
@@ -248,11 +270,12 @@ class KernelEvents:
                 return
             self.reads += 1
             if data:
-                if self._kept < MAX_TEXT:
-                    self._chunks.append(data)
-                    self._kept += len(data)
-                else:
-                    self._dropped += data.count(b"\n")
+                with self._lock:
+                    if self._kept < self.max_text:
+                        self._chunks.append(data)
+                        self._kept += len(data)
+                    else:
+                        self._dropped += data.count(b"\n")
                 continue
             if stopping:
                 return
@@ -269,50 +292,65 @@ class KernelEvents:
             self._fd = None
 
     # ---- the end -------------------------------------------------------------
+    def take(self) -> tuple[str, int]:
+        """What the reader has kept since the last call (whole lines), and how many
+        lines it could not keep: for a reader that runs for hours (``watch``)."""
+        with self._lock:
+            data = b"".join(self._chunks)
+            self._chunks = []
+            cut = data.rfind(b"\n") + 1
+            if cut < len(data):
+                self._chunks = [data[cut:]]  # a line the pipe has not finished
+            self._kept = len(data) - cut
+            dropped, self._dropped = self._dropped, 0
+        return data[:cut].decode(errors="replace"), dropped
+
     def stop(self) -> list[dict[str, Any]]:
         """Stop tracing, drain the pipe, count what the kernel dropped; the parsed events."""
         if not self.available:
             return []
         with contextlib.suppress(KernelWriteError, OSError):
-            self.fs.write(f"{TRACING}/tracing_on", "0")
+            self.fs.write(f"{self.dir}/tracing_on", "0")
         self._close_pipe()
         text = b"".join(self._chunks).decode(errors="replace")
         self._chunks = []
         events, lost_lines = parse(text)
-        overrun = self._overrun() + lost_lines
+        overrun = self.overrun() + lost_lines
         self.lost = overrun + self._dropped
         if overrun:
             self.notes.append(f"the kernel's trace buffer lost {overrun} KSM events "
                               f"(buffer {self.buffer_kb} KiB per CPU)")
         if self._dropped:
             self.notes.append(f"{self._dropped} KSM events beyond the first "
-                              f"{MAX_TEXT >> 20} MiB of trace text were not kept")
+                              f"{self.max_text >> 20} MiB of trace text were not kept")
         self.events = events
         self.available = False
         return events
 
-    def _overrun(self) -> int:
+    def overrun(self) -> int:
         """Events the ring buffer overwrote before they were read (per_cpu/cpuN/stats)."""
         total = 0
-        for cpu in self.fs.listdir(f"{TRACING}/per_cpu"):
-            for line in (self.fs.read_or_none(f"{TRACING}/per_cpu/{cpu}/stats") or ""
+        for cpu in self.fs.listdir(f"{self.dir}/per_cpu"):
+            for line in (self.fs.read_or_none(f"{self.dir}/per_cpu/{cpu}/stats") or ""
                          ).splitlines():
                 if line.startswith("overrun:"):
                     total += int(line.split()[1])
         return total
 
     def restore(self) -> None:
-        """Every tracefs file back as found (reverse order), then unmount if ours."""
+        """The instance removed, then tracefs unmounted if ours."""
         self._close_pipe()
         self.available = False
-        if not self.saved and self.mount is None:
+        if self.created is None and self.mount is None:
             return
         with signals_blocked():  # as the knobs' restore: Ctrl-C cannot cut it in half
-            failures = restore_tracing(self.fs, {"mount": self.mount, "saved": self.saved})
+            failures = restore_tracing(self.fs, {"mount": self.mount,
+                                                 "instance": self.dir if self.created
+                                                 else None})
         if failures:
             raise TracingError("could not restore tracefs (journal kept for `ksmlab restore`): "
                                + "; ".join(failures))
-        self.saved = []
+        self.created = None
         self.mount = None
         self.journal.clear_tracing()
 
@@ -346,11 +384,15 @@ _BODIES: dict[str, re.Pattern[str]] = {
     "ksm_remove_ksm_page": re.compile(r"pfn (?P<pfn>\d+)"),
     "ksm_remove_rmap_item": re.compile(
         r"pfn (?P<pfn>\d+) rmap_item (?P<rmap_item>\S+) mm (?P<mm>\S+)"),
+    # include/trace/events/kmem.h: an mm's RSS counter after a change (mm_trace_rss_stat())
+    "rss_stat": re.compile(
+        r"mm_id=(?P<mm_id>\d+) curr=(?P<curr>\d+) type=(?P<type>\w+) size=(?P<size>-?\d+)B"),
     "ksm_advisor": re.compile(
         r"ksm scan time (?P<scan_time>-?\d+) pages_to_scan (?P<pages_to_scan>\d+) "
         r"cpu percent (?P<cpu_percent>\d+)"),
 }
-_INTS = ("seq", "rmap_entries", "pfn", "err", "scan_time", "pages_to_scan", "cpu_percent")
+_INTS = ("seq", "rmap_entries", "pfn", "err", "scan_time", "pages_to_scan", "cpu_percent",
+         "mm_id", "curr", "size")
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
